@@ -292,6 +292,8 @@ def sample_next(
     temperature scales confidence (0 = always the most likely id); top_k keeps the k most
     likely ids; top_p keeps the smallest set of ids whose probability adds up to p.
     """
+    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
+        raise ValueError(f"need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -303,6 +305,7 @@ def sample_next(
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         # Drop an id when the ids before it already reach top_p; the first always stays.
         drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
+        drop_sorted[:, 0] = False
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)

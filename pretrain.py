@@ -1,0 +1,220 @@
+"""Pretraining (预训练): teach a GPT to continue Tang poetry.
+
+    python pretrain.py                          # the default: a small model, ~15 min on a laptop CPU
+    python pretrain.py --preset gpu             # a bigger model for a GPU
+    python pretrain.py --resume                 # continue the run saved at --out
+    torchrun --standalone --nproc_per_node=2 pretrain.py    # data-parallel
+
+The model reads random windows of one long stream: every pretraining poem as title,
+newline, lines, with a blank line between poems. It learns to continue text, and
+since the stream has no end-of-text token, it never learns to stop: that is the
+instruction-tuning stage's job (finetune.py).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from data import CorpusError, TokenizerError, all_poems, build_tokenizer, load_corpus, pretrain_text
+from data.batches import random_windows
+from data.corpus import tokenizer_texts
+from data.tokenizer import tokenizer_from_dict
+from device import DeviceError, Runtime, setup_runtime
+from model import GPT, GPTConfig
+from training import (
+    Stage,
+    TrainConfig,
+    TrainingError,
+    flag,
+    init_distributed,
+    load_checkpoint,
+    model_from_checkpoint,
+    parse_config,
+    train,
+)
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    poems: str = flag("", "folder of poem JSON files (default: poems/, downloaded there if empty)")
+    tokenizer: str = flag("char", "char, or a tiktoken encoding (gpt2, cl100k_base, o200k_base, ...)")
+    max_iters: int = flag(3000, "optimizer steps")
+    eval_iters: int = flag(20, "batches per split in each evaluation")
+    block_size: int = flag(128, "context length in tokens")
+    n_layer: int = flag(4, "transformer blocks")
+    n_head: int = flag(4, "attention heads per block")
+    n_embd: int = flag(256, "width of the residual stream")
+    dropout: float = flag(0.0, "dropout probability")
+    sample_title: str = flag("春夜喜雨", "title the model continues at each evaluation")
+    preset: str = flag("", "gpu: a GPU-sized model and schedule (flags you give still win)", choices=["", "gpu"])
+
+
+# Flags a preset changes unless given on the command line.
+PRESETS = {
+    "gpu": dict(
+        n_layer=8, n_head=8, n_embd=512, block_size=256, dropout=0.1, batch_size=64, max_iters=10_000,
+        lr=6e-4, min_lr=6e-5, warmup_iters=500, eval_interval=500, eval_iters=50, compile=True,
+    ),
+}
+MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "dropout")
+
+
+def pretrain_stage(
+    config: PretrainConfig, model: GPT, tokenizer, streams: dict, runtime: Runtime, rank: int, world_size: int
+) -> Stage:
+    block, device = config.block_size, runtime.device
+    chars_per_token = {name: stream["chars"] / len(stream["tokens"]) for name, stream in streams.items()}
+
+    def to_device(x: torch.Tensor, y: torch.Tensor):
+        if device.type == "cuda":  # pinned memory lets the copy overlap with compute
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.to(device), y.to(device)
+
+    def get_batch(step: int, micro: int):
+        # Seeded by (seed, step, micro-step, rank) alone: a resumed run draws the same windows.
+        index = (step * config.grad_accum + micro) * world_size + rank
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + index)
+        return to_device(*random_windows(streams["train"]["tokens"], config.batch_size, block, generator))
+
+    @torch.no_grad()
+    def evaluate(model: GPT) -> dict:
+        model.eval()
+        figures = {}
+        for name, key in (("train", "eval_train_loss"), ("val", "val_loss")):
+            # The same batches at every evaluation, so the curve moves only with the model.
+            generator = torch.Generator().manual_seed(config.seed + (1 if name == "val" else 2))
+            losses = []
+            for _ in range(config.eval_iters):
+                x, y = to_device(*random_windows(streams[name]["tokens"], config.batch_size, block, generator))
+                with runtime.autocast():
+                    _, loss = model(x, y)
+                losses.append(loss.item())
+            figures[key] = sum(losses) / len(losses)
+            # Bits per character compares char and tiktoken runs: nats/token -> bits/char.
+            figures[f"{name}_bpc"] = figures[key] / math.log(2) / chars_per_token[name]
+        model.train()
+        return figures
+
+    prompt = tokenizer.encode(config.sample_title + "\n")
+
+    def sample(model: GPT, step: int) -> str:
+        generator = torch.Generator(device=device).manual_seed(config.seed)
+        with runtime.autocast():
+            (new,) = model.generate([prompt], 120, temperature=0.8, top_k=200, generator=generator)
+        return tokenizer.decode(prompt + new)
+
+    return Stage(
+        get_batch=get_batch,
+        evaluate=evaluate,
+        sample=sample,
+        checkpoint_extra={"kind": "pretrain", "tokenizer": tokenizer.to_dict()},
+        tokens_per_step=config.batch_size * block * config.grad_accum * world_size,
+        plot_title=f"pretraining: {model.num_params() / 1e6:.2f}M params, {tokenizer.name} tokenizer",
+    )
+
+
+def resolve_config(config: PretrainConfig, explicit: set[str], ckpt: dict | None) -> GPTConfig | None:
+    """Apply the preset; on resume, check the flags against the checkpoint's model."""
+    for name, value in PRESETS.get(config.preset, {}).items():
+        if name not in explicit:
+            setattr(config, name, value)
+    for name in ("max_iters", "eval_iters", "block_size", "n_layer", "n_head", "n_embd"):
+        if getattr(config, name) <= 0:
+            raise TrainingError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
+    config.validate()
+    if ckpt is None:
+        return None
+    saved = GPTConfig(**ckpt["model_config"])
+    saved_tokenizer = ckpt["tokenizer"].get("encoding", "char")
+    if "tokenizer" in explicit and config.tokenizer != saved_tokenizer:
+        raise TrainingError(
+            f"--tokenizer {config.tokenizer} does not match the checkpoint's tokenizer {saved_tokenizer}; "
+            "drop the flag to resume with the checkpoint's"
+        )
+    config.tokenizer = saved_tokenizer
+    if config.block_size > saved.block_size and "block_size" in explicit:
+        raise TrainingError(
+            f"--block-size {config.block_size} is larger than the checkpoint's model supports ({saved.block_size})"
+        )
+    if "block_size" not in explicit:
+        config.block_size = saved.block_size
+    for name in MODEL_FLAGS:
+        if name in explicit and getattr(config, name) != getattr(saved, name):
+            raise TrainingError(
+                f"--{name.replace('_', '-')} {getattr(config, name)} does not match the checkpoint's "
+                f"{getattr(saved, name)}: a resumed run keeps its model shape"
+            )
+        setattr(config, name, getattr(saved, name))
+    return saved
+
+
+def main(argv: list[str] | None = None) -> None:
+    config, explicit = parse_config(PretrainConfig, argv, __doc__.splitlines()[0])
+    try:
+        run(config, explicit)
+    except (CorpusError, TokenizerError, TrainingError, DeviceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(config: PretrainConfig, explicit: set[str]) -> dict:
+    dist_info = init_distributed(config.device)
+    master = dist_info.is_master
+    ckpt = load_checkpoint(config.out) if config.resume else None
+    if ckpt is not None and ckpt.get("kind") != "pretrain":
+        raise TrainingError(f"--resume: {config.out} is a {ckpt.get('kind')} checkpoint, not a pretraining one")
+    resolve_config(config, explicit, ckpt)
+    device = config.device
+    if dist_info.world_size > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
+        device = f"cuda:{dist_info.local_rank}"  # one GPU per process
+    runtime = setup_runtime(device, config.dtype)
+    torch.manual_seed(config.seed)
+    if runtime.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls that autocast leaves alone
+        torch.backends.cudnn.allow_tf32 = True
+
+    started = time.perf_counter()
+    splits = load_corpus(config.poems or None, verbose=master)
+    if ckpt is not None:
+        tokenizer = tokenizer_from_dict(ckpt["tokenizer"])
+        model = model_from_checkpoint(ckpt)
+    else:
+        tokenizer = build_tokenizer(config.tokenizer, tokenizer_texts(all_poems(splits)))
+        model = GPT(GPTConfig(
+            vocab_size=tokenizer.vocab_size, block_size=config.block_size, n_layer=config.n_layer,
+            n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout,
+        ))
+    model.to(runtime.device)
+    streams = {}
+    for name, split in (("train", "pretrain_train"), ("val", "pretrain_val")):
+        text = pretrain_text(splits[split])
+        streams[name] = {"tokens": tokenizer.encode_array(text), "chars": len(text)}
+        if len(streams[name]["tokens"]) <= config.block_size:
+            raise TrainingError(f"--poems: the {split} split has only {len(streams[name]['tokens'])} tokens, "
+                                f"fewer than --block-size {config.block_size}")
+    stage = pretrain_stage(config, model, tokenizer, streams, runtime, dist_info.rank, dist_info.world_size)
+
+    if master:
+        start = ckpt["step"] if ckpt else 0
+        print(f"device {runtime.describe()}" + (f", {dist_info.world_size} processes" if dist_info.world_size > 1 else ""))
+        print(f"model {model.num_params():,} parameters: {config.n_layer} layers, {config.n_head} heads, "
+              f"{config.n_embd} wide, block {config.block_size}")
+        print(f"tokenizer {tokenizer.name}: vocabulary {tokenizer.vocab_size:,}")
+        print(f"tokens: train {len(streams['train']['tokens']):,}, val {len(streams['val']['tokens']):,}")
+        print(f"{stage.tokens_per_step:,} tokens per step ({config.batch_size} x {config.block_size} x "
+              f"{config.grad_accum} accumulation x {dist_info.world_size} processes); steps {start:,} -> {config.max_iters:,}")
+    figures = train(model, config, stage, runtime, config.max_iters, ckpt, dist_info)
+    if master and figures:
+        minutes = (time.perf_counter() - started) / 60
+        print(f"done in {minutes:.1f} min: val loss {figures['val_loss']:.4f} ({figures['val_bpc']:.3f} bits/char); "
+              f"checkpoint {config.out}; next: python finetune.py --init {config.out}")
+    return figures
+
+
+if __name__ == "__main__":
+    main()

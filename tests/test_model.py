@@ -1,0 +1,378 @@
+"""Tests for model.py: the GPT, its loss, and sampling/generation with and without the KV cache.
+
+All models are tiny and fp32 on the CPU; every test seeds torch itself.
+"""
+
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from model import GPT, GPTConfig, sample_next
+
+TINY = dict(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**{**TINY, **overrides}))
+
+
+def peaky_model(seed=0, std=0.5):
+    """Random weights large enough that greedy decoding depends on the context (no near-ties)."""
+    model = tiny_model(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, std)
+    return model.eval()
+
+
+def greedy_alone(model, prompt, n, use_cache=True):
+    return model.generate([prompt], n, temperature=0, use_cache=use_cache)[0]
+
+
+# -----------------------------------------------------------------------------
+# forward and loss
+
+
+def test_causality_future_tokens_do_not_affect_past_logits():
+    """Position t's logits depend on tokens <= t only; a later change shows up later."""
+    model = tiny_model().eval()
+    torch.manual_seed(1)
+    idx = torch.randint(0, 64, (2, 16))
+    t = 6
+    changed = idx.clone()
+    changed[:, t + 1 :] = (changed[:, t + 1 :] + 1 + torch.randint(0, 62, changed[:, t + 1 :].shape)) % 64
+    with torch.no_grad():
+        a, _ = model(idx)
+        b, _ = model(changed)
+    assert torch.allclose(a[:, : t + 1], b[:, : t + 1], atol=1e-6)
+    assert not torch.allclose(a[:, t + 1 :], b[:, t + 1 :], atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        TINY,
+        dict(vocab_size=9000, block_size=128, n_layer=4, n_head=4, n_embd=256),
+    ],
+    ids=["tiny", "reference-size"],
+)
+def test_loss_at_init_is_close_to_uniform(config):
+    """A fresh model predicts near-uniformly: loss within 0.1 nats of ln(vocab_size)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**config)).eval()
+    V, T = config["vocab_size"], config["block_size"]
+    idx = torch.randint(0, V, (8, T))
+    targets = torch.randint(0, V, (8, T))
+    with torch.no_grad():
+        logits, loss = model(idx, targets)
+    assert logits.shape == (8, T, V)
+    assert abs(loss.item() - math.log(V)) < 0.1
+
+
+def test_overfits_one_small_batch():
+    """Model + loss + backward are wired so AdamW can memorise one fixed batch (< 0.1 loss)."""
+    model = tiny_model(dropout=0.0)
+    torch.manual_seed(1)
+    data = torch.randint(0, 64, (4, 17))
+    data[:, 0] = torch.arange(4)  # distinct first tokens: every context has one right answer
+    x, y = data[:, :-1], data[:, 1:]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for _ in range(300):
+        _, loss = model(x, y)
+        if loss.item() < 0.1:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1
+
+
+def test_loss_ignores_minus_100_targets():
+    """Targets == -100 are left out of the mean cross-entropy (prompt/padding masking)."""
+    model = tiny_model().eval()
+    torch.manual_seed(1)
+    idx = torch.randint(0, 64, (3, 16))
+    targets = torch.randint(0, 64, (3, 16))
+    targets[0, :5] = -100
+    targets[2, 10:] = -100
+    targets[1, 7] = -100
+    with torch.no_grad():
+        logits, loss = model(idx, targets)
+    keep = targets != -100
+    log_probs = logits.log_softmax(dim=-1)[keep]  # (n_kept, V)
+    by_hand = -log_probs.gather(1, targets[keep][:, None]).mean()
+    assert torch.allclose(loss, by_hand, atol=1e-6)
+    # The masked positions really would have changed the result.
+    with torch.no_grad():
+        _, loss_all = model(idx, torch.where(keep, targets, 0))
+    assert not torch.allclose(loss, loss_all, atol=1e-4)
+
+
+def _param_formula(V, T, L, C, bias):
+    if bias:
+        # per layer: c_attn 3C^2+3C, attn c_proj C^2+C, c_fc 4C^2+4C, mlp c_proj 4C^2+C, 2 LN 4C
+        return V * C + T * C + L * (12 * C * C + 13 * C) + 2 * C
+    # no Linear biases; LayerNorms keep their weight only: 2C per layer + C for ln_f
+    return V * C + T * C + L * (12 * C * C + 2 * C) + C
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_parameter_count_matches_formula(bias):
+    """num_params counts the tied embedding/head once and matches the closed-form count."""
+    cfg = dict(vocab_size=70, block_size=24, n_layer=3, n_head=4, n_embd=48, bias=bias)
+    model = GPT(GPTConfig(**cfg))
+    expected = _param_formula(70, 24, 3, 48, bias)
+    assert model.num_params() == expected
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def test_head_is_tied_to_token_embedding():
+    """lm_head and wte share one tensor, so training one trains the other."""
+    model = tiny_model()
+    assert model.lm_head.weight is model.wte.weight
+
+
+def test_forward_rejects_sequence_longer_than_block_size():
+    """forward raises ValueError past block_size rather than indexing past wpe."""
+    model = tiny_model().eval()
+    model(torch.zeros(1, 16, dtype=torch.long))  # exactly block_size is fine
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(vocab_size=0),
+        dict(block_size=-1),
+        dict(n_layer=0),
+        dict(n_head=0),
+        dict(n_embd=0),
+        dict(n_embd=30, n_head=4),
+    ],
+)
+def test_config_rejects_bad_sizes(bad):
+    """GPTConfig raises ValueError for non-positive sizes and n_embd % n_head != 0."""
+    with pytest.raises(ValueError):
+        GPTConfig(**{**TINY, **bad})
+
+
+def test_dropout_model_is_deterministic_in_eval_mode():
+    """Dropout is off in eval mode (two forwards agree) and on in train mode."""
+    model = tiny_model(dropout=0.5)
+    torch.manual_seed(1)
+    idx = torch.randint(0, 64, (2, 16))
+    model.eval()
+    with torch.no_grad():
+        a, _ = model(idx)
+        b, _ = model(idx)
+    assert torch.equal(a, b)
+    model.train()
+    with torch.no_grad():
+        c, _ = model(idx)
+    assert not torch.allclose(a, c, atol=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# sample_next
+
+
+def _logits(seed=0, B=4, V=50):
+    torch.manual_seed(seed)
+    return torch.randn(B, V) * 2
+
+
+def test_sample_next_temperature_zero_is_argmax():
+    """temperature 0 is greedy decoding."""
+    logits = _logits()
+    assert torch.equal(sample_next(logits, temperature=0), logits.argmax(-1))
+
+
+def test_sample_next_draws_follow_tempered_softmax():
+    """Draws follow softmax(logits / temperature): frequencies match, cold is greedy, hot spreads."""
+    row = _logits(B=1, V=20)
+    gen = torch.Generator().manual_seed(0)
+    n = 20000
+    draws = sample_next(row.expand(n, -1), temperature=2.0, generator=gen)
+    freq = torch.bincount(draws, minlength=20).float() / n
+    assert torch.allclose(freq, (row[0] / 2.0).softmax(-1), atol=0.02)
+    cold = sample_next(row.expand(500, -1), temperature=1e-3, generator=gen)
+    assert (cold == row.argmax(-1)).all()
+    hot = sample_next(row.expand(2000, -1), temperature=1e3, generator=gen)
+    assert len(set(hot.tolist())) == 20
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 5.0, 100.0])
+def test_sample_next_top_k_1_is_argmax(temperature):
+    """top_k=1 leaves only the most likely id, whatever the temperature."""
+    logits = _logits()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        assert torch.equal(sample_next(logits, temperature, top_k=1, generator=gen), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_sample_next_tiny_top_p_is_argmax(temperature):
+    """A tiny top_p keeps only the most likely id (the first always stays)."""
+    logits = _logits()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        assert torch.equal(sample_next(logits, temperature, top_p=1e-6, generator=gen), logits.argmax(-1))
+
+
+def test_sample_next_top_k_stays_within_k_largest():
+    """With top_k=k, many draws hit exactly the k largest logits and nothing else."""
+    k, n = 5, 3000
+    row = _logits(B=1, V=50)
+    allowed = set(torch.topk(row[0], k).indices.tolist())
+    gen = torch.Generator().manual_seed(0)
+    draws = sample_next(row.expand(n, -1), temperature=1.0, top_k=k, generator=gen)
+    assert set(draws.tolist()) == allowed
+
+
+def test_sample_next_top_p_stays_within_nucleus():
+    """With top_p=p, draws stay within the smallest set of ids whose probability reaches p."""
+    probs = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.04, 0.01])
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])  # ids 0..5 get a shuffled order of probabilities
+    logits = probs[perm].log()[None]
+    # Nucleus for p = 0.8 by hand: 0.4 + 0.3 = 0.7 < 0.8, + 0.15 = 0.85 >= 0.8 -> 3 ids.
+    nucleus = {i for i in range(6) if perm[i].item() in (0, 1, 2)}
+    gen = torch.Generator().manual_seed(0)
+    draws = sample_next(logits.expand(3000, -1), temperature=1.0, top_p=0.8, generator=gen)
+    assert set(draws.tolist()) == nucleus
+
+    # And on random logits: a subset of the nucleus computed by hand.
+    row = _logits(seed=3, B=1, V=50)
+    p = 0.6
+    sorted_probs, order = row[0].softmax(-1).sort(descending=True)
+    n_keep = int((sorted_probs.cumsum(0) < p).sum().item()) + 1
+    allowed = set(order[:n_keep].tolist())
+    draws = sample_next(row.expand(3000, -1), temperature=1.0, top_p=p, generator=gen)
+    assert set(draws.tolist()) <= allowed
+    assert len(set(draws.tolist())) > 1
+
+
+def test_sample_next_same_seeded_generator_same_samples():
+    """Sampling draws from the given generator only: same seed, same ids."""
+    logits = _logits(B=200)
+    a = sample_next(logits, 1.0, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(7))
+    torch.rand(10)  # disturbing the global RNG must not matter
+    b = sample_next(logits, 1.0, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(7))
+    c = sample_next(logits, 1.0, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+# -----------------------------------------------------------------------------
+# generation
+
+
+def test_greedy_cache_equals_full_recompute_past_block_size():
+    """The KV cache path gives the same greedy tokens as recomputing, also after cropping."""
+    model = peaky_model()
+    n = 3 * model.config.block_size
+    cached = greedy_alone(model, [1, 2, 3], n, use_cache=True)
+    full = greedy_alone(model, [1, 2, 3], n, use_cache=False)
+    assert len(cached) == n
+    assert len(set(cached)) > 3  # not a degenerate constant stream
+    assert cached == full
+
+
+def test_sampled_cache_equals_full_recompute_with_same_generator():
+    """At temperature 1, cache and recompute draw the same ids from equally seeded generators."""
+    model = peaky_model()
+    n = 3 * model.config.block_size
+    kw = dict(temperature=1.0, top_k=10)
+    a = model.generate([[5, 6]], n, use_cache=True, generator=torch.Generator().manual_seed(3), **kw)
+    b = model.generate([[5, 6]], n, use_cache=False, generator=torch.Generator().manual_seed(3), **kw)
+    assert len(set(a[0])) > 3
+    assert a == b
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_batched_left_padded_generation_matches_each_prompt_alone(use_cache):
+    """Prompts of different lengths in one batch each get exactly what they get alone."""
+    model = peaky_model()
+    torch.manual_seed(1)
+    # lengths 1, 6, 20 (the last already longer than block_size 16)
+    prompts = [torch.randint(0, 64, (n,)).tolist() for n in (1, 6, 20)]
+    n = 2 * model.config.block_size + 5
+    batched = model.generate(prompts, n, temperature=0, use_cache=use_cache)
+    alone = [greedy_alone(model, p, n, use_cache=use_cache) for p in prompts]
+    assert all(len(set(a)) > 3 for a in alone)
+    assert batched == alone
+
+
+def _first_new_token_index(seq, start):
+    return next(i for i in range(start, len(seq)) if seq[i] not in seq[:i])
+
+
+def test_stop_ids_end_a_row_while_others_continue():
+    """A stop id ends its row (-1 afterwards, last in generate's list); other rows go on."""
+    model = peaky_model()
+    n = 20
+    a = [1, 2, 3]
+    greedy_a = greedy_alone(model, a, n)
+    k = _first_new_token_index(greedy_a, 2)  # stop at a token not produced before step k
+    stop = greedy_a[k]
+
+    # Alone: the stream ends right after the stop id.
+    steps = list(model.generate_stream([a], n, temperature=0, stop_ids=[stop]))
+    assert len(steps) == k + 1
+    assert model.generate([a], n, temperature=0, stop_ids=[stop]) == [greedy_a[: k + 1]]
+
+    # Batched with a prompt whose greedy continuation never produces the stop id.
+    b = next(
+        p for p in ([i, i + 1] for i in range(0, 60, 3)) if stop not in greedy_alone(model, p, n)
+    )
+    greedy_b = greedy_alone(model, b, n)
+    steps = torch.stack(list(model.generate_stream([a, b], n, temperature=0, stop_ids=[stop])))
+    assert steps.shape == (n, 2)
+    assert steps[: k + 1, 0].tolist() == greedy_a[: k + 1]
+    assert (steps[k + 1 :, 0] == -1).all()
+    assert steps[:, 1].tolist() == greedy_b
+    assert model.generate([a, b], n, temperature=0, stop_ids=[stop]) == [greedy_a[: k + 1], greedy_b]
+
+
+def test_stop_at_first_token():
+    """A stop id that is the very first greedy token ends the stream after one step."""
+    model = peaky_model()
+    first = greedy_alone(model, [7, 8, 9], 1)[0]
+    steps = list(model.generate_stream([[7, 8, 9]], 10, temperature=0, stop_ids={first}))
+    assert len(steps) == 1 and steps[0].tolist() == [first]
+
+
+@pytest.mark.parametrize("prompts", [[], [[]], [[1, 2], []]])
+def test_generate_rejects_empty_prompts(prompts):
+    """generate raises ValueError for no prompts or an empty prompt."""
+    model = tiny_model()
+    with pytest.raises(ValueError):
+        model.generate(prompts, 5)
+
+
+def test_generate_stream_restores_training_mode_and_samples_in_eval():
+    """Generation runs in eval mode (no dropout) and leaves train/eval mode as it found it."""
+    model = tiny_model(dropout=0.5)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.5)
+    model.eval()
+    expected = model.generate([[1, 2]], 20, temperature=0)
+    assert not model.training
+
+    model.train()
+    got = model.generate([[1, 2]], 20, temperature=0)
+    assert model.training
+    assert all(m.training for m in model.modules())
+    assert got == expected  # dropout was off while generating
+
+    # A stream closed early also restores the mode.
+    stream = model.generate_stream([[1, 2]], 20, temperature=0)
+    next(stream)
+    stream.close()
+    assert model.training
