@@ -14,27 +14,28 @@ instruction-tuning stage's job (finetune.py).
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
-from data import CorpusError, TokenizerError, all_poems, build_tokenizer, load_corpus, pretrain_text
+from data import all_poems, build_tokenizer, load_corpus, pretrain_text
 from data.batches import random_windows
 from data.corpus import tokenizer_texts
 from data.tokenizer import tokenizer_from_dict
-from device import DeviceError, Runtime, setup_runtime
+from device import Runtime
 from model import GPT, GPTConfig
 from training import (
     Stage,
     TrainConfig,
     TrainingError,
+    cli_main,
     flag,
-    init_distributed,
     load_checkpoint,
     model_from_checkpoint,
     parse_config,
+    release_freed_memory,
+    start_runtime,
     train,
 )
 
@@ -43,7 +44,10 @@ from training import (
 class PretrainConfig(TrainConfig):
     poems: str = flag("", "folder of poem JSON files (default: poems/, downloaded there if empty)")
     tokenizer: str = flag("char", "char, or a tiktoken encoding (gpt2, cl100k_base, o200k_base, ...)")
-    max_iters: int = flag(3000, "optimizer steps")
+    compile: bool = flag(True, "torch.compile the model on CPU/CUDA (about 1.3x faster on a 2-core CPU after ~30 s "
+                               "of compiling; falls back to eager if compiling fails)")
+    lr: float = flag(2e-3, "peak learning rate")
+    max_iters: int = flag(1100, "optimizer steps")
     eval_iters: int = flag(20, "batches per split in each evaluation")
     block_size: int = flag(128, "context length in tokens")
     n_layer: int = flag(4, "transformer blocks")
@@ -90,11 +94,13 @@ def pretrain_stage(
             generator = torch.Generator().manual_seed(config.seed + (1 if name == "val" else 2))
             losses = []
             for _ in range(config.eval_iters):
-                x, y = to_device(*random_windows(streams[name]["tokens"], config.batch_size, block, generator))
-                with runtime.autocast():
-                    _, loss = model(x, y)
-                losses.append(loss.item())
-            figures[key] = sum(losses) / len(losses)
+                x, y = random_windows(streams[name]["tokens"], config.batch_size, block, generator)
+                # In chunks of 8 rows: the same mean, a quarter of the activation memory.
+                for xc, yc in zip(x.split(8), y.split(8)):
+                    with runtime.autocast():
+                        _, loss = model(*to_device(xc, yc))
+                    losses.append(loss.item() * len(xc) / len(x))
+            figures[key] = sum(losses) / config.eval_iters
             # Bits per character compares char and tiktoken runs: nats/token -> bits/char.
             figures[f"{name}_bpc"] = figures[key] / math.log(2) / chars_per_token[name]
         model.train()
@@ -113,7 +119,6 @@ def pretrain_stage(
         evaluate=evaluate,
         sample=sample,
         checkpoint_extra={"kind": "pretrain", "tokenizer": tokenizer.to_dict()},
-        tokens_per_step=config.batch_size * block * config.grad_accum * world_size,
         plot_title=f"pretraining: {model.num_params() / 1e6:.2f}M params, {tokenizer.name} tokenizer",
     )
 
@@ -154,29 +159,16 @@ def resolve_config(config: PretrainConfig, explicit: set[str], ckpt: dict | None
 
 
 def main(argv: list[str] | None = None) -> None:
-    config, explicit = parse_config(PretrainConfig, argv, __doc__.splitlines()[0])
-    try:
-        run(config, explicit)
-    except (CorpusError, TokenizerError, TrainingError, DeviceError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli_main(run, PretrainConfig, argv, __doc__.splitlines()[0])
 
 
 def run(config: PretrainConfig, explicit: set[str]) -> dict:
-    dist_info = init_distributed(config.device)
-    master = dist_info.is_master
     ckpt = load_checkpoint(config.out) if config.resume else None
     if ckpt is not None and ckpt.get("kind") != "pretrain":
         raise TrainingError(f"--resume: {config.out} is a {ckpt.get('kind')} checkpoint, not a pretraining one")
     resolve_config(config, explicit, ckpt)
-    device = config.device
-    if dist_info.world_size > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
-        device = f"cuda:{dist_info.local_rank}"  # one GPU per process
-    runtime = setup_runtime(device, config.dtype)
-    torch.manual_seed(config.seed)
-    if runtime.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls that autocast leaves alone
-        torch.backends.cudnn.allow_tf32 = True
+    dist_info, runtime = start_runtime(config)
+    master = dist_info.is_master
 
     started = time.perf_counter()
     splits = load_corpus(config.poems or None, verbose=master)
@@ -197,6 +189,8 @@ def run(config: PretrainConfig, explicit: set[str]) -> dict:
         if len(streams[name]["tokens"]) <= config.block_size:
             raise TrainingError(f"--poems: the {split} split has only {len(streams[name]['tokens'])} tokens, "
                                 f"fewer than --block-size {config.block_size}")
+    del splits  # the token streams are all training needs; free the poems
+    release_freed_memory()
     stage = pretrain_stage(config, model, tokenizer, streams, runtime, dist_info.rank, dist_info.world_size)
 
     if master:
@@ -206,7 +200,8 @@ def run(config: PretrainConfig, explicit: set[str]) -> dict:
               f"{config.n_embd} wide, block {config.block_size}")
         print(f"tokenizer {tokenizer.name}: vocabulary {tokenizer.vocab_size:,}")
         print(f"tokens: train {len(streams['train']['tokens']):,}, val {len(streams['val']['tokens']):,}")
-        print(f"{stage.tokens_per_step:,} tokens per step ({config.batch_size} x {config.block_size} x "
+        tokens_per_step = config.batch_size * config.block_size * config.grad_accum * dist_info.world_size
+        print(f"{tokens_per_step:,} tokens per step ({config.batch_size} x {config.block_size} x "
               f"{config.grad_accum} accumulation x {dist_info.world_size} processes); steps {start:,} -> {config.max_iters:,}")
     figures = train(model, config, stage, runtime, config.max_iters, ckpt, dist_info)
     if master and figures:

@@ -28,7 +28,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from device import Runtime
+from data.corpus import CorpusError
+from data.instruct import InstructionDataError
+from data.tokenizer import TokenizerError
+from device import DeviceError, Runtime, setup_runtime
 from model import GPT, GPTConfig
 
 
@@ -221,6 +224,50 @@ def init_distributed(runtime_device: str) -> Distributed:
     return dist_info
 
 
+def start_runtime(config: TrainConfig) -> tuple[Distributed, Runtime]:
+    """Join torchrun's process group if there is one, pick device and precision, seed."""
+    dist_info = init_distributed(config.device)
+    device = config.device
+    if dist_info.world_size > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
+        device = f"cuda:{dist_info.local_rank}"  # one GPU per process
+    runtime = setup_runtime(device, config.dtype)
+    torch.manual_seed(config.seed)
+    if runtime.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls that autocast leaves alone
+        torch.backends.cudnn.allow_tf32 = True
+    return dist_info, runtime
+
+
+def release_freed_memory() -> None:
+    """Hand memory Python has freed back to the operating system (Linux/glibc only).
+
+    Parsing 25 MB of JSON makes many small objects; once they are freed, glibc keeps the
+    pages for reuse and the process stays ~100 MB larger than it needs to be for the
+    rest of training. malloc_trim returns them. Elsewhere this does nothing.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+# Errors that mean "bad input": printed as one line, exit code 2, no traceback.
+USER_ERRORS = (CorpusError, TokenizerError, TrainingError, DeviceError, InstructionDataError)
+
+
+def cli_main(run: Callable, config_cls: type, argv: list[str] | None, description: str) -> None:
+    config, explicit = parse_config(config_cls, argv, description)
+    try:
+        run(config, explicit)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 # -----------------------------------------------------------------------------
 # Log, plot, samples: files beside the checkpoint
 
@@ -238,6 +285,7 @@ class RunFiles:
 
     def start(self, resume_step: int | None) -> None:
         """A new run starts fresh files; a resumed run drops log records past its checkpoint."""
+        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
             for path in (self.log, self.samples, self.plot):
                 path.unlink(missing_ok=True)
@@ -304,14 +352,16 @@ class Stage:
     evaluate(model) -> dict of figures, including "val_loss" (lower is better).
     sample(model, step) -> text to print and append to the samples file.
     checkpoint_extra: stage data stored in every checkpoint (kind, tokenizer, ...).
+    describe_step(step) names a point in training for the samples file ("step 500", "epoch 2").
     """
 
     get_batch: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
     evaluate: Callable[[torch.nn.Module], dict]
     sample: Callable[[torch.nn.Module, int], str]
     checkpoint_extra: dict
-    tokens_per_step: int
     plot_title: str
+    describe_step: Callable[[int], str] = lambda step: f"step {step}"
+    sample_before_training: bool = False  # also sample the untrained model, as a "before" picture
 
 
 class _StopFlag:
@@ -343,6 +393,20 @@ def threading_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def forward_backward(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, runtime: Runtime, scale: float = 1.0
+) -> torch.Tensor:
+    """One micro-step: forward under the precision policy, backward of the scaled loss.
+
+    Gradients add up across calls; scale = 1 / grad_accum makes their sum the mean.
+    Returns the unscaled loss, detached.
+    """
+    with runtime.autocast():
+        _, loss = model(x, y)
+    (loss * scale).backward()
+    return loss.detach()
+
+
 def train(
     model: GPT,
     config: TrainConfig,
@@ -368,12 +432,17 @@ def train(
         set_rng_state(ckpt["rng"])
     if master:
         files.start(start_step if ckpt is not None else None)
+        if ckpt is None and stage.sample_before_training:
+            text = stage.sample(model, 0)
+            files.append_sample(f"{stage.describe_step(0)} (before training)", text)
+            tqdm.write(f"before training:\n{text}\n")
 
     raw_model = model
-    if config.compile:
+    compiled = config.compile and runtime.device.type in ("cpu", "cuda")  # inductor does not target MPS
+    if compiled:
         model = torch.compile(model)
+    device_ids = [dist_info.local_rank] if runtime.device.type == "cuda" else None
     if dist_info.world_size > 1:
-        device_ids = [dist_info.local_rank] if runtime.device.type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=device_ids)
 
     def checkpoint(step: int) -> None:
@@ -399,11 +468,12 @@ def train(
         best_val = min(best_val, figures["val_loss"])
         text = stage.sample(raw_model, step)
         files.append_log({"step": step, "tokens": tokens_seen, **figures})
-        files.append_sample(f"step {step}", text)
+        files.append_sample(stage.describe_step(step), text)
         summary = "  ".join(f"{k} {v:.4f}" for k, v in figures.items() if isinstance(v, float))
-        tqdm.write(f"step {step}: {summary}\n{text}\n")
+        tqdm.write(f"{stage.describe_step(step)}: {summary}\n{text}\n")
         checkpoint(step)
         files.write_plot(stage.plot_title)
+        release_freed_memory()  # evaluation's eager activations would otherwise stay resident
         return figures
 
     figures: dict = {}
@@ -416,23 +486,35 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             model.train()
-            loss_sum = 0.0
+            loss_sum, step_tokens = 0.0, 0
             for micro in range(config.grad_accum):
                 x, y = stage.get_batch(step, micro)
                 # Under DDP, gradients are averaged across processes at each backward; during
                 # accumulation only the last micro-step needs that.
                 sync = dist_info.world_size == 1 or micro == config.grad_accum - 1
-                with contextlib.nullcontext() if sync else model.no_sync():
-                    with runtime.autocast():
-                        _, loss = model(x, y)
-                    (loss / config.grad_accum).backward()
-                loss_sum += loss.detach()
+                try:
+                    with contextlib.nullcontext() if sync else model.no_sync():
+                        loss = forward_backward(model, x, y, runtime, 1 / config.grad_accum)
+                except Exception as e:
+                    # torch.compile needs a working C++/Triton toolchain, found only when the
+                    # first step compiles. Without one, carry on uncompiled rather than fail.
+                    if not (compiled and step == start_step and micro == 0):
+                        raise
+                    tqdm.write(f"warning: torch.compile failed ({type(e).__name__}); continuing without --compile")
+                    compiled, model = False, raw_model
+                    if dist_info.world_size > 1:
+                        model = DistributedDataParallel(raw_model, device_ids=device_ids)
+                    optimizer.zero_grad(set_to_none=True)
+                    with contextlib.nullcontext() if sync else model.no_sync():
+                        loss = forward_backward(model, x, y, runtime, 1 / config.grad_accum)
+                loss_sum += loss
+                step_tokens += x.numel() * dist_info.world_size
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            tokens_seen += stage.tokens_per_step
-            window_tokens += stage.tokens_per_step
+            tokens_seen += step_tokens
+            window_tokens += step_tokens
 
             done = step + 1
             log_now = done % config.log_interval == 0
@@ -445,7 +527,7 @@ def train(
                         f"({files.checkpoint}) is untouched: try a lower --lr or a higher --warmup-iters"
                     )
                 elapsed = time.perf_counter() - window_start
-                tokens_per_s = window_tokens * dist_info.world_size / max(elapsed, 1e-9)
+                tokens_per_s = window_tokens / max(elapsed, 1e-9)
                 window_start, window_tokens = time.perf_counter(), 0
                 bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
                 if master and log_now:

@@ -8,6 +8,7 @@ else ../shared/corpus/quan-tang-shi beside the repository if it exists, else poe
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,28 @@ def char_tokenizer(poems):
 @pytest.fixture(scope="session")
 def cl100k_tokenizer(poems):
     return build_tokenizer("cl100k_base", tokenizer_texts(poems))
+
+
+# A tiny model that trains in seconds, for end-to-end tests of the scripts.
+TINY = ["--no-compile", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "4",
+        "--dtype", "float32", "--eval-iters", "2", "--warmup-iters", "5", "--lr", "3e-3"]
+
+
+@pytest.fixture(scope="session")
+def small_poems(tmp_path_factory) -> Path:
+    """Two files of the real corpus (2,000 poems): enough text, quick to load."""
+    folder = tmp_path_factory.mktemp("poems")
+    for name in ("poet.tang.0.json", "poet.tang.1000.json"):
+        shutil.copy(corpus_dir() / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(tmp_path_factory, small_poems) -> Path:
+    """A tiny pretrained checkpoint (block 96, so most short poems fit an instruction sample)."""
+    import pretrain
+
+    out = tmp_path_factory.mktemp("pretrained") / "ckpt.pt"
+    pretrain.main(["--poems", str(small_poems), "--out", str(out), *TINY, "--block-size", "96",
+                   "--max-iters", "30", "--eval-interval", "30"])
+    return out

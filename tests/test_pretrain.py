@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,21 +19,10 @@ import pytest
 import torch
 
 import pretrain
-from tests.conftest import REPO_ROOT, corpus_dir
+from tests.conftest import REPO_ROOT, TINY
 from training import TrainConfig, configure_optimizer, load_checkpoint, lr_at, save_checkpoint
 from model import GPT, GPTConfig
 
-TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "4",
-        "--dtype", "float32", "--eval-iters", "2", "--warmup-iters", "5", "--lr", "3e-3"]
-
-
-@pytest.fixture(scope="session")
-def small_poems(tmp_path_factory) -> Path:
-    """Two files of the real corpus (2,000 poems): enough text, quick to load."""
-    folder = tmp_path_factory.mktemp("poems")
-    for name in ("poet.tang.0.json", "poet.tang.1000.json"):
-        shutil.copy(corpus_dir() / name, folder / name)
-    return folder
 
 
 def cli(tmp_path: Path, poems: Path, *args: str) -> list[str]:

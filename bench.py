@@ -1,0 +1,164 @@
+"""Benchmark: training tokens/s, MFU and peak memory; generation tokens/s with and without the KV cache.
+
+    python bench.py                                  # the reference config, default precision
+    python bench.py --compile --dtype bfloat16       # what pretrain.py runs by default on CPU
+    python bench.py --only generate                  # just the generation figures
+
+The reference config is the char tokenizer on the Tang corpus (9,274 ids), 4 layers,
+4 heads, 256 wide, block 128, batch 32. Tokens are random ids: speed does not depend on
+the text. Each figure is the median of --repeats timed windows. MFU compares the
+model's FLOPs per second with a matmul this script times on the same machine in the
+same precision, so it says how close the training step gets to what the hardware does
+on the one operation that dominates it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+
+import torch
+
+from device import Runtime, setup_runtime
+from model import GPT, GPTConfig
+from training import TrainConfig, configure_optimizer, forward_backward
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def timed(fn, repeats: int, device: torch.device) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def matmul_flops(runtime: Runtime, size: int = 2048, repeats: int = 5) -> float:
+    """Measured FLOP/s of one square matmul in the runtime's precision: the machine's practical peak."""
+    a = torch.randn(size, size, device=runtime.device, dtype=runtime.dtype)
+    b = torch.randn(size, size, device=runtime.device, dtype=runtime.dtype)
+    a @ b  # warm up
+    times = timed(lambda: [a @ b for _ in range(3)], repeats, runtime.device)
+    return 3 * 2 * size**3 / statistics.median(times)
+
+
+def flops_per_token(config: GPTConfig) -> float:
+    """Training FLOPs per token (nanoGPT's estimate): 6 per matmul weight, plus attention scores."""
+    n = config.n_layer * 12 * config.n_embd**2 + config.vocab_size * config.n_embd  # blocks + tied head
+    return 6 * n + 12 * config.n_layer * config.n_embd * config.block_size
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def bench_training(model: GPT, runtime: Runtime, args) -> dict:
+    config = model.config
+    optimizer = configure_optimizer(model, TrainConfig(), runtime.device)
+    step_model = torch.compile(model) if args.compile else model
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(config.vocab_size, (args.batch_size, config.block_size), generator=gen).to(runtime.device)
+    y = torch.randint(config.vocab_size, (args.batch_size, config.block_size), generator=gen).to(runtime.device)
+
+    def steps() -> None:
+        for _ in range(args.steps):
+            forward_backward(step_model, x, y, runtime)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    start = time.perf_counter()
+    forward_backward(step_model, x, y, runtime)  # compiles, if compiling
+    optimizer.zero_grad(set_to_none=True)
+    first_step = time.perf_counter() - start
+    steps()  # warm up
+    times = timed(steps, args.repeats, runtime.device)
+    tokens_per_s = args.steps * args.batch_size * config.block_size / statistics.median(times)
+    peak = matmul_flops(runtime)
+    achieved = tokens_per_s * flops_per_token(config)
+    return {
+        "train_tokens_per_s": tokens_per_s,
+        "first_step_s": first_step,
+        "matmul_gflops": peak / 1e9,
+        "model_gflops": achieved / 1e9,
+        "mfu": achieved / peak,
+        "peak_memory_mib": peak_memory_mib(runtime.device),
+    }
+
+
+def bench_generation(model: GPT, runtime: Runtime, args) -> dict:
+    model.eval()
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(5, model.config.vocab_size, (12,), generator=gen).tolist() for _ in range(args.gen_batch)]
+    n = args.new_tokens
+    figures = {}
+
+    def one(use_cache: bool, batch: list[list[int]]):
+        with runtime.autocast():
+            model.generate(batch, n, temperature=0, use_cache=use_cache)
+
+    for use_cache in (True, False):
+        one(use_cache, prompts[:1])  # warm up
+        t = statistics.median(timed(lambda: one(use_cache, prompts[:1]), args.repeats, runtime.device))
+        figures[f"gen_tokens_per_s_{'cache' if use_cache else 'no_cache'}"] = n / t
+    t = statistics.median(timed(lambda: one(True, prompts), args.repeats, runtime.device))
+    figures["gen_tokens_per_s_batched"] = n * len(prompts) / t
+    return figures
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--vocab-size", type=int, default=9274, help="9,274 = the char vocabulary of the Tang corpus")
+    parser.add_argument("--n-layer", type=int, default=4, help="transformer blocks")
+    parser.add_argument("--n-head", type=int, default=4, help="attention heads")
+    parser.add_argument("--n-embd", type=int, default=256, help="model width")
+    parser.add_argument("--block-size", type=int, default=128, help="context length")
+    parser.add_argument("--batch-size", type=int, default=32, help="training batch size")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--dtype", default="auto", help="auto (the training policy), float32 or bfloat16")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the training step")
+    parser.add_argument("--steps", type=int, default=5, help="training steps per timed window")
+    parser.add_argument("--repeats", type=int, default=5, help="timed windows; the median is reported")
+    parser.add_argument("--new-tokens", type=int, default=120, help="tokens generated per sample")
+    parser.add_argument("--gen-batch", type=int, default=32, help="prompts in the batched generation figure")
+    parser.add_argument("--only", choices=["train", "generate"], default=None, help="run one half only")
+    args = parser.parse_args(argv)
+
+    runtime = setup_runtime(args.device, args.dtype)
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
+                       n_head=args.n_head, n_embd=args.n_embd)
+    model = GPT(config).to(runtime.device)
+    print(f"device {runtime.describe()}, {torch.get_num_threads()} threads; {model.num_params():,} parameters "
+          f"({args.n_layer} layers, {args.n_head} heads, {args.n_embd} wide, block {args.block_size}), "
+          f"batch {args.batch_size}, compile {args.compile}")
+    if args.only in (None, "train"):
+        f = bench_training(model, runtime, args)
+        print(f"train: {f['train_tokens_per_s']:,.0f} tokens/s | model {f['model_gflops']:.1f} GFLOP/s of a measured "
+              f"{f['matmul_gflops']:.1f} GFLOP/s matmul = MFU {f['mfu']:.1%} | peak memory {f['peak_memory_mib']:,.0f} MiB"
+              f" | first step {f['first_step_s']:.1f} s")
+    if args.only in (None, "generate"):
+        g = bench_generation(model, runtime, args)
+        print(f"generate {args.new_tokens} tokens: {g['gen_tokens_per_s_cache']:,.0f} tokens/s with KV cache, "
+              f"{g['gen_tokens_per_s_no_cache']:,.0f} without "
+              f"({g['gen_tokens_per_s_cache'] / g['gen_tokens_per_s_no_cache']:.1f}x); batch of {args.gen_batch}: "
+              f"{g['gen_tokens_per_s_batched']:,.0f} tokens/s "
+              f"({g['gen_tokens_per_s_batched'] / g['gen_tokens_per_s_cache']:.1f}x one at a time)")
+
+
+if __name__ == "__main__":
+    main()

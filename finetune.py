@@ -1,0 +1,213 @@
+"""Instruction tuning (指令微调): teach the pretrained model to answer a title and stop.
+
+    python finetune.py --init ckpt.pt                  # tune the pretrained checkpoint -> ckpt_sft.pt
+    python finetune.py --init ckpt.pt --loss-on all    # the book's variant: loss on the prompt too
+    python finetune.py --init ckpt.pt --data my.jsonl  # add {"instruction","input","output"} records
+    python finetune.py --resume                        # continue the run saved at --out
+
+Every finetune-train poem becomes one sample
+
+    <INS>請用以下題目寫一首詩<INP>{title}<RES>{poem lines joined by \\n}<|endoftext|>
+
+and the model is trained on the response and the end-of-text token. Before the first
+epoch and after each one, it writes poems for a fixed list of titles: the gallery shows
+the base model rambling on without stopping, and the tuned one answering and stopping.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from data.corpus import load_corpus
+from data.instruct import IGNORE, Sample, encode_sample, load_instruction_jsonl, pad_batch, poem_sample
+from data.tokenizer import Tokenizer, tokenizer_from_dict
+from device import Runtime
+from metrics import is_regular_form
+from model import GPT
+from sampling import answer_titles, format_answers
+from training import (
+    Stage,
+    TrainConfig,
+    TrainingError,
+    cli_main,
+    flag,
+    load_checkpoint,
+    model_from_checkpoint,
+    start_runtime,
+    train,
+)
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    init: str = flag("", "the pretrained checkpoint to tune (e.g. ckpt.pt); not needed with --resume")
+    out: str = flag("ckpt_sft.pt", "checkpoint path; the log, loss plot and samples are written beside it")
+    poems: str = flag("", "folder of poem JSON files (default: poems/, downloaded there if empty)")
+    epochs: int = flag(2, "passes over the finetune-train samples")
+    lr: float = flag(3e-4, "peak learning rate (lower than pretraining: adjust the model, don't retrain it)")
+    min_lr: float = flag(3e-5, "learning rate at the end of the cosine decay")
+    warmup_iters: int = flag(50, "steps of linear warmup")
+    eval_interval: int = flag(0, "evaluate, sample and checkpoint every this many steps (0 = once per epoch)")
+    loss_on: str = flag("response", "response: loss on the poem and end-of-text only; all: on every token",
+                        choices=["response", "all"])
+    forms: str = flag("regular", "regular: tune on poems of regular form only (all clauses 5 or all 7 characters, "
+                                 "paired); all: every poem", choices=["regular", "all"])
+    data: str = flag("", "JSONL file of {\"instruction\", \"input\", \"output\"} records to tune on as well")
+    data_mode: str = flag("mix", "mix: --data samples join the poem samples; replace: use --data alone",
+                          choices=["mix", "replace"])
+    sample_titles: str = flag("", "comma-separated titles to write poems for at each epoch "
+                                  "(default: 春夜喜雨 and three finetune-val titles)")
+    sample_tokens: int = flag(200, "length limit of each sampled poem, in tokens")
+
+
+def build_samples(config: FinetuneConfig, poems: dict) -> tuple[list[Sample], list[Sample]]:
+    """Train and val samples from the finetune splits (and --data), with the form filter applied."""
+    def keep(poem) -> bool:
+        return config.forms == "all" or is_regular_form(poem.body)
+
+    train_samples = [poem_sample(p) for p in poems["finetune_train"] if keep(p)]
+    val_samples = [poem_sample(p) for p in poems["finetune_val"] if keep(p)]
+    if config.data:
+        extra = load_instruction_jsonl(config.data)
+        train_samples = extra if config.data_mode == "replace" else train_samples + extra
+    return train_samples, val_samples
+
+
+def encode_samples(
+    tokenizer: Tokenizer, samples: list[Sample], block_size: int, loss_on: str, unknown: Counter
+) -> tuple[list[tuple[list[int], list[int], list[int]]], int]:
+    """Encode samples; drop those longer than block_size (return how many).
+
+    Dropped, not truncated: a truncated sample loses its end-of-text token, and would
+    teach the model exactly what this stage exists to unteach, running on without stopping.
+    """
+    encoded = [encode_sample(tokenizer, s, loss_on, unknown) for s in samples]
+    kept = [e for e in encoded if len(e[0]) <= block_size]
+    return kept, len(encoded) - len(kept)
+
+
+def finetune_stage(config: FinetuneConfig, model: GPT, tokenizer: Tokenizer, train_rows: list, val_rows: list,
+                   titles: list[str], runtime: Runtime, rank: int, world_size: int, steps_per_epoch: int) -> Stage:
+    device = runtime.device
+    per_step = config.batch_size * config.grad_accum * world_size
+    pad_id = tokenizer.eot_id  # any id works: padding comes after each row's end and carries no label
+
+    def get_batch(step: int, micro: int):
+        # The epoch's order is a seeded shuffle of its number: resuming mid-epoch continues it exactly.
+        epoch, position = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(config.seed + epoch))
+        first = position * per_step + (micro * world_size + rank) * config.batch_size
+        rows = [train_rows[order[(first + i) % len(train_rows)]] for i in range(config.batch_size)]
+        x, y = pad_batch([(inputs, labels) for inputs, labels, _ in rows], pad_id)
+        return x.to(device), y.to(device)
+
+    @torch.no_grad()
+    def response_loss(model: GPT, rows: list) -> float:
+        """Mean cross-entropy per response token (prompt and padding excluded), over all rows."""
+        rows = sorted(rows, key=lambda r: len(r[0]))  # similar lengths together: less padding
+        total, count = 0.0, 0
+        for start in range(0, len(rows), config.batch_size):
+            chunk = rows[start : start + config.batch_size]
+            x, y = pad_batch([(inputs, response) for inputs, _, response in chunk], pad_id)
+            with runtime.autocast():
+                _, loss = model(x.to(device), y.to(device))
+            n = int((y != IGNORE).sum())
+            total, count = total + loss.item() * n, count + n
+        return total / count
+
+    def evaluate(model: GPT) -> dict:
+        model.eval()
+        figures = {"eval_train_loss": response_loss(model, train_rows[:512]), "val_loss": response_loss(model, val_rows)}
+        model.train()
+        return figures
+
+    def sample(model: GPT, step: int) -> str:
+        answers = answer_titles(model, tokenizer, titles, runtime, config.sample_tokens, seed=config.seed)
+        return format_answers(answers)
+
+    return Stage(
+        get_batch=get_batch,
+        evaluate=evaluate,
+        sample=sample,
+        checkpoint_extra={"kind": "sft", "tokenizer": tokenizer.to_dict(), "init": config.init,
+                          "loss_on": config.loss_on},
+        plot_title=f"instruction tuning: loss on {config.loss_on} tokens, val on response tokens",
+        describe_step=lambda step: f"epoch {step / steps_per_epoch:g}",
+        sample_before_training=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli_main(run, FinetuneConfig, argv, __doc__.splitlines()[0])
+
+
+def run(config: FinetuneConfig, explicit: set[str]) -> dict:
+    for name in ("epochs", "sample_tokens"):
+        if getattr(config, name) <= 0:
+            raise TrainingError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
+    if config.eval_interval < 0:
+        raise TrainingError(f"--eval-interval must not be negative, got {config.eval_interval}")
+    if config.resume:
+        ckpt = load_checkpoint(config.out, "--resume")
+        if ckpt["kind"] != "sft":
+            raise TrainingError(f"--resume: {config.out} is a {ckpt['kind']} checkpoint, not an instruction-tuned one")
+        source = ckpt
+    else:
+        if not config.init:
+            raise TrainingError("--init: give the pretrained checkpoint to tune, e.g. --init ckpt.pt")
+        ckpt = None
+        source = load_checkpoint(config.init, "--init")
+    dist_info, runtime = start_runtime(config)
+    master = dist_info.is_master
+    if master and not config.resume and source["kind"] == "sft":
+        # Allowed on purpose: tuning a tuned model again (say on your own --data) is a real use.
+        print(f"note: --init {config.init} is already instruction-tuned; tuning it further")
+
+    tokenizer = tokenizer_from_dict(source["tokenizer"])
+    model = model_from_checkpoint(source).to(runtime.device)
+    block_size = model.config.block_size
+
+    splits = load_corpus(config.poems or None, verbose=master)
+    train_samples, val_samples = build_samples(config, splits)
+    unknown: Counter = Counter()
+    train_rows, dropped_train = encode_samples(tokenizer, train_samples, block_size, config.loss_on, unknown)
+    val_rows, dropped_val = encode_samples(tokenizer, val_samples, block_size, config.loss_on, unknown)
+    if not train_rows:
+        raise TrainingError(f"the finetune-train split is empty ({len(train_samples)} samples before dropping "
+                            f"those over block_size {block_size}); use more poems or --data")
+    if not val_rows:
+        raise TrainingError("the finetune-val split is empty; use a larger --poems folder")
+    titles = [t.strip() for t in config.sample_titles.split(",") if t.strip()] or \
+        ["春夜喜雨"] + [s.prompt.split("<INP>")[1].removesuffix("<RES>") for s in val_samples[:3]]
+
+    per_step = config.batch_size * config.grad_accum * dist_info.world_size
+    steps_per_epoch = math.ceil(len(train_rows) / per_step)
+    max_iters = config.epochs * steps_per_epoch
+    if config.eval_interval == 0:
+        config.eval_interval = steps_per_epoch
+    config.validate()
+    stage = finetune_stage(config, model, tokenizer, train_rows, val_rows, titles, runtime,
+                           dist_info.rank, dist_info.world_size, steps_per_epoch)
+    if master:
+        n_tokens = sum(len(r[0]) for r in train_rows)
+        print(f"device {runtime.describe()}; model {model.num_params():,} parameters from "
+              f"{config.out if config.resume else config.init}; tokenizer {tokenizer.name} ({tokenizer.vocab_size:,})")
+        print(f"samples: train {len(train_rows):,} ({n_tokens:,} tokens), val {len(val_rows):,}; forms {config.forms}; "
+              f"dropped {dropped_train + dropped_val} longer than block_size {block_size}")
+        if unknown:
+            print(f"{sum(unknown.values()):,} characters outside the vocabulary became <unk>: "
+                  + "".join(c for c, _ in unknown.most_common(20)))
+        print(f"loss on {config.loss_on} tokens; {per_step} samples per step, {steps_per_epoch} steps per epoch, "
+              f"{config.epochs} epochs = {max_iters} steps")
+    figures = train(model, config, stage, runtime, max_iters, ckpt, dist_info)
+    if master and figures:
+        print(f"done: finetune-val response loss {figures['val_loss']:.4f}; checkpoint {config.out}")
+    return figures
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""Instruction tuning: label alignment (the loss mask), padded batches, --data, and finetune.py end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import finetune
+from data.instruct import IGNORE, InstructionDataError, Sample, encode_sample, load_instruction_jsonl, pad_batch
+from data.tokenizer import EOT, INS, INP, RES
+from metrics import is_regular_form
+from model import GPT, GPTConfig
+
+SAMPLE = Sample("<INS>請用以下題目寫一首詩<INP>春曉<RES>", "春眠不覺曉，\n處處聞啼鳥。")
+
+
+# -----------------------------------------------------------------------------
+# The loss mask, pinned exactly
+
+
+def test_labels_start_at_res_and_end_with_end_of_text(char_tokenizer):
+    tok = char_tokenizer
+    inputs, labels, response_labels = encode_sample(tok, SAMPLE)
+    prompt_ids, response_ids = tok.encode(SAMPLE.prompt), tok.encode(SAMPLE.response)
+    ids = prompt_ids + response_ids + [tok.eot_id]
+    assert inputs == ids[:-1] and len(labels) == len(inputs)
+    labelled = [i for i, label in enumerate(labels) if label != IGNORE]
+    first, last = labelled[0], labelled[-1]
+    # the first labelled position is <RES>, and it predicts the poem's first character
+    assert inputs[first] == tok.special_ids[RES] and labels[first] == tok.encode("春")[0]
+    assert first == len(prompt_ids) - 1
+    # the last one predicts end-of-text, at the last position
+    assert labels[last] == tok.eot_id and last == len(inputs) - 1
+    # every response token and the end-of-text are labelled, contiguously; the prompt is not
+    assert labelled == list(range(first, last + 1))
+    assert [labels[i] for i in labelled] == response_ids + [tok.eot_id]
+    assert response_labels == labels
+
+
+def test_loss_on_all_labels_every_position_but_reports_response_only(char_tokenizer):
+    tok = char_tokenizer
+    inputs, labels, response_labels = encode_sample(tok, SAMPLE, loss_on="all")
+    assert IGNORE not in labels and labels == (inputs + [tok.eot_id])[1:]
+    assert labels[0] == tok.encode("請")[0]  # <INS> predicts the instruction's first character
+    assert response_labels == encode_sample(tok, SAMPLE)[1]
+    with pytest.raises(ValueError):
+        encode_sample(tok, SAMPLE, loss_on="prompt")
+
+
+def test_padding_carries_no_label_and_pads_to_the_longest_row(char_tokenizer):
+    tok = char_tokenizer
+    short = encode_sample(tok, Sample("<INS>寫<INP>甲<RES>", "一。"))
+    long = encode_sample(tok, SAMPLE)
+    x, y = pad_batch([(short[0], short[1]), (long[0], long[1])], pad_id=tok.eot_id)
+    assert x.shape == y.shape == (2, len(long[0]))  # the longest row, not block_size
+    assert (y[0, len(short[0]):] == IGNORE).all()
+    assert (y[0, : len(short[0])] == torch.tensor(short[1])).all()
+    assert (x[1] == torch.tensor(long[0])).all()
+
+
+def test_padding_does_not_change_a_rows_loss(char_tokenizer):
+    """A row's loss is the same alone and padded in a batch beside a longer row."""
+    tok = char_tokenizer
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
+    short = encode_sample(tok, Sample("<INS>寫<INP>甲<RES>", "一二三。"))
+    long = encode_sample(tok, SAMPLE)
+    x, y = pad_batch([(short[0], short[1])], tok.eot_id)
+    _, alone = model(x, y)
+    x, y = pad_batch([(short[0], short[1]), (long[0], [IGNORE] * len(long[1]))], tok.eot_id)
+    _, padded = model(x, y)
+    assert torch.allclose(alone, padded, atol=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# --data files
+
+
+def write_jsonl(path: Path, lines: list) -> Path:
+    path.write_text("\n".join(l if isinstance(l, str) else json.dumps(l, ensure_ascii=False) for l in lines),
+                    encoding="utf-8")
+    return path
+
+
+def test_instruction_records_become_samples(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "寫詩", "input": "秋", "output": "秋風起。"}, "",
+                                               {"instruction": "對句", "input": "", "output": "白日依山盡"}])
+    samples = load_instruction_jsonl(path)
+    assert samples == [Sample("<INS>寫詩<INP>秋<RES>", "秋風起。"), Sample("<INS>對句<INP><RES>", "白日依山盡")]
+
+
+@pytest.mark.parametrize("bad, expected", [
+    ('{"instruction": "a", "input": "b"', r"d\.jsonl:2: not valid JSON"),
+    ({"instruction": "a", "output": "c"}, r"d\.jsonl:2: missing or non-string field\(s\) input"),
+    ({"instruction": "a", "input": "b", "output": 3}, r"d\.jsonl:2: missing or non-string field\(s\) output"),
+    (["a", "b"], r"d\.jsonl:2: expected a JSON object"),
+])
+def test_malformed_instruction_lines_name_file_and_line(tmp_path, bad, expected):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "寫", "input": "甲", "output": "乙"}, bad])
+    with pytest.raises(InstructionDataError, match=expected):
+        load_instruction_jsonl(path)
+
+
+def test_missing_data_file(tmp_path):
+    with pytest.raises(InstructionDataError, match="--data .*: no such file"):
+        load_instruction_jsonl(tmp_path / "nope.jsonl")
+
+
+# -----------------------------------------------------------------------------
+# Regular form (the default tuning filter)
+
+
+@pytest.mark.parametrize("poem, regular", [
+    ("床前明月光，疑是地上霜。\n舉頭望明月，低頭思故鄉。", True),
+    ("朝辭白帝彩雲間，千里江陵一日還。\n兩岸猿聲啼不住，輕舟已過萬重山。", True),
+    ("床前明月光，疑是地上霜。\n舉頭望明月，低頭思故鄉故鄉。", False),  # 5/7 mix
+    ("床前明月光，疑是地上霜。\n舉頭望明月。", False),  # odd number of clauses
+    ("床前明月光", False),
+])
+def test_regular_form(poem, regular):
+    assert is_regular_form(poem) is regular
+
+
+# -----------------------------------------------------------------------------
+# finetune.py end to end
+
+
+def tune(tmp_path: Path, poems: Path, init: Path | None, *args: str) -> list[str]:
+    argv = ["--poems", str(poems), "--out", str(tmp_path / "sft.pt"), "--dtype", "float32", "--lr", "3e-3",
+            "--warmup-iters", "5", "--batch-size", "8",
+            "--sample-titles", "春夜喜雨,秋思", "--sample-tokens", "20", *args]
+    return argv + (["--init", str(init)] if init else [])
+
+
+def run_error(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    last_line = err.strip().splitlines()[-1]
+    assert last_line.startswith("error: ") and "Traceback" not in err, err
+    return last_line
+
+
+def test_finetune_writes_checkpoint_log_and_gallery(tmp_path, small_poems, tiny_pretrained, capsys):
+    finetune.main(tune(tmp_path, small_poems, tiny_pretrained, "--epochs", "2"))
+    out = capsys.readouterr().out
+    assert "loss on response tokens" in out and "steps per epoch" in out and "longer than block_size 96" in out
+    ckpt = torch.load(tmp_path / "sft.pt", weights_only=True)
+    assert ckpt["kind"] == "sft" and ckpt["loss_on"] == "response"
+    assert ckpt["tokenizer"] == torch.load(tiny_pretrained, weights_only=True)["tokenizer"]
+    records = [json.loads(l) for l in (tmp_path / "sft.log.jsonl").read_text(encoding="utf-8").splitlines()]
+    evals = [r for r in records if "val_loss" in r]
+    assert len(evals) == 2 and evals[-1]["step"] == ckpt["step"]
+    assert evals[1]["val_loss"] < evals[0]["val_loss"]
+    gallery = (tmp_path / "sft.samples.txt").read_text(encoding="utf-8")
+    assert gallery.index("=== epoch 0 (before training)") < gallery.index("=== epoch 1\n") < gallery.index("=== epoch 2\n")
+    assert gallery.count("《春夜喜雨》") == 3 and gallery.count("《秋思》") == 3
+    assert (tmp_path / "sft.loss.png").exists()
+
+
+def test_loss_on_all_still_reports_response_loss(tmp_path, small_poems, tiny_pretrained):
+    finetune.main(tune(tmp_path, small_poems, tiny_pretrained, "--loss-on", "all", "--epochs", "1"))
+    ckpt = torch.load(tmp_path / "sft.pt", weights_only=True)
+    assert ckpt["loss_on"] == "all"
+    records = [json.loads(l) for l in (tmp_path / "sft.log.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert any("val_loss" in r and math.isfinite(r["val_loss"]) for r in records)
+
+
+def test_batches_are_seeded_epoch_shuffles(char_tokenizer):
+    from device import setup_runtime
+
+    names = "春夏秋冬東南西北金木水火土日月星風雲雨雪"
+    rows = [encode_sample(char_tokenizer, Sample(f"<INS>寫<INP>{c}<RES>", "一" * (i % 5 + 1))) for i, c in enumerate(names)]
+    config = finetune.FinetuneConfig(batch_size=4, seed=3)
+
+    def stage():
+        return finetune.finetune_stage(config, None, char_tokenizer, rows, rows, [], setup_runtime("cpu", "float32"),
+                                       0, 1, steps_per_epoch=5)
+
+    def titles(x):
+        return [char_tokenizer.decode(row.tolist()).split("<INP>")[1][0] for row in x]
+
+    a, b = stage(), stage()
+    epoch0 = [a.get_batch(s, 0)[0] for s in range(5)]
+    assert all(torch.equal(x, b.get_batch(s, 0)[0]) for s, x in enumerate(epoch0))  # a pure function of the step
+    assert sorted(t for x in epoch0 for t in titles(x)) == sorted(names)  # each sample once per epoch
+    epoch1 = [a.get_batch(s, 0)[0] for s in range(5, 10)]
+    assert [titles(x) for x in epoch1] != [titles(x) for x in epoch0]  # a new order each epoch
+
+
+def test_data_replace_tunes_on_the_file_alone(tmp_path, small_poems, tiny_pretrained, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "寫詩", "input": "秋", "output": "秋風起。"}] * 6)
+    finetune.main(tune(tmp_path, small_poems, tiny_pretrained, "--data", str(data), "--data-mode", "replace",
+                       "--epochs", "1"))
+    assert "samples: train 6 " in capsys.readouterr().out
+
+
+def test_sft_checkpoint_as_init_is_allowed_with_a_note(tmp_path, small_poems, tiny_pretrained, capsys):
+    finetune.main(tune(tmp_path, small_poems, tiny_pretrained, "--epochs", "1"))
+    capsys.readouterr()
+    finetune.main(tune(tmp_path / "again", small_poems, tmp_path / "sft.pt", "--epochs", "1"))
+    assert "is already instruction-tuned; tuning it further" in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# Bad input: one clear line each
+
+
+def test_init_not_given(tmp_path, small_poems, capsys):
+    assert "--init: give the pretrained checkpoint" in run_error(tune(tmp_path, small_poems, None), capsys)
+
+
+def test_init_missing(tmp_path, small_poems, capsys):
+    err = run_error(tune(tmp_path, small_poems, tmp_path / "nope.pt"), capsys)
+    assert "--init: no checkpoint at" in err
+
+
+def test_init_not_a_checkpoint(tmp_path, small_poems, capsys):
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    err = run_error(tune(tmp_path, small_poems, tmp_path / "notes.pt"), capsys)
+    assert "--init: " in err and "is not a readable checkpoint" in err
+
+
+def test_init_truncated(tmp_path, small_poems, tiny_pretrained, capsys):
+    data = tiny_pretrained.read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 3])
+    err = run_error(tune(tmp_path, small_poems, tmp_path / "cut.pt"), capsys)
+    assert "is not a readable checkpoint" in err
+
+
+def test_data_with_missing_fields(tmp_path, small_poems, tiny_pretrained, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "寫詩", "output": "秋風起。"}])
+    err = run_error(tune(tmp_path, small_poems, tiny_pretrained, "--data", str(data)), capsys)
+    assert "d.jsonl:1: missing or non-string field(s) input" in err
+
+
+def test_empty_finetune_split(tmp_path, tiny_pretrained, capsys):
+    folder = tmp_path / "poems"
+    folder.mkdir()
+    (folder / "a.json").write_text(json.dumps([{"title": "甲", "paragraphs": ["一二三，四五六七八。"]}],
+                                              ensure_ascii=False), encoding="utf-8")
+    err = run_error(tune(tmp_path, folder, tiny_pretrained), capsys)
+    assert "the finetune-train split is empty" in err
+
+
+def test_resume_needs_an_sft_checkpoint(tmp_path, small_poems, tiny_pretrained, capsys):
+    import shutil
+
+    shutil.copy(tiny_pretrained, tmp_path / "sft.pt")
+    err = run_error(tune(tmp_path, small_poems, None, "--resume"), capsys)
+    assert "is a pretrain checkpoint, not an instruction-tuned one" in err
