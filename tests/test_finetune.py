@@ -13,7 +13,6 @@ import torch.nn.functional as F
 import finetune
 from data.instruct import IGNORE, InstructionDataError, Sample, encode_sample, load_instruction_jsonl, pad_batch
 from data.tokenizer import EOT, INS, INP, RES
-from metrics import is_regular_form
 from model import GPT, GPTConfig
 
 SAMPLE = Sample("<INS>請用以下題目寫一首詩<INP>春曉<RES>", "春眠不覺曉，\n處處聞啼鳥。")
@@ -109,21 +108,6 @@ def test_malformed_instruction_lines_name_file_and_line(tmp_path, bad, expected)
 def test_missing_data_file(tmp_path):
     with pytest.raises(InstructionDataError, match="--data .*: no such file"):
         load_instruction_jsonl(tmp_path / "nope.jsonl")
-
-
-# -----------------------------------------------------------------------------
-# Regular form (the default tuning filter)
-
-
-@pytest.mark.parametrize("poem, regular", [
-    ("床前明月光，疑是地上霜。\n舉頭望明月，低頭思故鄉。", True),
-    ("朝辭白帝彩雲間，千里江陵一日還。\n兩岸猿聲啼不住，輕舟已過萬重山。", True),
-    ("床前明月光，疑是地上霜。\n舉頭望明月，低頭思故鄉故鄉。", False),  # 5/7 mix
-    ("床前明月光，疑是地上霜。\n舉頭望明月。", False),  # odd number of clauses
-    ("床前明月光", False),
-])
-def test_regular_form(poem, regular):
-    assert is_regular_form(poem) is regular
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,34 @@
+"""Metric functions on hand-made poems."""
+
+from __future__ import annotations
+
+import pytest
+
+from metrics import clauses, distinct_n, generation_figures, is_regular_form
+
+QUATRAIN_5 = "床前明月光，疑是地上霜。\n舉頭望明月，低頭思故鄉。"
+QUATRAIN_7 = "朝辭白帝彩雲間，千里江陵一日還。\n兩岸猿聲啼不住，輕舟已過萬重山。"
+MIXED = "床前明月光，疑是地上霜。\n兩岸猿聲啼不住，輕舟已過萬重山。"
+
+
+def test_clauses_split_on_punctuation_and_lines():
+    assert clauses("白日依山盡，黃河入海流。\n欲窮千里目？") == ["白日依山盡", "黃河入海流", "欲窮千里目"]
+
+
+@pytest.mark.parametrize("poem, regular", [(QUATRAIN_5, True), (QUATRAIN_7, True), (MIXED, False),
+                                           ("床前明月光，疑是地上霜。\n舉頭望明月。", False), ("", False)])
+def test_regular_form(poem, regular):
+    assert is_regular_form(poem) is regular
+
+
+def test_distinct_2_counts_repeated_bigrams():
+    assert distinct_n(["ABAB"]) == pytest.approx(2 / 3)  # AB, BA, AB
+    assert distinct_n(["ABCD"]) == 1.0
+    assert distinct_n([""]) == 0.0
+
+
+def test_generation_figures():
+    figures = generation_figures([QUATRAIN_5, MIXED, QUATRAIN_7, "春"], [True, True, False, False])
+    assert figures["stop_rate"] == 0.5  # a poem without end-of-text does not count as stopped
+    assert figures["regular_form_rate"] == 0.5
+    assert figures["mean_length"] == pytest.approx((len(QUATRAIN_5) + len(MIXED) + len(QUATRAIN_7) + 1) / 4)
