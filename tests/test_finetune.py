@@ -239,3 +239,17 @@ def test_resume_needs_an_sft_checkpoint(tmp_path, small_poems, tiny_pretrained, 
     shutil.copy(tiny_pretrained, tmp_path / "sft.pt")
     err = run_error(tune(tmp_path, small_poems, None, "--resume"), capsys)
     assert "is a pretrain checkpoint, not an instruction-tuned one" in err
+
+
+def test_help_documents_every_flag_with_its_default():
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    result = subprocess.run([sys.executable, "finetune.py", "--help"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 0
+    for flag in ("--init", "--epochs", "--lr", "--batch-size", "--loss-on", "--data", "--sample-titles", "--resume",
+                 "--out", "--device", "--seed", "--forms"):
+        assert flag in result.stdout, flag
+    assert "(default: ckpt_sft.pt)" in result.stdout and "(default: response)" in result.stdout
