@@ -16,8 +16,6 @@ import json
 import sys
 import time
 
-import torch
-
 from data.corpus import load_corpus
 from data.tokenizer import tokenizer_from_dict
 from device import setup_runtime

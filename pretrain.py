@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -33,7 +33,6 @@ from training import (
     flag,
     load_checkpoint,
     model_from_checkpoint,
-    parse_config,
     release_freed_memory,
     start_runtime,
     train,

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import finetune
 from data.instruct import IGNORE, InstructionDataError, Sample, encode_sample, load_instruction_jsonl, pad_batch
-from data.tokenizer import EOT, INS, INP, RES
+from data.tokenizer import RES
 from model import GPT, GPTConfig
 
 SAMPLE = Sample("<INS>請用以下題目寫一首詩<INP>春曉<RES>", "春眠不覺曉，\n處處聞啼鳥。")

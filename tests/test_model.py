@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from torch.nn import functional as F
 
 from model import GPT, GPTConfig, sample_next
 

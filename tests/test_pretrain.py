@@ -20,7 +20,7 @@ import torch
 
 import pretrain
 from tests.conftest import REPO_ROOT, TINY
-from training import TrainConfig, configure_optimizer, load_checkpoint, lr_at, save_checkpoint
+from training import TrainConfig, configure_optimizer, load_checkpoint, lr_at, parse_config, save_checkpoint
 from model import GPT, GPTConfig
 
 
@@ -85,7 +85,7 @@ def test_help_documents_every_flag_with_its_default():
 
 
 def test_gpu_preset_sets_defaults_but_explicit_flags_win():
-    config, explicit = pretrain.parse_config(pretrain.PretrainConfig, ["--preset", "gpu", "--n-layer", "3"], "")
+    config, explicit = parse_config(pretrain.PretrainConfig, ["--preset", "gpu", "--n-layer", "3"], "")
     pretrain.resolve_config(config, explicit, None)
     assert config.n_embd == pretrain.PRESETS["gpu"]["n_embd"] and config.compile
     assert config.n_layer == 3
