@@ -37,6 +37,7 @@ from training import (
     flag,
     load_checkpoint,
     model_from_checkpoint,
+    require_positive,
     start_runtime,
     train,
 )
@@ -46,7 +47,6 @@ from training import (
 class FinetuneConfig(TrainConfig):
     init: str = flag("", "the pretrained checkpoint to tune (e.g. ckpt.pt); not needed with --resume")
     out: str = flag("ckpt_sft.pt", "checkpoint path; the log, loss plot and samples are written beside it")
-    poems: str = flag("", "folder of poem JSON files (default: poems/, downloaded there if empty)")
     epochs: int = flag(2, "passes over the finetune-train samples")
     lr: float = flag(3e-4, "peak learning rate (lower than pretraining: adjust the model, don't retrain it)")
     min_lr: float = flag(3e-5, "learning rate at the end of the cosine decay")
@@ -146,9 +146,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(config: FinetuneConfig, explicit: set[str]) -> dict:
-    for name in ("epochs", "sample_tokens"):
-        if getattr(config, name) <= 0:
-            raise TrainingError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
+    require_positive(config, ("epochs", "sample_tokens"))
     if config.eval_interval < 0:
         raise TrainingError(f"--eval-interval must not be negative, got {config.eval_interval}")
     if config.resume:

@@ -34,6 +34,7 @@ from training import (
     load_checkpoint,
     model_from_checkpoint,
     release_freed_memory,
+    require_positive,
     start_runtime,
     train,
 )
@@ -41,7 +42,6 @@ from training import (
 
 @dataclass
 class PretrainConfig(TrainConfig):
-    poems: str = flag("", "folder of poem JSON files (default: poems/, downloaded there if empty)")
     tokenizer: str = flag("char", "char, or a tiktoken encoding (gpt2, cl100k_base, o200k_base, ...)")
     compile: bool = flag(True, "torch.compile the model on CPU/CUDA (about 1.3x faster on a 2-core CPU after ~30 s "
                                "of compiling; falls back to eager if compiling fails)")
@@ -127,9 +127,7 @@ def resolve_config(config: PretrainConfig, explicit: set[str], ckpt: dict | None
     for name, value in PRESETS.get(config.preset, {}).items():
         if name not in explicit:
             setattr(config, name, value)
-    for name in ("max_iters", "eval_iters", "block_size", "n_layer", "n_head", "n_embd"):
-        if getattr(config, name) <= 0:
-            raise TrainingError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
+    require_positive(config, ("max_iters", "eval_iters", "block_size", "n_layer", "n_head", "n_embd"))
     config.validate()
     if ckpt is None:
         return None

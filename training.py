@@ -52,6 +52,7 @@ def flag(default, help: str, **kwargs):
 class TrainConfig:
     """Flags every training stage has. A stage's config subclasses this one."""
 
+    poems: str = flag("", "folder of poem JSON files (default: poems/, downloaded there if empty)")
     out: str = flag("ckpt.pt", "checkpoint path; the log, loss plot and samples are written beside it")
     resume: bool = flag(False, "continue from the checkpoint at --out")
     device: str = flag("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
@@ -69,14 +70,18 @@ class TrainConfig:
     log_interval: int = flag(10, "write a train-loss record to the JSONL log every this many steps")
 
     def validate(self) -> None:
-        positive = ("batch_size", "grad_accum", "eval_interval", "log_interval")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise TrainingError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        require_positive(self, ("batch_size", "grad_accum", "eval_interval", "log_interval"))
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise TrainingError(f"--lr must be positive and --min-lr in [0, lr], got lr {self.lr}, min-lr {self.min_lr}")
         if self.warmup_iters < 0 or self.grad_clip < 0 or self.weight_decay < 0:
             raise TrainingError("--warmup-iters, --grad-clip and --weight-decay must not be negative")
+
+
+def require_positive(config: object, names: tuple[str, ...]) -> None:
+    """Raise a one-line TrainingError naming the first flag among `names` that is not positive."""
+    for name in names:
+        if getattr(config, name) <= 0:
+            raise TrainingError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
 
 
 def parse_config(cls: type, argv: list[str] | None, description: str) -> tuple[object, set[str]]:
