@@ -15,6 +15,7 @@ on the one operation that dominates it.
 from __future__ import annotations
 
 import argparse
+import copy
 import resource
 import statistics
 import time
@@ -23,6 +24,7 @@ import torch
 
 from device import Runtime, setup_runtime
 from model import GPT, GPTConfig
+from sampling import for_generation
 from training import TrainConfig, configure_optimizer, forward_backward
 
 
@@ -100,15 +102,14 @@ def bench_training(model: GPT, runtime: Runtime, args) -> dict:
 
 
 def bench_generation(model: GPT, runtime: Runtime, args) -> dict:
-    model.eval()
+    model = for_generation(copy.deepcopy(model), runtime)  # as sample.py and evaluate.py do
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(5, model.config.vocab_size, (12,), generator=gen).tolist() for _ in range(args.gen_batch)]
     n = args.new_tokens
     figures = {}
 
     def one(use_cache: bool, batch: list[list[int]]):
-        with runtime.autocast():
-            model.generate(batch, n, temperature=0, use_cache=use_cache)
+        model.generate(batch, n, temperature=0, use_cache=use_cache)
 
     for use_cache in (True, False):
         one(use_cache, prompts[:1])  # warm up

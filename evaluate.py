@@ -1,76 +1,191 @@
-"""Measure what instruction tuning changed: generate poems for unseen titles and score them.
+"""Measure what instruction tuning changed: losses, poems for unseen titles, use of the title.
 
-    python evaluate.py --ckpt ckpt_sft.pt --compare ckpt.pt
-    python evaluate.py --ckpt ckpt_sft.pt --num-titles 200 --temperature 0.8 --max-new-tokens 200 --json
+    python evaluate.py --ckpt ckpt_sft.pt --compare ckpt.pt     # tuned vs base, side by side
+    python evaluate.py --ckpt ckpt_sft.pt --eval-poems my_poems/ --json
 
-Titles are the first --num-titles of the finetune-val split (never trained on). Each
-checkpoint gets the same instruction prompt, <INS>請用以下題目寫一首詩<INP>{title}<RES>,
-and the table reports per checkpoint: how often it stopped with end-of-text within the
-limit, how often the poem has regular form, mean length and distinct-2.
+One column per checkpoint:
+- loss (nats per token) and bits per character on the whole pretrain-val text, in
+  consecutive block_size windows, and on the responses of the finetune-val samples
+  (every finetune-val poem whose sample fits block_size; poem and end-of-text tokens);
+- poems written for unseen titles (the first --num-titles of finetune-val, or every poem
+  of --eval-poems DIR): stop rate (ended with end-of-text within the limit), regular-form
+  rate, mean length, distinct-2, and the share of generated lines found verbatim in the
+  training poems (memorisation);
+- title-conditioning gain: log-likelihood of each finetune-val poem under its own title
+  minus under another poem's title, in nats per poem, with its standard error.
+  Positive means the model reads the title; about 0 means it ignores it.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
+import math
 import time
+from collections import Counter
+from dataclasses import asdict, dataclass
 
-from data.corpus import load_corpus
-from data.tokenizer import tokenizer_from_dict
-from device import setup_runtime
-from metrics import generation_figures
-from sampling import answer_titles
-from training import USER_ERRORS, load_checkpoint, model_from_checkpoint
+import numpy as np
+import torch
+
+from data.corpus import Poem, clean_poems, instruction_prompt, load_corpus, load_poems, pretrain_text
+from data.instruct import Sample, encode_sample
+from data.tokenizer import Tokenizer, tokenizer_from_dict
+from device import Runtime, setup_runtime
+from finetune import labelled_nll
+from metrics import generation_figures, mean_and_standard_error
+from model import GPT
+from sampling import SamplingConfig, answer_titles, for_generation
+from training import TrainingError, cli_main, flag, load_checkpoint, model_from_checkpoint, require_positive
 
 
-def evaluate_checkpoint(path: str, titles: list[str], args, runtime) -> dict:
-    ckpt = load_checkpoint(path, "--ckpt")
+@dataclass
+class EvaluateConfig(SamplingConfig):
+    ckpt: str = flag("ckpt_sft.pt", "checkpoint to evaluate")
+    compare: str = flag("", "a second checkpoint, evaluated the same way in a second column (e.g. ckpt.pt)")
+    poems: str = flag("", "folder of poem JSON files (default: poems/, downloaded there if empty)")
+    eval_poems: str = flag("", "folder of poem JSON files (the same schema): write poems for the titles of every "
+                               "poem in it, all treated as unseen, instead of finetune-val titles")
+    num_titles: int = flag(200, "finetune-val titles to write poems for (without --eval-poems)")
+    batch_size: int = flag(50, "titles generated together, and rows per forward pass for the losses")
+    json: bool = flag(False, "print the figures as one JSON object instead of the table")
+
+
+@torch.no_grad()
+def stream_loss(model: GPT, tokens: np.ndarray, batch_size: int, runtime: Runtime) -> float:
+    """Mean nats per token over a whole token stream, cut into consecutive block_size windows."""
+    block = model.config.block_size
+    n = (len(tokens) - 1) // block
+    ids = torch.from_numpy(tokens[: n * block + 1].astype(np.int64))
+    x, y = ids[:-1].view(n, block), ids[1:].view(n, block)
+    total = 0.0
+    for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
+        with runtime.autocast():
+            _, loss = model(xb.to(runtime.device), yb.to(runtime.device))
+        total += loss.item() * yb.numel()
+    return total / (n * block)
+
+
+def response_rows(tokenizer: Tokenizer, samples: list[Sample], block_size: int) -> list[tuple[list[int], list[int]]]:
+    """(inputs, response labels) of each sample, or None where it does not fit block_size."""
+    unknown: Counter = Counter()  # unknown characters become <unk>, as in tuning
+    rows = []
+    for sample in samples:
+        inputs, _, response = encode_sample(tokenizer, sample, "response", unknown)
+        rows.append((inputs, response) if len(inputs) <= block_size else None)
+    return rows
+
+
+def loss_figures(model: GPT, tokenizer: Tokenizer, splits: dict[str, list[Poem]], batch_size: int,
+                 runtime: Runtime, seed: int) -> dict:
+    """pretrain-val and finetune-val response losses, and the title-conditioning gain."""
+    text = pretrain_text(splits["pretrain_val"])
+    tokens = tokenizer.encode_array(text)
+    figures = {"pretrain_val_loss": stream_loss(model, tokens, batch_size, runtime)}
+    figures["pretrain_val_bpc"] = figures["pretrain_val_loss"] * len(tokens) / len(text) / math.log(2)
+
+    # Each finetune-val poem under its own title, and under the title of another poem
+    # (a seeded shuffle, each poem paired with the next one in it).
+    poems = splits["finetune_val"]
+    order = torch.randperm(len(poems), generator=torch.Generator().manual_seed(seed)).tolist()
+    other_title = {i: poems[j].title for i, j in zip(order, order[1:] + order[:1])}
+    own = response_rows(tokenizer, [Sample(instruction_prompt(p.title), p.body) for p in poems], model.config.block_size)
+    swapped = response_rows(tokenizer, [Sample(instruction_prompt(other_title[i]), p.body) for i, p in enumerate(poems)],
+                            model.config.block_size)
+    fits = [i for i in range(len(poems)) if own[i] is not None and swapped[i] is not None]
+    if len(fits) < 2:
+        raise TrainingError(f"only {len(fits)} finetune-val poems fit block_size {model.config.block_size}; "
+                            "use a larger --poems folder")
+    pad_id = tokenizer.eot_id
+    nll_own, count = labelled_nll(model, [own[i] for i in fits], pad_id, batch_size, runtime)
+    nll_swapped, _ = labelled_nll(model, [swapped[i] for i in fits], pad_id, batch_size, runtime)
+    response_chars = sum(len(poems[i].body) for i in fits)
+    figures["finetune_val_loss"] = float(nll_own.sum() / count.sum())
+    figures["finetune_val_bpc"] = float(nll_own.sum()) / response_chars / math.log(2)
+    gain, gain_se = mean_and_standard_error((nll_swapped - nll_own).tolist())
+    figures.update(title_gain=gain, title_gain_se=gain_se, title_gain_poems=len(fits))
+    return figures
+
+
+def evaluate_checkpoint(ckpt: dict, config: EvaluateConfig, splits: dict[str, list[Poem]], titles: list[str],
+                        training_lines: set[str], runtime: Runtime) -> dict:
+    """Every figure of the table for one checkpoint."""
+    start = time.perf_counter()
     tokenizer = tokenizer_from_dict(ckpt["tokenizer"])
     model = model_from_checkpoint(ckpt).to(runtime.device).eval()
-    start = time.perf_counter()
-    answers = answer_titles(model, tokenizer, titles, runtime, args.max_new_tokens, args.temperature,
-                            args.top_k, args.top_p, args.seed, args.batch_size)
-    figures = generation_figures([a.poem for a in answers], [a.stopped for a in answers])
-    figures["kind"] = ckpt["kind"]
+    figures = {"kind": ckpt["kind"], "parameters": model.num_params()}
+    figures.update(loss_figures(model, tokenizer, splits, config.batch_size, runtime, config.seed))
+
+    model = for_generation(model, runtime)
+    answers = answer_titles(model, tokenizer, titles, runtime, config.max_new_tokens, seed=config.seed,
+                            batch_size=config.batch_size, **config.generate_kwargs())
+    figures.update(generation_figures([a.poem for a in answers], [a.stopped for a in answers], training_lines))
     figures["seconds"] = time.perf_counter() - start
     return figures
 
 
+ROWS = [  # (key, label, format)
+    ("kind", "kind", "{}"),
+    ("pretrain_val_loss", "pretrain-val loss (nats/token)", "{:.4f}"),
+    ("pretrain_val_bpc", "pretrain-val bits/char", "{:.3f}"),
+    ("finetune_val_loss", "finetune-val response loss", "{:.4f}"),
+    ("finetune_val_bpc", "finetune-val response bits/char", "{:.3f}"),
+    ("stop_rate", "stop rate", "{:.1%}"),
+    ("regular_form_rate", "regular form", "{:.1%}"),
+    ("mean_length", "mean length (chars)", "{:.1f}"),
+    ("distinct_2", "distinct-2", "{:.3f}"),
+    ("memorised_lines", "memorised lines", "{:.1%}"),
+    ("title_gain", "title gain (nats/poem)", None),
+    ("seconds", "seconds", "{:.0f}"),
+]
+
+
+def format_table(columns: dict[str, dict]) -> str:
+    """One row per figure, one column per checkpoint."""
+    names = list(columns)
+    width = max(14, *(len(n) + 2 for n in names))
+    lines = [f"{'':32s}" + "".join(f"{n:>{width}s}" for n in names)]
+    for key, label, fmt in ROWS:
+        cells = []
+        for figures in columns.values():
+            if key == "title_gain":
+                cells.append(f"{figures['title_gain']:.2f} ± {figures['title_gain_se']:.2f}")
+            else:
+                cells.append(fmt.format(figures[key]))
+        lines.append(f"{label:32s}" + "".join(f"{c:>{width}s}" for c in cells))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--ckpt", default="ckpt_sft.pt", help="checkpoint to evaluate")
-    parser.add_argument("--compare", default="", help="a second checkpoint for a side-by-side column")
-    parser.add_argument("--poems", default="", help="folder of poem JSON files (default: poems/)")
-    parser.add_argument("--num-titles", type=int, default=200, help="finetune-val titles to write poems for")
-    parser.add_argument("--max-new-tokens", type=int, default=200, help="length limit of each poem, in tokens")
-    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
-    parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only")
-    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
-    parser.add_argument("--batch-size", type=int, default=50, help="titles generated together")
-    parser.add_argument("--seed", type=int, default=1337, help="sampling seed")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    parser.add_argument("--json", action="store_true", help="print the figures as one JSON object instead")
-    args = parser.parse_args(argv)
-    try:
-        runtime = setup_runtime(args.device)
-        splits = load_corpus(args.poems or None, verbose=False)
-        titles = [p.title for p in splits["finetune_val"][: args.num_titles]]
-        columns = {path: evaluate_checkpoint(path, titles, args, runtime) for path in filter(None, [args.ckpt, args.compare])}
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    if args.json:
-        print(json.dumps({"titles": len(titles), "settings": vars(args), "checkpoints": columns}, ensure_ascii=False))
-        return
-    print(f"{len(titles)} finetune-val titles, temperature {args.temperature}, top-k {args.top_k}, top-p {args.top_p}, "
-          f"limit {args.max_new_tokens} tokens, seed {args.seed}")
-    rows = [("kind", "{}"), ("stop_rate", "{:.1%}"), ("regular_form_rate", "{:.1%}"), ("mean_length", "{:.1f}"),
-            ("distinct_2", "{:.3f}"), ("seconds", "{:.1f}")]
-    print(f"{'':20s}" + "".join(f"{path:>16s}" for path in columns))
-    for name, fmt in rows:
-        print(f"{name:20s}" + "".join(f"{fmt.format(col[name]):>16s}" for col in columns.values()))
+    cli_main(run, EvaluateConfig, argv, __doc__.splitlines()[0])
+
+
+def run(config: EvaluateConfig, explicit: set[str]) -> dict:
+    config.validate()
+    require_positive(config, ("num_titles", "batch_size"))
+    runtime = setup_runtime(config.device, config.dtype)
+    # Both checkpoints first: a bad --compare should fail now, not after the first column.
+    checkpoints = {path: load_checkpoint(path, flag_name)
+                   for path, flag_name in ((config.ckpt, "--ckpt"), (config.compare, "--compare")) if path}
+    splits = load_corpus(config.poems or None, verbose=False)
+    if config.eval_poems:
+        eval_poems, _ = clean_poems(load_poems(config.eval_poems))
+        if not eval_poems:
+            raise TrainingError(f"--eval-poems {config.eval_poems}: no poems left after cleaning")
+        titles, source = [p.title for p in eval_poems], f"every poem of {config.eval_poems}"
+    else:
+        titles, source = [p.title for p in splits["finetune_val"][: config.num_titles]], "finetune-val"
+    training_lines = {line.strip() for name in ("pretrain_train", "finetune_train") for p in splits[name]
+                      for line in p.lines}
+
+    columns = {path: evaluate_checkpoint(ckpt, config, splits, titles, training_lines, runtime)
+               for path, ckpt in checkpoints.items()}
+    if config.json:
+        print(json.dumps({"titles": {"source": source, "count": len(titles)}, "settings": asdict(config),
+                          "checkpoints": columns}, ensure_ascii=False, indent=1))
+        return columns
+    print(f"device {runtime.describe()}; {len(titles)} unseen titles ({source}); {config.describe()}")
+    print(format_table(columns))
+    return columns
 
 
 if __name__ == "__main__":

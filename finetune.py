@@ -21,6 +21,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import torch
+from torch.nn import functional as F
 
 from data.corpus import load_corpus
 from data.instruct import IGNORE, Sample, encode_sample, load_instruction_jsonl, pad_batch, poem_sample
@@ -48,6 +49,7 @@ class FinetuneConfig(TrainConfig):
     init: str = flag("", "the pretrained checkpoint to tune (e.g. ckpt.pt); not needed with --resume")
     out: str = flag("ckpt_sft.pt", "checkpoint path; the log, loss plot and samples are written beside it")
     epochs: int = flag(2, "passes over the finetune-train samples")
+    max_iters: int = flag(0, "stop after this many steps (0 = run all --epochs); the schedule ends there")
     lr: float = flag(3e-4, "peak learning rate (lower than pretraining: adjust the model, don't retrain it)")
     min_lr: float = flag(3e-5, "learning rate at the end of the cosine decay")
     warmup_iters: int = flag(50, "steps of linear warmup")
@@ -90,6 +92,33 @@ def encode_samples(
     return kept, len(encoded) - len(kept)
 
 
+@torch.no_grad()
+def labelled_nll(model: GPT, rows: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int,
+                 runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of (inputs, labels): the summed cross-entropy in nats over its labelled
+    positions, and how many there are. Rows are batched by length (less padding).
+
+    The same cross-entropy as GPT.forward's loss, kept per row instead of averaged: the
+    validation loss is the sum over rows / the count, and evaluate.py compares single
+    poems under two titles.
+    """
+    was_training = model.training
+    model.eval()
+    nll, count = torch.zeros(len(rows)), torch.zeros(len(rows), dtype=torch.long)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    for start in range(0, len(rows), batch_size):
+        chunk = order[start : start + batch_size]
+        x, y = pad_batch([rows[i] for i in chunk], pad_id)
+        x, y = x.to(runtime.device), y.to(runtime.device)
+        with runtime.autocast():
+            logits, _ = model(x)
+        per_token = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=IGNORE, reduction="none")
+        nll[chunk] = per_token.sum(dim=1).cpu()
+        count[chunk] = (y != IGNORE).sum(dim=1).cpu()
+    model.train(was_training)
+    return nll, count
+
+
 def finetune_stage(config: FinetuneConfig, model: GPT, tokenizer: Tokenizer, train_rows: list, val_rows: list,
                    titles: list[str], runtime: Runtime, rank: int, world_size: int, steps_per_epoch: int) -> Stage:
     device = runtime.device
@@ -105,19 +134,11 @@ def finetune_stage(config: FinetuneConfig, model: GPT, tokenizer: Tokenizer, tra
         x, y = pad_batch([(inputs, labels) for inputs, labels, _ in rows], pad_id)
         return x.to(device), y.to(device)
 
-    @torch.no_grad()
     def response_loss(model: GPT, rows: list) -> float:
         """Mean cross-entropy per response token (prompt and padding excluded), over all rows."""
-        rows = sorted(rows, key=lambda r: len(r[0]))  # similar lengths together: less padding
-        total, count = 0.0, 0
-        for start in range(0, len(rows), config.batch_size):
-            chunk = rows[start : start + config.batch_size]
-            x, y = pad_batch([(inputs, response) for inputs, _, response in chunk], pad_id)
-            with runtime.autocast():
-                _, loss = model(x.to(device), y.to(device))
-            n = int((y != IGNORE).sum())
-            total, count = total + loss.item() * n, count + n
-        return total / count
+        nll, count = labelled_nll(model, [(inputs, response) for inputs, _, response in rows], pad_id,
+                                  config.batch_size, runtime)
+        return float(nll.sum() / count.sum())
 
     def evaluate(model: GPT) -> dict:
         model.eval()
@@ -147,8 +168,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(config: FinetuneConfig, explicit: set[str]) -> dict:
     require_positive(config, ("epochs", "sample_tokens"))
-    if config.eval_interval < 0:
-        raise TrainingError(f"--eval-interval must not be negative, got {config.eval_interval}")
+    for name in ("eval_interval", "max_iters"):
+        if getattr(config, name) < 0:
+            raise TrainingError(f"--{name.replace('_', '-')} must not be negative, got {getattr(config, name)}")
     if config.resume:
         ckpt = load_checkpoint(config.out, "--resume")
         if ckpt["kind"] != "sft":
@@ -185,8 +207,10 @@ def run(config: FinetuneConfig, explicit: set[str]) -> dict:
     per_step = config.batch_size * config.grad_accum * dist_info.world_size
     steps_per_epoch = math.ceil(len(train_rows) / per_step)
     max_iters = config.epochs * steps_per_epoch
+    if config.max_iters:
+        max_iters = min(max_iters, config.max_iters)
     if config.eval_interval == 0:
-        config.eval_interval = steps_per_epoch
+        config.eval_interval = min(steps_per_epoch, max_iters)
     config.validate()
     stage = finetune_stage(config, model, tokenizer, train_rows, val_rows, titles, runtime,
                            dist_info.rank, dist_info.world_size, steps_per_epoch)
@@ -200,7 +224,8 @@ def run(config: FinetuneConfig, explicit: set[str]) -> dict:
             print(f"{sum(unknown.values()):,} characters outside the vocabulary became <unk>: "
                   + "".join(c for c, _ in unknown.most_common(20)))
         print(f"loss on {config.loss_on} tokens; {per_step} samples per step, {steps_per_epoch} steps per epoch, "
-              f"{config.epochs} epochs = {max_iters} steps")
+              f"{config.epochs} epochs" + (f", stopped at --max-iters {max_iters}" if config.max_iters else "")
+              + f" = {max_iters} steps")
     figures = train(model, config, stage, runtime, max_iters, ckpt, dist_info)
     if master and figures:
         print(f"done: finetune-val response loss {figures['val_loss']:.4f}; checkpoint {config.out}")

@@ -1,13 +1,17 @@
-"""What a generated poem is measured by: did it stop, and does it have a regular form.
+"""What a generated poem is measured by: did it stop, does it have a regular form, is it
+varied, is it copied.
 
 Regular form is the shape of the classical 絕句 and 律詩: every clause 5 characters, or
 every clause 7, and an even number of clauses (clauses pair into couplets). Clauses are
-the runs of text between punctuation marks and line breaks.
+the runs of text between punctuation marks and line breaks. Lines are the poem's text
+lines, as the corpus stores them (usually one couplet each).
 """
 
 from __future__ import annotations
 
+import math
 import re
+from typing import Iterable
 
 CLAUSE_BREAK = re.compile(r"[，。？！；：、,.?!;:\n]+")
 
@@ -32,15 +36,43 @@ def distinct_n(texts: list[str], n: int = 2) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def generation_figures(poems: list[str], stopped: list[bool]) -> dict:
-    """Stop rate, regular-form rate, mean length (characters) and distinct-2 of generated poems.
+def lines(poem: str) -> list[str]:
+    """The poem's non-blank text lines, stripped."""
+    return [line.strip() for line in poem.split("\n") if line.strip()]
+
+
+def memorised_share(poems: list[str], training_lines: set[str]) -> float:
+    """Share of the generated lines that occur verbatim as a line of a training poem."""
+    generated = [line for p in poems for line in lines(p)]
+    return sum(line in training_lines for line in generated) / len(generated) if generated else 0.0
+
+
+def mean_and_standard_error(values: Iterable[float]) -> tuple[float, float]:
+    """Sample mean and its standard error (sample standard deviation / sqrt(n))."""
+    values = list(values)
+    n = len(values)
+    if n < 2:
+        raise ValueError(f"need at least 2 values for a standard error, got {n}")
+    mean = sum(values) / n
+    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(variance / n)
+
+
+def generation_figures(poems: list[str], stopped: list[bool], training_lines: set[str] | None = None) -> dict:
+    """Stop rate, regular-form rate, mean length (characters), distinct-2 and, given the
+    training poems' lines, the memorised share of generated poems.
 
     A poem that did not end with end-of-text within the limit does not count as stopped.
     """
+    if len(poems) != len(stopped) or not poems:
+        raise ValueError(f"need one stopped flag per poem and at least one poem, got {len(poems)} and {len(stopped)}")
     n = len(poems)
-    return {
+    figures = {
         "stop_rate": sum(stopped) / n,
         "regular_form_rate": sum(is_regular_form(p) for p in poems) / n,
         "mean_length": sum(len(p) for p in poems) / n,
         "distinct_2": distinct_n(poems, 2),
     }
+    if training_lines is not None:
+        figures["memorised_lines"] = memorised_share(poems, training_lines)
+    return figures

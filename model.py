@@ -220,9 +220,13 @@ class GPT(nn.Module):
         stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
         width = max(len(p) for p in prompts)
         pad = torch.tensor([width - len(p) for p in prompts], device=device)
-        seq = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
+        # One buffer for prompt and answer, filled column by column (no re-allocation per step).
+        seq = torch.zeros(len(prompts), width + max_new_tokens, dtype=torch.long, device=device)
         for row, p in enumerate(prompts):
-            seq[row, width - len(p) :] = torch.tensor(p, dtype=torch.long, device=device)
+            seq[row, width - len(p) : width] = torch.tensor(p, dtype=torch.long, device=device)
+        # For a one-token step with the cache, the new query may see every real key: the
+        # mask is just "not padding", made once here instead of once per step.
+        key_is_real = (torch.arange(seq.size(1), device=device)[None, :] >= pad[:, None])[:, None, None, :]
         finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.wte.weight.dtype
         kv_cache = KVCache(self.config, len(prompts), device, dtype) if use_cache else None
@@ -230,14 +234,16 @@ class GPT(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            for _ in range(max_new_tokens):
-                end = seq.size(1)
-                if kv_cache is not None and end <= block_size:
-                    start, key_start = kv_cache.length, 0  # feed only what the cache lacks
+            for step in range(max_new_tokens):
+                end = width + step
+                if kv_cache is not None and kv_cache.length > 0 and end <= block_size:
+                    start = end - 1  # feed only the newest token; the cache holds the rest
+                    positions, mask = (start - pad)[:, None], key_is_real[..., :end]
                 else:
-                    kv_cache = None
-                    start = key_start = max(0, end - block_size)  # crop to the last block_size
-                positions, mask = _window(start, end, key_start, pad)
+                    if end > block_size:
+                        kv_cache = None  # the cache cannot slide (positions are absolute)
+                    start = max(0, end - block_size)  # the whole context, cropped to block_size
+                    positions, mask = _window(start, end, pad)
                 logits, _ = self(seq[:, start:end], positions=positions, attn_mask=mask, kv_cache=kv_cache)
                 next_ids = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
                 next_ids = torch.where(finished, torch.full_like(next_ids, -1), next_ids)
@@ -246,7 +252,7 @@ class GPT(nn.Module):
                 if finished.all():
                     return
                 # Stopped rows keep running (batched compute) on a harmless token.
-                seq = torch.cat([seq, next_ids.clamp(min=0)[:, None]], dim=1)
+                seq[:, end] = next_ids.clamp(min=0)
         finally:
             self.train(was_training)
 
@@ -260,23 +266,21 @@ class GPT(nn.Module):
         return out
 
 
-def _window(start: int, end: int, key_start: int, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions and attention mask for query columns [start, end) over key columns [key_start, end).
+def _window(start: int, end: int, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions and attention mask for the columns [start, end) of the left-padded sequence.
 
-    Columns index the left-padded sequence; row b's real tokens begin at column pad[b]
-    (or at key_start, if the window was cropped past its start), which is position 0.
+    Row b's real tokens begin at column pad[b] (or at start, if the window was cropped
+    past its beginning), which is position 0.
     """
-    device = pad.device
-    q_cols = torch.arange(start, end, device=device)
-    k_cols = torch.arange(key_start, end, device=device)
-    first_real = pad.clamp(min=key_start)
-    positions = (q_cols[None, :] - first_real[:, None]).clamp(min=0)  # (B, Tq)
-    causal = k_cols[None, None, :] <= q_cols[None, :, None]
-    real = k_cols[None, None, :] >= pad[:, None, None]
+    cols = torch.arange(start, end, device=pad.device)
+    first_real = pad.clamp(min=start)
+    positions = (cols[None, :] - first_real[:, None]).clamp(min=0)  # (B, T)
+    causal = cols[None, None, :] <= cols[None, :, None]
+    real = cols[None, None, :] >= pad[:, None, None]
     # A padding query would see no key at all (a NaN softmax); let it see itself. Its
     # output is never used.
-    itself = k_cols[None, None, :] == q_cols[None, :, None]
-    mask = (causal & real) | itself  # (B, Tq, Tk)
+    itself = cols[None, None, :] == cols[None, :, None]
+    mask = (causal & real) | itself  # (B, T, T)
     return positions, mask[:, None]  # broadcast over heads
 
 

@@ -1,13 +1,14 @@
-"""Asking a model for poems: titles in, (poem, stopped) out.
+"""Asking a model for poems: the sampling flags, and titles in, (poem, stopped) out.
 
-Shared by finetune.py (the per-epoch gallery) and the evaluation: each title is wrapped in
-the instruction prompt, all titles are generated as one batch with the KV cache, and
-each answer runs until the end-of-text token or the length limit.
+Shared by sample.py, evaluate.py and finetune.py (the per-epoch gallery): each title is
+wrapped in the instruction prompt, titles are generated in batches with the KV cache,
+and each answer runs until the end-of-text token or the length limit.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -15,6 +16,50 @@ from data.corpus import instruction_prompt
 from data.tokenizer import Tokenizer
 from device import Runtime
 from model import GPT
+from training import RuntimeConfig, TrainingError, flag
+
+
+@dataclass
+class SamplingConfig(RuntimeConfig):
+    """The sampling flags of sample.py and evaluate.py."""
+
+    max_new_tokens: int = flag(200, "length limit of each poem, in tokens")
+    temperature: float = flag(0.8, "sampling temperature: below 1 safer, above 1 wilder, 0 = greedy (always the "
+                                   "most likely token)")
+    top_k: int = flag(0, "sample from the k most likely tokens only (0 = no limit)")
+    top_p: float = flag(1.0, "sample from the fewest tokens whose probabilities add up to p (1 = no limit)")
+    seed: int = flag(1337, "random seed: the same seed gives the same poems")
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise TrainingError(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise TrainingError(f"--temperature must not be negative, got {self.temperature}")
+        if self.top_k < 0:
+            raise TrainingError(f"--top-k must not be negative (0 = no limit), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise TrainingError(f"--top-p must be in (0, 1] (1 = no limit), got {self.top_p}")
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """temperature, top_k and top_p as GPT.generate takes them (None = no limit)."""
+        return {"temperature": self.temperature, "top_k": self.top_k or None,
+                "top_p": self.top_p if self.top_p < 1 else None}
+
+    def describe(self) -> str:
+        return (f"temperature {self.temperature:g}, top-k {self.top_k or 'off'}, top-p "
+                f"{self.top_p if self.top_p < 1 else 'off'}, at most {self.max_new_tokens} tokens, seed {self.seed}")
+
+
+def for_generation(model: GPT, runtime: Runtime) -> GPT:
+    """The model ready to sample: on the device, eval mode, weights in the runtime's
+    precision (bf16 where the device has fast bf16). Casts in place; returns the model.
+
+    Generating a token does little arithmetic per weight, and reads every weight once:
+    at small batch sizes its speed is set by memory traffic, which bf16 weights halve.
+    (Autocast would instead cast the fp32 weights again at every step.) Training keeps
+    fp32 weights; losses are measured the way training measures them.
+    """
+    return model.to(device=runtime.device, dtype=runtime.dtype).eval()
 
 
 @dataclass

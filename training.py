@@ -49,14 +49,20 @@ def flag(default, help: str, **kwargs):
 
 
 @dataclass
-class TrainConfig:
+class RuntimeConfig:
+    """Flags every script has: where to run, in which precision."""
+
+    device: str = flag("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    dtype: str = flag("auto", "auto (bf16 where the device has fast bf16, else fp32), float32 or bfloat16")
+
+
+@dataclass
+class TrainConfig(RuntimeConfig):
     """Flags every training stage has. A stage's config subclasses this one."""
 
     poems: str = flag("", "folder of poem JSON files (default: poems/, downloaded there if empty)")
     out: str = flag("ckpt.pt", "checkpoint path; the log, loss plot and samples are written beside it")
     resume: bool = flag(False, "continue from the checkpoint at --out")
-    device: str = flag("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    dtype: str = flag("auto", "auto (bf16 autocast where the device has fast bf16, else fp32), float32 or bfloat16")
     compile: bool = flag(False, "torch.compile the model (faster steps after a slower start)")
     seed: int = flag(1337, "seed for initialisation, batches and samples")
     batch_size: int = flag(32, "sequences per micro-batch (per process under torchrun)")

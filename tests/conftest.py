@@ -69,3 +69,15 @@ def tiny_pretrained(tmp_path_factory, small_poems) -> Path:
     pretrain.main(["--poems", str(small_poems), "--out", str(out), *TINY, "--block-size", "96",
                    "--max-iters", "30", "--eval-interval", "30"])
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tuned(tmp_path_factory, small_poems, tiny_pretrained) -> Path:
+    """tiny_pretrained after a few steps of instruction tuning."""
+    import finetune
+
+    out = tmp_path_factory.mktemp("tuned") / "ckpt_sft.pt"
+    finetune.main(["--init", str(tiny_pretrained), "--poems", str(small_poems), "--out", str(out), "--no-compile",
+                   "--dtype", "float32", "--batch-size", "4", "--max-iters", "6", "--warmup-iters", "2",
+                   "--sample-tokens", "8"])
+    return out

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
-from metrics import clauses, distinct_n, generation_figures, is_regular_form
+from metrics import (
+    clauses,
+    distinct_n,
+    generation_figures,
+    is_regular_form,
+    mean_and_standard_error,
+    memorised_share,
+)
 
 QUATRAIN_5 = "床前明月光，疑是地上霜。\n舉頭望明月，低頭思故鄉。"
 QUATRAIN_7 = "朝辭白帝彩雲間，千里江陵一日還。\n兩岸猿聲啼不住，輕舟已過萬重山。"
@@ -32,3 +41,30 @@ def test_generation_figures():
     assert figures["stop_rate"] == 0.5  # a poem without end-of-text does not count as stopped
     assert figures["regular_form_rate"] == 0.5
     assert figures["mean_length"] == pytest.approx((len(QUATRAIN_5) + len(MIXED) + len(QUATRAIN_7) + 1) / 4)
+
+
+def test_memorised_share_counts_verbatim_training_lines():
+    training = {"床前明月光，疑是地上霜。", "白日依山盡，黃河入海流。"}
+    # 1 of 2 lines is copied; a near-copy (one character changed) is not.
+    assert memorised_share([QUATRAIN_5], training) == 0.5
+    assert memorised_share(["床前明月光，疑是地上雪。"], training) == 0.0
+    assert memorised_share(["  床前明月光，疑是地上霜。\n\n"], training) == 1.0  # blank lines and spaces ignored
+    assert memorised_share([""], training) == 0.0
+    figures = generation_figures([QUATRAIN_5, QUATRAIN_7], [True, True], training)
+    assert figures["memorised_lines"] == 0.25
+    assert "memorised_lines" not in generation_figures([QUATRAIN_5], [True])
+
+
+def test_mean_and_standard_error():
+    mean, se = mean_and_standard_error([1.0, 2.0, 3.0, 4.0])
+    assert mean == 2.5
+    assert se == pytest.approx(math.sqrt((1.5**2 + 0.5**2) * 2 / 3 / 4))
+    with pytest.raises(ValueError):
+        mean_and_standard_error([1.0])
+
+
+def test_generation_figures_need_one_flag_per_poem():
+    with pytest.raises(ValueError):
+        generation_figures([QUATRAIN_5], [True, False])
+    with pytest.raises(ValueError):
+        generation_figures([], [])

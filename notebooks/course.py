@@ -1,0 +1,80 @@
+"""What every course notebook shares: fast mode, paths, and the checkpoints it needs.
+
+Notebooks import this first (`from course import ...`); it puts the repository on the
+import path so `import model`, `import pretrain`, `from data import ...` work from here.
+
+Fast mode: set COURSE_FAST=1 and every notebook shrinks its runs (tiny models, a few
+steps) to finish in under a minute; CI runs them that way. The default settings are
+the lesson itself, a few minutes each on a laptop CPU.
+
+Checkpoints: notebooks use the ones the README's commands write at the repository root
+(`ckpt.pt` from `python pretrain.py`, `ckpt_sft.pt` from `python finetune.py --init
+ckpt.pt`) when they exist, and otherwise train short ones into notebooks/out/.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+FAST = os.environ.get("COURSE_FAST", "") not in ("", "0")
+OUT = REPO / "notebooks" / "out"  # short runs made by the notebooks (git-ignored)
+
+# A tiny model for fast mode: trains in seconds, learns nothing much, exercises every line.
+FAST_MODEL = ["--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--block-size", "96", "--batch-size", "8",
+              "--no-compile", "--dtype", "float32", "--eval-iters", "2"]
+
+
+def pick(default, fast):
+    """The default setting, or the fast-mode one when COURSE_FAST=1."""
+    return fast if FAST else default
+
+
+def poems_dir() -> str:
+    """The corpus folder: $POEMS_DIR (relative paths are taken from the repository root),
+    else ../shared/corpus/quan-tang-shi beside the repository, else poems/ (downloaded
+    on first use, like the scripts do)."""
+    if os.environ.get("POEMS_DIR"):
+        path = Path(os.environ["POEMS_DIR"])
+        return str(path if path.is_absolute() else REPO / path)
+    shared = REPO.parent / "shared" / "corpus" / "quan-tang-shi"
+    return str(shared if shared.is_dir() else REPO / "poems")
+
+
+def base_checkpoint() -> Path:
+    """The pretrained checkpoint: ckpt.pt at the repository root (from `python pretrain.py`)
+    when present (and not in fast mode), else a short pretraining run into notebooks/out/."""
+    root = REPO / "ckpt.pt"
+    if root.exists() and not FAST:
+        return root
+    out = OUT / ("ckpt_fast.pt" if FAST else "ckpt.pt")
+    if not out.exists():
+        import pretrain
+
+        OUT.mkdir(parents=True, exist_ok=True)
+        flags = ["--max-iters", "40", "--eval-interval", "40", *FAST_MODEL] if FAST else \
+                ["--max-iters", "250", "--eval-interval", "125", "--eval-iters", "10"]
+        pretrain.main(["--poems", poems_dir(), "--out", str(out), *flags])
+    return out
+
+
+def tuned_checkpoint() -> Path:
+    """The instruction-tuned checkpoint: ckpt_sft.pt at the repository root when present
+    (and not in fast mode), else a short tuning run of base_checkpoint() into notebooks/out/."""
+    root = REPO / "ckpt_sft.pt"
+    if root.exists() and not FAST:
+        return root
+    out = OUT / ("ckpt_sft_fast.pt" if FAST else "ckpt_sft.pt")
+    if not out.exists():
+        import finetune
+
+        OUT.mkdir(parents=True, exist_ok=True)
+        flags = ["--max-iters", "30", "--batch-size", "8", "--no-compile", "--dtype", "float32"] \
+            if FAST else ["--max-iters", "150"]
+        finetune.main(["--init", str(base_checkpoint()), "--poems", poems_dir(), "--out", str(out), *flags])
+    return out

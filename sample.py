@@ -1,0 +1,189 @@
+"""Write poems with a trained checkpoint, streaming each one as it is generated.
+
+    python sample.py --ckpt ckpt_sft.pt --title 春夜喜雨                  # one poem for a title
+    python sample.py --ckpt ckpt_sft.pt --title 春夜喜雨 --num-samples 3 --temperature 1.0
+    python sample.py --ckpt ckpt.pt --prompt '春夜喜雨\\n'                 # a base model continues raw text
+    python sample.py --ckpt ckpt_sft.pt                                   # interactive: type titles, empty line quits
+
+The checkpoint says what it is. An instruction-tuned one (finetune.py, kind "sft") gets
+each title wrapped in the instruction prompt <INS>請用以下題目寫一首詩<INP>{title}<RES>
+and stops at <|endoftext|>. A base one (pretrain.py, kind "pretrain") only ever saw
+poems as "title\\nlines..." run together, so in interactive mode each typed title
+becomes the prompt "title\\n"; it never learned to stop and runs to --max-new-tokens.
+
+stdout carries only the generated text (and "--- sample N ---" headers with
+--num-samples > 1), so it can be piped or saved; the header, notes and the interactive
+prompt go to stderr. In --prompt, \\n means a newline, \\t a tab and \\\\ a backslash.
+The generator is seeded once per run: the same flags and input give the same poems.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Collection
+
+import torch
+
+from data.corpus import instruction_prompt
+from data.tokenizer import Tokenizer, tokenizer_from_dict
+from device import Runtime, setup_runtime
+from model import GPT
+from sampling import SamplingConfig, for_generation
+from training import TrainingError, cli_main, flag, load_checkpoint, model_from_checkpoint, require_positive
+
+
+@dataclass
+class SampleConfig(SamplingConfig):
+    """sample.py's flags: the shared sampling flags (sampling.py), and what to sample."""
+
+    ckpt: str = flag("ckpt_sft.pt", "checkpoint to sample from: ckpt_sft.pt (finetune.py) or ckpt.pt (pretrain.py)")
+    title: str = flag("", "write a poem for this title, wrapped in the instruction prompt")
+    prompt: str = flag("", r"raw text to continue instead of a title; \n in it is a newline, e.g. '春夜喜雨\n'")
+    num_samples: int = flag(1, "samples of the same title or prompt, one after another")
+
+    def validate(self, explicit: Collection[str] = ()) -> None:
+        super().validate()
+        require_positive(self, ("num_samples",))
+        if self.title and self.prompt:
+            raise TrainingError("give --title or --prompt, not both")
+        for name in ("title", "prompt"):  # typed but empty: an unfinished command line, not "interactive"
+            if name in explicit and not getattr(self, name).strip():
+                raise TrainingError(f"--{name} is empty")
+
+
+def unescape(text: str) -> str:
+    r"""Turn \n, \t and \\ typed on a command line into a newline, a tab and a backslash."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m[1]], text)
+
+
+def load_model(path: str, runtime: Runtime) -> tuple[GPT, Tokenizer, str]:
+    """The model ready to generate (on the device, eval mode, in the runtime's precision), its tokenizer and kind."""
+    ckpt = load_checkpoint(path, "--ckpt")
+    model = for_generation(model_from_checkpoint(ckpt), runtime)
+    return model, tokenizer_from_dict(ckpt["tokenizer"]), ckpt["kind"]
+
+
+class TextStream:
+    """Token ids in, printable text out, one id at a time.
+
+    The char tokenizer gives one character per id, but a tiktoken tokenizer may spell a
+    character as several byte tokens; decoding only some of them gives U+FFFD. So ids
+    are held back while their text ends in U+FFFD, until the character is complete.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.pending: list[int] = []
+
+    def push(self, token_id: int) -> str:
+        self.pending.append(token_id)
+        text = self.tokenizer.decode(self.pending)
+        if text.endswith("\ufffd"):
+            return ""
+        self.pending = []
+        return text
+
+    def flush(self) -> str:
+        """Whatever is left at the end (truly invalid bytes stay U+FFFD)."""
+        text, self.pending = self.tokenizer.decode(self.pending), []
+        return text
+
+
+def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Encode, and say on stderr which characters the tokenizer does not know."""
+    unknown: Counter = Counter()
+    ids = tokenizer.encode(text, unknown)
+    if unknown:
+        how = "replaced by <unk>" if tokenizer.unk_id in ids else "spelled out as bytes the model rarely saw"
+        print(f"note: not in the tokenizer's vocabulary, {how}: {' '.join(unknown)}", file=sys.stderr)
+    return ids
+
+
+def write_samples(model: GPT, tokenizer: Tokenizer, prompt: str, config: SampleConfig, runtime: Runtime,
+                  generator: torch.Generator, warn_cut: bool) -> None:
+    """Stream config.num_samples continuations of `prompt` to stdout, each ending in a newline."""
+    ids = encode_prompt(tokenizer, prompt)
+    for i in range(config.num_samples):
+        if config.num_samples > 1:
+            print(f"--- sample {i + 1} ---", flush=True)
+        stream, stopped = TextStream(tokenizer), False
+        with runtime.autocast():
+            steps = model.generate_stream([ids], config.max_new_tokens, stop_ids=[tokenizer.eot_id],
+                                          generator=generator, **config.generate_kwargs())
+            for step in steps:
+                token = int(step[0])
+                if token == tokenizer.eot_id:
+                    stopped = True
+                    break
+                print(stream.push(token), end="", flush=True)  # flush: show each character as it comes
+        print(stream.flush(), flush=True)
+        if warn_cut and not stopped:
+            print(f"[no end-of-text: cut at --max-new-tokens {config.max_new_tokens}]", file=sys.stderr)
+
+
+def interactive(answer: Callable[[str], None], is_sft: bool) -> None:
+    """Read a title per line and answer it; an empty line, Ctrl-D or Ctrl-C at the prompt quits."""
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+    what = "a title" if is_sft else "a title (the base model continues 'title\\n')"
+    print(f"Type {what} and press Enter; an empty line or Ctrl-D quits, Ctrl-C stops a poem.", file=sys.stderr)
+    while True:
+        print("title> ", end="", file=sys.stderr, flush=True)
+        try:
+            line = input().strip()
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return
+        if not line:
+            return
+        try:
+            answer(instruction_prompt(line) if is_sft else line + "\n")
+        except KeyboardInterrupt:  # stop this poem only
+            print(flush=True)  # end the cut poem's line, so the next one starts on its own
+            print("[stopped]", file=sys.stderr)
+
+
+def run(config: SampleConfig, explicit: set[str]) -> None:
+    config.validate(explicit)
+    runtime = setup_runtime(config.device, config.dtype)
+    model, tokenizer, kind = load_model(config.ckpt, runtime)
+    is_sft = kind == "sft"
+    print(f"{config.ckpt}: {'instruction-tuned' if is_sft else 'base'} model ({kind}), "
+          f"{model.num_params() / 1e6:.2f}M parameters, on {runtime.describe()}; {config.describe()}", file=sys.stderr)
+    if not is_sft:
+        print(f"note: a base model continues text and will not stop by itself; each sample runs to "
+              f"--max-new-tokens ({config.max_new_tokens})", file=sys.stderr)
+        if config.title:
+            print("note: --title uses the instruction prompt, which a base model was not trained on; "
+                  "try --prompt 'TITLE\\n'", file=sys.stderr)
+    generator = torch.Generator(device=runtime.device).manual_seed(config.seed)
+
+    def answer(prompt: str) -> None:
+        write_samples(model, tokenizer, prompt, config, runtime, generator, warn_cut=is_sft)
+
+    if config.title or config.prompt:
+        answer(instruction_prompt(config.title) if config.title else unescape(config.prompt))
+    else:
+        interactive(answer, is_sft)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli_main(run, SampleConfig, argv, __doc__.splitlines()[0])
+    except KeyboardInterrupt:  # Ctrl-C outside the interactive loop: while loading, or a --title/--prompt run
+        print("\n[stopped]", file=sys.stderr)
+        sys.exit(130)  # the shell's code for "ended by Ctrl-C"
+    except BrokenPipeError:  # stdout closed early, as by `| head`: not an error, but say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""evaluate.py: the figures, their definitions, and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+import evaluate
+from data.corpus import instruction_prompt, load_corpus
+from data.instruct import Sample, encode_sample
+from data.tokenizer import tokenizer_from_dict
+from device import setup_runtime
+from finetune import labelled_nll
+from training import load_checkpoint, model_from_checkpoint
+
+FAST = ["--num-titles", "6", "--max-new-tokens", "12", "--batch-size", "16", "--dtype", "float32"]
+
+
+def run_json(capsys, *argv) -> dict:
+    evaluate.main(["--json", *FAST, *argv])
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="module")
+def report(small_poems, tiny_tuned, tiny_pretrained):
+    import io
+    from contextlib import redirect_stdout
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        evaluate.main(["--json", *FAST, "--ckpt", str(tiny_tuned), "--compare", str(tiny_pretrained),
+                       "--poems", str(small_poems)])
+    return json.loads(out.getvalue())
+
+
+def test_one_column_per_checkpoint_with_every_figure(report, tiny_tuned, tiny_pretrained):
+    columns = report["checkpoints"]
+    assert list(columns) == [str(tiny_tuned), str(tiny_pretrained)]
+    assert columns[str(tiny_tuned)]["kind"] == "sft" and columns[str(tiny_pretrained)]["kind"] == "pretrain"
+    for figures in columns.values():
+        for key, _, _ in evaluate.ROWS:
+            assert key in figures
+        for key in ("stop_rate", "regular_form_rate", "memorised_lines"):
+            assert 0.0 <= figures[key] <= 1.0
+        assert figures["title_gain_se"] > 0 and figures["title_gain_poems"] >= 2
+    assert report["titles"] == {"source": "finetune-val", "count": 6}
+    assert report["settings"]["temperature"] == 0.8 and report["settings"]["max_new_tokens"] == 12
+
+
+def test_bits_per_character_follow_from_the_loss(report):
+    # The char tokenizer has one token per character: bits/char = nats/token / ln 2.
+    for figures in report["checkpoints"].values():
+        assert figures["pretrain_val_bpc"] == pytest.approx(figures["pretrain_val_loss"] / math.log(2))
+
+
+def test_stream_loss_is_the_mean_over_consecutive_windows(tiny_pretrained, small_poems):
+    ckpt = load_checkpoint(tiny_pretrained)
+    model = model_from_checkpoint(ckpt).eval()
+    tokenizer = tokenizer_from_dict(ckpt["tokenizer"])
+    tokens = tokenizer.encode_array("床前明月光，疑是地上霜。\n舉頭望明月，低頭思故鄉。\n\n" * 20)
+    block = model.config.block_size
+    n = (len(tokens) - 1) // block
+    ids = torch.from_numpy(tokens.astype("int64"))
+    expected = sum(model(ids[i * block : (i + 1) * block][None], ids[i * block + 1 : (i + 1) * block + 1][None])[1].item()
+                   for i in range(n)) / n
+    runtime = setup_runtime("cpu", "float32")
+    assert evaluate.stream_loss(model, tokens, 3, runtime) == pytest.approx(expected, rel=1e-5)
+
+
+def test_per_row_losses_match_the_models_own_loss(tiny_tuned):
+    ckpt = load_checkpoint(tiny_tuned)
+    model = model_from_checkpoint(ckpt).eval()
+    tokenizer = tokenizer_from_dict(ckpt["tokenizer"])
+    samples = [Sample(instruction_prompt("靜夜思"), "床前明月光，疑是地上霜。"), Sample(instruction_prompt("春曉"), "春眠不覺曉")]
+    rows = [encode_sample(tokenizer, s, "response")[::2] for s in samples]  # (inputs, response labels)
+    nll, count = labelled_nll(model, rows, tokenizer.eot_id, 8, setup_runtime("cpu", "float32"))
+    for (inputs, labels), row_nll, row_count in zip(rows, nll, count):
+        _, loss = model(torch.tensor([inputs]), torch.tensor([labels]))
+        assert row_count == sum(label != -100 for label in labels)
+        assert row_nll.item() == pytest.approx(loss.item() * row_count.item(), rel=1e-5)
+
+
+def test_eval_poems_takes_every_poem_of_the_folder(tmp_path, small_poems, tiny_tuned, capsys):
+    folder = tmp_path / "other"
+    folder.mkdir()
+    shutil.copy(small_poems / "poet.tang.0.json", folder / "poet.tang.0.json")
+    poems = json.loads((folder / "poet.tang.0.json").read_text(encoding="utf-8"))[:9]
+    (folder / "poet.tang.0.json").write_text(json.dumps(poems, ensure_ascii=False), encoding="utf-8")
+    report = run_json(capsys, "--ckpt", str(tiny_tuned), "--poems", str(small_poems), "--eval-poems", str(folder))
+    assert report["titles"]["count"] == 9 and str(folder) in report["titles"]["source"]
+
+
+def test_table_prints_settings_and_rows(small_poems, tiny_tuned, capsys):
+    evaluate.main([*FAST, "--ckpt", str(tiny_tuned), "--poems", str(small_poems), "--temperature", "0"])
+    out = capsys.readouterr().out
+    assert "temperature 0, top-k off, top-p off, at most 12 tokens, seed 1337" in out
+    for _, label, _ in evaluate.ROWS:
+        assert label in out
+    assert " ± " in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ckpt", "missing.pt"], "--ckpt: no checkpoint at missing.pt"),
+    (["--compare", "missing.pt"], "--compare: no checkpoint at missing.pt"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--temperature", "-1"], "--temperature must not be negative"),
+    (["--num-titles", "0"], "--num-titles must be positive"),
+])
+def test_bad_input_is_one_line(tmp_path, small_poems, tiny_tuned, argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--poems", str(small_poems), "--ckpt", str(tiny_tuned), *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_eval_poems_folder_missing(small_poems, tiny_tuned, capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main([*FAST, "--ckpt", str(tiny_tuned), "--poems", str(small_poems), "--eval-poems", "nowhere"])
+    assert "nowhere" in capsys.readouterr().err

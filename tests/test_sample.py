@@ -1,0 +1,203 @@
+"""sample.py: streaming, seeding, base vs instruction-tuned prompts, the interactive loop, errors.
+
+tiny_tuned (kind "sft") and tiny_pretrained (kind "pretrain") come from conftest.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+from pathlib import Path
+
+import pytest
+import torch
+
+import sample
+from data.corpus import instruction_prompt
+from data.tokenizer import TiktokenTokenizer, tokenizer_from_dict
+from model import GPT
+from training import load_checkpoint, model_from_checkpoint
+
+CPU = ["--device", "cpu", "--dtype", "float32"]
+
+
+@functools.lru_cache(maxsize=None)
+def load(path: Path):
+    ckpt = load_checkpoint(path, "--ckpt")
+    return model_from_checkpoint(ckpt).eval(), tokenizer_from_dict(ckpt["tokenizer"])
+
+
+def greedy(path: Path, prompt: str, max_new_tokens: int) -> str:
+    """The model's argmax continuation of `prompt`, without the end-of-text token."""
+    model, tokenizer = load(path)
+    ids = model.generate([tokenizer.encode(prompt)], max_new_tokens, temperature=0, stop_ids=[tokenizer.eot_id])[0]
+    return tokenizer.decode(ids[:-1] if ids and ids[-1] == tokenizer.eot_id else ids)
+
+
+def run(capsys, *argv: str) -> tuple[str, str]:
+    capsys.readouterr()  # drop fixture output
+    sample.main([*argv, *CPU])
+    captured = capsys.readouterr()
+    return captured.out, captured.err
+
+
+@pytest.fixture
+def prompts_seen(monkeypatch) -> list[list[int]]:
+    """Record the prompt ids each generation starts from."""
+    seen: list[list[int]] = []
+    original = GPT.generate_stream
+
+    def spy(self, prompts, *args, **kwargs):
+        seen.append(list(prompts[0]))
+        return original(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(GPT, "generate_stream", spy)
+    return seen
+
+
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--ckpt", "--title", "--prompt", "--num-samples", "--max-new-tokens", "--temperature", "--top-k",
+                 "--top-p", "--seed", "--device", "--dtype"):
+        assert flag in out
+
+
+def test_same_seed_same_output_different_seed_differs(capsys, tiny_pretrained):
+    args = ["--ckpt", str(tiny_pretrained), "--prompt", "春夜喜雨\n", "--temperature", "1", "--max-new-tokens", "30",
+            "--num-samples", "2"]
+    first, _ = run(capsys, *args, "--seed", "1")
+    again, _ = run(capsys, *args, "--seed", "1")
+    other, _ = run(capsys, *args, "--seed", "2")
+    assert first == again
+    assert first != other
+    assert first.startswith("--- sample 1 ---\n") and "\n--- sample 2 ---\n" in first
+    one, two = first.removeprefix("--- sample 1 ---\n").split("--- sample 2 ---\n")
+    assert one != two  # the generator runs on between samples
+
+
+def test_greedy_prompt_is_the_argmax_continuation_with_escapes(capsys, tiny_pretrained, prompts_seen):
+    out, err = run(capsys, "--ckpt", str(tiny_pretrained), "--prompt", r"春夜喜雨\n", "--temperature", "0",
+                   "--max-new-tokens", "20")
+    _, tokenizer = load(tiny_pretrained)
+    assert [tokenizer.decode(p) for p in prompts_seen] == ["春夜喜雨\n"]  # \n typed as two characters
+    assert out == greedy(tiny_pretrained, "春夜喜雨\n", 20) + "\n"
+    assert "base model" in err and "will not stop" in err
+
+
+def test_sft_title_is_wrapped_in_instruction_prompt(capsys, tiny_tuned, prompts_seen):
+    out, err = run(capsys, "--ckpt", str(tiny_tuned), "--title", "春夜喜雨", "--temperature", "0",
+                   "--max-new-tokens", "20")
+    _, tokenizer = load(tiny_tuned)
+    assert [tokenizer.decode(p) for p in prompts_seen] == [instruction_prompt("春夜喜雨")]
+    assert out == greedy(tiny_tuned, instruction_prompt("春夜喜雨"), 20) + "\n"
+    assert "instruction-tuned" in err and "base model" not in err
+
+
+@pytest.mark.parametrize("stdin", ["春夜喜雨\n靜夜思\n\n", "春夜喜雨\n靜夜思"], ids=["empty-line", "eof"])
+def test_interactive_answers_each_title_then_quits(capsys, monkeypatch, tiny_tuned, prompts_seen, stdin):
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    out, err = run(capsys, "--ckpt", str(tiny_tuned), "--temperature", "0", "--max-new-tokens", "12")
+    _, tokenizer = load(tiny_tuned)
+    titles = ["春夜喜雨", "靜夜思"]
+    assert [tokenizer.decode(p) for p in prompts_seen] == [instruction_prompt(t) for t in titles]
+    assert out == "".join(greedy(tiny_tuned, instruction_prompt(t), 12) + "\n" for t in titles)
+    assert err.count("title> ") == 3  # two titles, then the empty line or end of input
+
+
+def test_base_model_interactive_continues_title_line(capsys, monkeypatch, tiny_pretrained, prompts_seen):
+    monkeypatch.setattr("sys.stdin", io.StringIO("春夜喜雨\n\n"))
+    out, err = run(capsys, "--ckpt", str(tiny_pretrained), "--temperature", "0", "--max-new-tokens", "12")
+    _, tokenizer = load(tiny_pretrained)
+    assert [tokenizer.decode(p) for p in prompts_seen] == ["春夜喜雨\n"]
+    assert out == greedy(tiny_pretrained, "春夜喜雨\n", 12) + "\n"
+    assert "base model" in err and "will not stop" in err
+
+
+def test_title_on_base_model_warns_about_instruction_format(capsys, tiny_pretrained, prompts_seen):
+    _, err = run(capsys, "--ckpt", str(tiny_pretrained), "--title", "春夜喜雨", "--max-new-tokens", "3")
+    _, tokenizer = load(tiny_pretrained)
+    assert [tokenizer.decode(p) for p in prompts_seen] == [instruction_prompt("春夜喜雨")]
+    assert "not trained on" in err
+
+
+def test_unknown_characters_are_named(capsys, tiny_tuned):
+    _, tokenizer = load(tiny_tuned)
+    assert "😀" not in tokenizer.stoi
+    _, err = run(capsys, "--ckpt", str(tiny_tuned), "--title", "春😀夜", "--max-new-tokens", "3")
+    [note] = [line for line in err.splitlines() if "vocabulary" in line]
+    assert "😀" in note and "<unk>" in note and "春" not in note
+
+
+def test_stream_holds_back_partial_characters():
+    # A tiktoken tokenizer fitted to four characters spells 好 and 😀 as single bytes.
+    tokenizer = TiktokenTokenizer.from_texts("cl100k_base", ["春夜喜雨"])
+    ids = tokenizer.encode("好😀雨")
+    assert len(ids) > 3
+    stream = sample.TextStream(tokenizer)
+    pieces = [stream.push(i) for i in ids] + [stream.flush()]
+    assert "".join(pieces) == "好😀雨"
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def fake_stream(tokenizer, capsys, shown: list[str], errs: list[str]):
+    """A generate_stream that yields 春 and 夜, notes what was printed meanwhile, then gets Ctrl-C."""
+    def generate_stream(self, prompts, *args, **kwargs):
+        for char in "春夜":
+            yield torch.tensor([tokenizer.encode(char)[0]])
+            captured = capsys.readouterr()
+            shown.append(captured.out)
+            errs.append(captured.err)
+        raise KeyboardInterrupt
+    return generate_stream
+
+
+def test_streams_each_token_and_ctrl_c_returns_to_prompt(capsys, monkeypatch, tiny_tuned):
+    _, tokenizer = load(tiny_tuned)
+    shown: list[str] = []
+    errs: list[str] = []
+    monkeypatch.setattr(GPT, "generate_stream", fake_stream(tokenizer, capsys, shown, errs))
+    monkeypatch.setattr("sys.stdin", io.StringIO("春夜喜雨\n靜夜思\n"))
+    out, err = run(capsys, "--ckpt", str(tiny_tuned))
+    err = "".join(errs) + err
+    assert out == "\n"
+    # Printed (and flushed) as each token arrived; the cut poem's line is ended before the next.
+    assert shown == ["春", "夜", "\n春", "夜"]
+    assert err.count("[stopped]") == 2 and err.count("title> ") == 3 and "Traceback" not in err
+
+
+def test_ctrl_c_in_one_shot_mode_exits_130(capsys, monkeypatch, tiny_tuned):
+    _, tokenizer = load(tiny_tuned)
+    monkeypatch.setattr(GPT, "generate_stream", fake_stream(tokenizer, capsys, [], []))
+    with pytest.raises(SystemExit) as exit_info:
+        run(capsys, "--ckpt", str(tiny_tuned), "--title", "春夜喜雨")
+    assert exit_info.value.code == 130
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--title", "春", "--prompt", "春"], "--title or --prompt, not both"),
+    (["--temperature", "-1"], "--temperature"),
+    (["--top-k", "-1"], "--top-k"),
+    (["--top-p", "1.5"], "--top-p"),
+    (["--num-samples", "0"], "--num-samples"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--prompt", ""], "--prompt is empty"),
+    ([], "--ckpt: no checkpoint at"),
+])
+def test_errors_are_one_line_with_exit_code_2(capsys, tmp_path, args, expected):
+    with pytest.raises(SystemExit) as exit_info:
+        run(capsys, "--ckpt", str(tmp_path / "missing.pt"), *args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expected in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_corrupt_checkpoint_is_one_line_error(capsys, tmp_path):
+    (tmp_path / "bad.pt").write_text("not a checkpoint")
+    with pytest.raises(SystemExit) as exit_info:
+        run(capsys, "--ckpt", str(tmp_path / "bad.pt"), "--title", "春")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --ckpt: ") and len(err.strip().splitlines()) == 1
