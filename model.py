@@ -162,12 +162,14 @@ class GPT(nn.Module):
         positions: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, vocab_size) and, given targets, the loss.
 
         The loss is the mean cross-entropy over target positions that are not -100 (the
         label the fine-tuning stage uses for prompt and padding tokens). positions,
-        attn_mask and kv_cache are for generation; training leaves them None.
+        attn_mask, kv_cache and last_only (logits of the last position only) are for
+        generation; training leaves them unset.
         """
         B, T = idx.shape
         if positions is None:
@@ -179,7 +181,12 @@ class GPT(nn.Module):
             x = block(x, attn_mask, kv_cache)
         if kv_cache is not None:
             kv_cache.length += T
-        logits = self.lm_head(self.ln_f(x))
+        x = self.ln_f(x)
+        if last_only:
+            # Sampling needs only the next token's scores, and the head (n_embd x vocab_size)
+            # is the largest matmul of a small model: skip it for the other positions.
+            x = x[:, -1:, :]
+        logits = self.lm_head(x)
         loss = None
         if targets is not None:
             # float(): under bf16 autocast, take the softmax in fp32 for an accurate loss.
@@ -244,7 +251,8 @@ class GPT(nn.Module):
                         kv_cache = None  # the cache cannot slide (positions are absolute)
                     start = max(0, end - block_size)  # the whole context, cropped to block_size
                     positions, mask = _window(start, end, pad)
-                logits, _ = self(seq[:, start:end], positions=positions, attn_mask=mask, kv_cache=kv_cache)
+                logits, _ = self(seq[:, start:end], positions=positions, attn_mask=mask, kv_cache=kv_cache,
+                                 last_only=True)
                 next_ids = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
                 next_ids = torch.where(finished, torch.full_like(next_ids, -1), next_ids)
                 yield next_ids
@@ -266,15 +274,18 @@ class GPT(nn.Module):
         return out
 
 
-def _window(start: int, end: int, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _window(start: int, end: int, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Positions and attention mask for the columns [start, end) of the left-padded sequence.
 
     Row b's real tokens begin at column pad[b] (or at start, if the window was cropped
-    past its beginning), which is position 0.
+    past its beginning), which is position 0. With no padding in the window, the mask
+    is None: plain causal attention, and the fastest kernel.
     """
     cols = torch.arange(start, end, device=pad.device)
     first_real = pad.clamp(min=start)
     positions = (cols[None, :] - first_real[:, None]).clamp(min=0)  # (B, T)
+    if start >= int(pad.max()):
+        return positions, None
     causal = cols[None, None, :] <= cols[None, :, None]
     real = cols[None, None, :] >= pad[:, None, None]
     # A padding query would see no key at all (a NaN softmax); let it see itself. Its

@@ -23,6 +23,12 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 FAST = os.environ.get("COURSE_FAST", "") not in ("", "0")
+if FAST:
+    # Tiny models gain nothing from a second thread, and lose a lot when another job
+    # shares the cores (threads wait for each other at every op).
+    import torch
+
+    torch.set_num_threads(1)
 OUT = REPO / "notebooks" / "out"  # short runs made by the notebooks (git-ignored)
 
 # A tiny model for fast mode: trains in seconds, learns nothing much, exercises every line.
@@ -35,15 +41,23 @@ def pick(default, fast):
     return fast if FAST else default
 
 
+def _shown(path: Path) -> str:
+    """A path as the notebooks print it: relative to the working directory when possible."""
+    try:
+        return os.path.relpath(path)
+    except ValueError:  # another drive, on Windows
+        return str(path)
+
+
 def poems_dir() -> str:
     """The corpus folder: $POEMS_DIR (relative paths are taken from the repository root),
     else ../shared/corpus/quan-tang-shi beside the repository, else poems/ (downloaded
     on first use, like the scripts do)."""
     if os.environ.get("POEMS_DIR"):
         path = Path(os.environ["POEMS_DIR"])
-        return str(path if path.is_absolute() else REPO / path)
+        return _shown(path if path.is_absolute() else REPO / path)
     shared = REPO.parent / "shared" / "corpus" / "quan-tang-shi"
-    return str(shared if shared.is_dir() else REPO / "poems")
+    return _shown(shared if shared.is_dir() else REPO / "poems")
 
 
 def base_checkpoint() -> Path:
@@ -59,7 +73,7 @@ def base_checkpoint() -> Path:
         OUT.mkdir(parents=True, exist_ok=True)
         flags = ["--max-iters", "40", "--eval-interval", "40", *FAST_MODEL] if FAST else \
                 ["--max-iters", "250", "--eval-interval", "125", "--eval-iters", "10"]
-        pretrain.main(["--poems", poems_dir(), "--out", str(out), *flags])
+        pretrain.main(["--poems", poems_dir(), "--out", _shown(out), *flags])
     return out
 
 
@@ -74,7 +88,8 @@ def tuned_checkpoint() -> Path:
         import finetune
 
         OUT.mkdir(parents=True, exist_ok=True)
-        flags = ["--max-iters", "30", "--batch-size", "8", "--no-compile", "--dtype", "float32"] \
-            if FAST else ["--max-iters", "150"]
-        finetune.main(["--init", str(base_checkpoint()), "--poems", poems_dir(), "--out", str(out), *flags])
+        flags = ["--max-iters", "30", "--batch-size", "16", "--no-compile", "--dtype", "float32",
+                 "--sample-tokens", "40", "--sample-titles", "春夜喜雨"] if FAST else ["--max-iters", "150"]
+        finetune.main(["--init", _shown(base_checkpoint()), "--poems", poems_dir(), "--out", _shown(out),
+                       *flags])
     return out

@@ -375,3 +375,28 @@ def test_generate_stream_restores_training_mode_and_samples_in_eval():
     next(stream)
     stream.close()
     assert model.training
+
+
+def test_last_only_gives_the_last_positions_logits():
+    model = tiny_model().eval()
+    idx = torch.randint(0, TINY["vocab_size"], (3, 10))
+    full, _ = model(idx)
+    last, _ = model(idx, last_only=True)
+    assert last.shape == (3, 1, TINY["vocab_size"])
+    torch.testing.assert_close(last, full[:, -1:, :])
+
+
+def test_bf16_weights_generate_like_autocast():
+    """sampling.for_generation casts the weights to bf16: greedy text should barely change."""
+    from device import Runtime
+    from sampling import for_generation
+
+    model = peaky_model(seed=3)
+    prompts = [[1, 2, 3], [4, 5]]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model.generate(prompts, 6, temperature=0)
+    cast = for_generation(model, Runtime(torch.device("cpu"), torch.bfloat16))
+    assert next(cast.parameters()).dtype == torch.bfloat16 and not cast.training
+    got = cast.generate(prompts, 6, temperature=0)
+    agree = sum(a == b for e, g in zip(expected, got) for a, b in zip(e, g))
+    assert agree >= 10  # of 12: rounding may flip a near-tie, not the whole output
