@@ -60,36 +60,35 @@ def poems_dir() -> str:
     return _shown(shared if shared.is_dir() else REPO / "poems")
 
 
+def _checkpoint(name: str, train) -> Path:
+    """REPO/name when present (and not in fast mode), else notebooks/out/name, made by
+    train(path) the first time (fast mode keeps its own file, *_fast.pt)."""
+    root = REPO / name
+    if root.exists() and not FAST:
+        return root
+    out = OUT / (name.replace(".pt", "_fast.pt") if FAST else name)
+    if not out.exists():
+        OUT.mkdir(parents=True, exist_ok=True)
+        train(out)
+    return out
+
+
 def base_checkpoint() -> Path:
     """The pretrained checkpoint: ckpt.pt at the repository root (from `python pretrain.py`)
     when present (and not in fast mode), else a short pretraining run into notebooks/out/."""
-    root = REPO / "ckpt.pt"
-    if root.exists() and not FAST:
-        return root
-    out = OUT / ("ckpt_fast.pt" if FAST else "ckpt.pt")
-    if not out.exists():
-        import pretrain
+    import pretrain
 
-        OUT.mkdir(parents=True, exist_ok=True)
-        flags = ["--max-iters", "40", "--eval-interval", "40", *FAST_MODEL] if FAST else \
-                ["--max-iters", "250", "--eval-interval", "125", "--eval-iters", "10"]
-        pretrain.main(["--poems", poems_dir(), "--out", _shown(out), *flags])
-    return out
+    flags = ["--max-iters", "40", "--eval-interval", "40", *FAST_MODEL] if FAST else \
+            ["--max-iters", "250", "--eval-interval", "125", "--eval-iters", "10"]
+    return _checkpoint("ckpt.pt", lambda out: pretrain.main(["--poems", poems_dir(), "--out", _shown(out), *flags]))
 
 
 def tuned_checkpoint() -> Path:
     """The instruction-tuned checkpoint: ckpt_sft.pt at the repository root when present
     (and not in fast mode), else a short tuning run of base_checkpoint() into notebooks/out/."""
-    root = REPO / "ckpt_sft.pt"
-    if root.exists() and not FAST:
-        return root
-    out = OUT / ("ckpt_sft_fast.pt" if FAST else "ckpt_sft.pt")
-    if not out.exists():
-        import finetune
+    import finetune
 
-        OUT.mkdir(parents=True, exist_ok=True)
-        flags = ["--max-iters", "30", "--batch-size", "16", "--no-compile", "--dtype", "float32",
-                 "--sample-tokens", "40", "--sample-titles", "春夜喜雨"] if FAST else ["--max-iters", "150"]
-        finetune.main(["--init", _shown(base_checkpoint()), "--poems", poems_dir(), "--out", _shown(out),
-                       *flags])
-    return out
+    flags = ["--max-iters", "30", "--batch-size", "16", "--no-compile", "--dtype", "float32",
+             "--sample-tokens", "40", "--sample-titles", "春夜喜雨"] if FAST else ["--max-iters", "150"]
+    return _checkpoint("ckpt_sft.pt", lambda out: finetune.main(
+        ["--init", _shown(base_checkpoint()), "--poems", poems_dir(), "--out", _shown(out), *flags]))
