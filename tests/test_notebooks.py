@@ -50,5 +50,8 @@ def test_notebook_committed_with_outputs(path):
     assert not unexecuted, (
         f"{path.name}: cells {unexecuted} have not been executed; run python notebooks/run_notebooks.py {path.name}"
     )
+    assert nb.metadata.get("course", {}).get("fast_mode") is False, (
+        f"{path.name}: not saved from a default-settings run; run python notebooks/run_notebooks.py {path.name}"
+    )
     errors = [i for i, cell in code if any(out.get("output_type") == "error" for out in cell.outputs)]
     assert not errors, f"{path.name}: cells {errors} are saved with an error output"
