@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -67,10 +66,9 @@ def stream_loss(model: GPT, tokens: np.ndarray, batch_size: int, runtime: Runtim
 
 def response_rows(tokenizer: Tokenizer, samples: list[Sample], block_size: int) -> list[tuple[list[int], list[int]]]:
     """(inputs, response labels) of each sample, or None where it does not fit block_size."""
-    unknown: Counter = Counter()  # unknown characters become <unk>, as in tuning
     rows = []
     for sample in samples:
-        inputs, _, response = encode_sample(tokenizer, sample, "response", unknown)
+        inputs, _, response = encode_sample(tokenizer, sample, "response")  # unknown characters -> <unk>
         rows.append((inputs, response) if len(inputs) <= block_size else None)
     return rows
 

@@ -140,11 +140,8 @@ def finetune_stage(config: FinetuneConfig, model: GPT, tokenizer: Tokenizer, tra
                                   config.batch_size, runtime)
         return float(nll.sum() / count.sum())
 
-    def evaluate(model: GPT) -> dict:
-        model.eval()
-        figures = {"eval_train_loss": response_loss(model, train_rows[:512]), "val_loss": response_loss(model, val_rows)}
-        model.train()
-        return figures
+    def evaluate(model: GPT) -> dict:  # labelled_nll puts the model in eval mode and back
+        return {"eval_train_loss": response_loss(model, train_rows[:512]), "val_loss": response_loss(model, val_rows)}
 
     def sample(model: GPT, step: int) -> str:
         answers = answer_titles(model, tokenizer, titles, runtime, config.sample_tokens, seed=config.seed)

@@ -302,8 +302,7 @@ class RunFiles:
                 path.unlink(missing_ok=True)
             return
         if self.log.exists():
-            records = [json.loads(line) for line in self.log.read_text(encoding="utf-8").splitlines() if line.strip()]
-            kept = [r for r in records if r["step"] <= resume_step]
+            kept = [r for r in self.records() if r["step"] <= resume_step]
             self.log.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
 
     def append_log(self, record: dict) -> None:

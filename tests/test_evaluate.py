@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import evaluate
-from data.corpus import instruction_prompt, load_corpus
+from data.corpus import instruction_prompt
 from data.instruct import Sample, encode_sample
 from data.tokenizer import tokenizer_from_dict
 from device import setup_runtime
