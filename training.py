@@ -138,9 +138,13 @@ def configure_optimizer(model: torch.nn.Module, config: TrainConfig, device: tor
 
 
 def lr_at(step: int, config: TrainConfig, max_iters: int) -> float:
-    """Linear warmup to lr, then cosine decay to min_lr at max_iters."""
+    """Linear warmup to lr, then cosine decay to min_lr at max_iters.
+
+    Warmup climbs lr / (warmup + 1) per step, so step 0 already moves and the peak is
+    reached at step warmup_iters itself, where the cosine starts, not one step early.
+    """
     if step < config.warmup_iters:
-        return config.lr * (step + 1) / config.warmup_iters
+        return config.lr * (step + 1) / (config.warmup_iters + 1)
     if step >= max_iters:
         return config.min_lr
     progress = (step - config.warmup_iters) / max(1, max_iters - config.warmup_iters)
@@ -440,6 +444,9 @@ def train(
         optimizer.load_state_dict(ckpt["optimizer"])
         start_step, tokens_seen, best_val = ckpt["step"], ckpt["tokens_seen"], ckpt["best_val_loss"]
         set_rng_state(ckpt["rng"])
+    if master and max_iters < config.warmup_iters:
+        tqdm.write(f"warning: the run is {max_iters} steps, shorter than --warmup-iters {config.warmup_iters}: "
+                   f"the learning rate never reaches --lr {config.lr:g}")
     if master:
         files.start(start_step if ckpt is not None else None)
         if ckpt is None and stage.sample_before_training:

@@ -240,10 +240,18 @@ def test_bad_poems_folder(tmp_path, capsys):
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     config = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_iters=10)
     lrs = [lr_at(s, config, 100) for s in range(101)]
-    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
-    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))
+    assert lrs[0] == pytest.approx(1e-3 / 11) and lrs[9] == pytest.approx(1e-3 * 10 / 11)
+    assert all(a < b for a, b in zip(lrs[:11], lrs[1:11]))  # still climbing at the last warmup step
+    assert lrs[10] == 1e-3 and max(lrs) == 1e-3  # the peak is reached once, where the cosine starts
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert lrs[100] == pytest.approx(1e-4) and lrs[55] == pytest.approx(5.5e-4, rel=0.02)
+
+
+def test_a_run_shorter_than_its_warmup_is_warned_about(tmp_path, small_poems, capsys):
+    pretrain.main(cli(tmp_path, small_poems, "--max-iters", "3", "--eval-interval", "3", "--warmup-iters", "10"))
+    assert "shorter than --warmup-iters 10: the learning rate never reaches --lr" in capsys.readouterr().out
+    pretrain.main(cli(tmp_path / "b", small_poems, "--max-iters", "3", "--eval-interval", "3", "--warmup-iters", "3"))
+    assert "shorter than --warmup-iters" not in capsys.readouterr().out
 
 
 def test_weight_decay_only_on_matrices():
