@@ -23,9 +23,10 @@ import time
 import torch
 
 from device import Runtime, setup_runtime
+from generation import for_generation
+from losses import causal_lm_loss
 from model import GPT, GPTConfig
-from sampling import for_generation
-from training import TrainConfig, configure_optimizer, forward_backward
+from training import TrainConfig, configure_optimizer
 
 
 def sync(device: torch.device) -> None:
@@ -65,6 +66,13 @@ def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def forward_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, runtime: Runtime) -> None:
+    """The training step's compute: forward under the precision policy, backward."""
+    with runtime.autocast():
+        loss = causal_lm_loss(model, (x, y))
+    loss.backward()
 
 
 def bench_training(model: GPT, runtime: Runtime, args) -> dict:

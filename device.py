@@ -21,8 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
+from cli import UserError
 
-class DeviceError(Exception):
+
+class DeviceError(UserError):
     """An unusable --device; the message is one line."""
 
 

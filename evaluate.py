@@ -19,22 +19,21 @@ One column per checkpoint:
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 
-from data.corpus import Poem, clean_poems, instruction_prompt, load_corpus, load_poems, pretrain_text
-from data.instruct import Sample, encode_sample
-from data.tokenizer import Tokenizer, tokenizer_from_dict
+from checkpoint import load_checkpoint, model_and_tokenizer
+from cli import UserError, flag, require_positive, run_cli
+from data.corpus import Poem, clean_poems, load_corpus, load_poems, pretrain_text
+from data.instruct import INSTRUCTION, Sample, poem_sample, response_rows
+from data.tokenizer import Tokenizer
 from device import Runtime, setup_runtime
-from finetune import labelled_nll
+from generation import SamplingConfig, answer_titles, for_generation
+from losses import bits_per_char, labelled_nll, stream_loss
 from metrics import generation_figures, mean_and_standard_error
 from model import GPT
-from sampling import SamplingConfig, answer_titles, for_generation
-from training import TrainingError, cli_main, flag, load_checkpoint, model_from_checkpoint, require_positive
 
 
 @dataclass
@@ -49,56 +48,33 @@ class EvaluateConfig(SamplingConfig):
     json: bool = flag(False, "print the figures as one JSON object instead of the table")
 
 
-@torch.no_grad()
-def stream_loss(model: GPT, tokens: np.ndarray, batch_size: int, runtime: Runtime) -> float:
-    """Mean nats per token over a whole token stream, cut into consecutive block_size windows."""
-    block = model.config.block_size
-    n = (len(tokens) - 1) // block
-    ids = torch.from_numpy(tokens[: n * block + 1].astype(np.int64))
-    x, y = ids[:-1].view(n, block), ids[1:].view(n, block)
-    total = 0.0
-    for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
-        with runtime.autocast():
-            _, loss = model(xb.to(runtime.device), yb.to(runtime.device))
-        total += loss.item() * yb.numel()
-    return total / (n * block)
-
-
-def response_rows(tokenizer: Tokenizer, samples: list[Sample], block_size: int) -> list[tuple[list[int], list[int]]]:
-    """(inputs, response labels) of each sample, or None where it does not fit block_size."""
-    rows = []
-    for sample in samples:
-        inputs, _, response = encode_sample(tokenizer, sample, "response")  # unknown characters -> <unk>
-        rows.append((inputs, response) if len(inputs) <= block_size else None)
-    return rows
-
-
 def loss_figures(model: GPT, tokenizer: Tokenizer, splits: dict[str, list[Poem]], batch_size: int,
                  runtime: Runtime, seed: int) -> dict:
     """pretrain-val and finetune-val response losses, and the title-conditioning gain."""
     text = pretrain_text(splits["pretrain_val"])
     tokens = tokenizer.encode_array(text)
     figures = {"pretrain_val_loss": stream_loss(model, tokens, batch_size, runtime)}
-    figures["pretrain_val_bpc"] = figures["pretrain_val_loss"] * len(tokens) / len(text) / math.log(2)
+    figures["pretrain_val_bpc"] = bits_per_char(figures["pretrain_val_loss"], len(tokens), len(text))
 
     # Each finetune-val poem under its own title, and under the title of another poem
     # (a seeded shuffle, each poem paired with the next one in it).
     poems = splits["finetune_val"]
     order = torch.randperm(len(poems), generator=torch.Generator().manual_seed(seed)).tolist()
     other_title = {i: poems[j].title for i, j in zip(order, order[1:] + order[:1])}
-    own = response_rows(tokenizer, [Sample(instruction_prompt(p.title), p.body) for p in poems], model.config.block_size)
-    swapped = response_rows(tokenizer, [Sample(instruction_prompt(other_title[i]), p.body) for i, p in enumerate(poems)],
+    own = response_rows(tokenizer, [poem_sample(p) for p in poems], model.config.block_size)
+    swapped = response_rows(tokenizer, [Sample(INSTRUCTION, other_title[i], p.body) for i, p in enumerate(poems)],
                             model.config.block_size)
     fits = [i for i in range(len(poems)) if own[i] is not None and swapped[i] is not None]
     if len(fits) < 2:
-        raise TrainingError(f"only {len(fits)} finetune-val poems fit block_size {model.config.block_size}; "
+        raise UserError(f"only {len(fits)} finetune-val poems fit block_size {model.config.block_size}; "
                             "use a larger --poems folder")
     pad_id = tokenizer.eot_id
     nll_own, count = labelled_nll(model, [own[i] for i in fits], pad_id, batch_size, runtime)
     nll_swapped, _ = labelled_nll(model, [swapped[i] for i in fits], pad_id, batch_size, runtime)
     response_chars = sum(len(poems[i].body) for i in fits)
     figures["finetune_val_loss"] = float(nll_own.sum() / count.sum())
-    figures["finetune_val_bpc"] = float(nll_own.sum()) / response_chars / math.log(2)
+    response_tokens = int(count.sum())
+    figures["finetune_val_bpc"] = bits_per_char(float(nll_own.sum()) / response_tokens, response_tokens, response_chars)
     gain, gain_se = mean_and_standard_error((nll_swapped - nll_own).tolist())
     figures.update(title_gain=gain, title_gain_se=gain_se, title_gain_poems=len(fits))
     return figures
@@ -108,8 +84,8 @@ def evaluate_checkpoint(ckpt: dict, config: EvaluateConfig, splits: dict[str, li
                         training_lines: set[str], runtime: Runtime) -> dict:
     """Every figure of the table for one checkpoint."""
     start = time.perf_counter()
-    tokenizer = tokenizer_from_dict(ckpt["tokenizer"])
-    model = model_from_checkpoint(ckpt).to(runtime.device).eval()
+    model, tokenizer = model_and_tokenizer(ckpt)
+    model = model.to(runtime.device).eval()
     figures = {"kind": ckpt["kind"], "parameters": model.num_params()}
     figures.update(loss_figures(model, tokenizer, splits, config.batch_size, runtime, config.seed))
 
@@ -153,8 +129,8 @@ def format_table(columns: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    cli_main(run, EvaluateConfig, argv, __doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> dict:
+    return run_cli(run, EvaluateConfig, argv, __doc__.splitlines()[0])
 
 
 def run(config: EvaluateConfig, explicit: set[str]) -> dict:
@@ -168,7 +144,7 @@ def run(config: EvaluateConfig, explicit: set[str]) -> dict:
     if config.eval_poems:
         eval_poems, _ = clean_poems(load_poems(config.eval_poems))
         if not eval_poems:
-            raise TrainingError(f"--eval-poems {config.eval_poems}: no poems left after cleaning")
+            raise UserError(f"--eval-poems {config.eval_poems}: no poems left after cleaning")
         titles, source = [p.title for p in eval_poems], f"every poem of {config.eval_poems}"
     else:
         titles, source = [p.title for p in splits["finetune_val"][: config.num_titles]], "finetune-val"

@@ -16,32 +16,20 @@ the base model rambling on without stopping, and the tuned one answering and sto
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import dataclass
 
-import torch
-from torch.nn import functional as F
-
+from checkpoint import load_checkpoint, model_and_tokenizer
+from cli import UserError, flag, require_positive, run_cli
 from data.corpus import load_corpus
-from data.instruct import IGNORE, Sample, encode_sample, load_instruction_jsonl, pad_batch, poem_sample
-from data.tokenizer import Tokenizer, tokenizer_from_dict
+from data.instruct import EncodedSample, EpochBatches, Sample, encode_samples, load_instruction_jsonl, poem_sample
+from data.tokenizer import Tokenizer
 from device import Runtime
+from generation import answer_titles, format_answers
+from losses import labelled_nll
 from metrics import is_regular_form
 from model import GPT
-from sampling import answer_titles, format_answers
-from training import (
-    Stage,
-    TrainConfig,
-    TrainingError,
-    cli_main,
-    flag,
-    load_checkpoint,
-    model_from_checkpoint,
-    require_positive,
-    start_runtime,
-    train,
-)
+from training import Stage, TrainConfig, start_runtime, train
 
 
 @dataclass
@@ -79,69 +67,23 @@ def build_samples(config: FinetuneConfig, poems: dict) -> tuple[list[Sample], li
     return train_samples, val_samples
 
 
-def encode_samples(
-    tokenizer: Tokenizer, samples: list[Sample], block_size: int, loss_on: str, unknown: Counter
-) -> tuple[list[tuple[list[int], list[int], list[int]]], int]:
-    """Encode samples; drop those longer than block_size (return how many).
-
-    Dropped, not truncated: a truncated sample loses its end-of-text token, and would
-    teach the model exactly what this stage exists to unteach, running on without stopping.
-    """
-    encoded = [encode_sample(tokenizer, s, loss_on, unknown) for s in samples]
-    kept = [e for e in encoded if len(e[0]) <= block_size]
-    return kept, len(encoded) - len(kept)
-
-
-@torch.no_grad()
-def labelled_nll(model: GPT, rows: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int,
-                 runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of (inputs, labels): the summed cross-entropy in nats over its labelled
-    positions, and how many there are. Rows are batched by length (less padding).
-
-    The same cross-entropy as GPT.forward's loss, kept per row instead of averaged: the
-    validation loss is the sum over rows / the count, and evaluate.py compares single
-    poems under two titles.
-    """
-    was_training = model.training
-    model.eval()
-    nll, count = torch.zeros(len(rows)), torch.zeros(len(rows), dtype=torch.long)
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
-    for start in range(0, len(rows), batch_size):
-        chunk = order[start : start + batch_size]
-        x, y = pad_batch([rows[i] for i in chunk], pad_id)
-        x, y = x.to(runtime.device), y.to(runtime.device)
-        with runtime.autocast():
-            logits, _ = model(x)
-        per_token = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=IGNORE, reduction="none")
-        nll[chunk] = per_token.sum(dim=1).cpu()
-        count[chunk] = (y != IGNORE).sum(dim=1).cpu()
-    model.train(was_training)
-    return nll, count
-
-
-def finetune_stage(config: FinetuneConfig, model: GPT, tokenizer: Tokenizer, train_rows: list, val_rows: list,
-                   titles: list[str], runtime: Runtime, rank: int, world_size: int, steps_per_epoch: int) -> Stage:
+def finetune_stage(config: FinetuneConfig, model: GPT, tokenizer: Tokenizer, batches: EpochBatches,
+                   val_rows: list[EncodedSample], titles: list[str], runtime: Runtime, rank: int) -> Stage:
     device = runtime.device
-    per_step = config.batch_size * config.grad_accum * world_size
-    pad_id = tokenizer.eot_id  # any id works: padding comes after each row's end and carries no label
+    pad_id = batches.pad_id
 
     def get_batch(step: int, micro: int):
-        # The epoch's order is a seeded shuffle of its number: resuming mid-epoch continues it exactly.
-        epoch, position = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(config.seed + epoch))
-        first = position * per_step + (micro * world_size + rank) * config.batch_size
-        rows = [train_rows[order[(first + i) % len(train_rows)]] for i in range(config.batch_size)]
-        x, y = pad_batch([(inputs, labels) for inputs, labels, _ in rows], pad_id)
+        x, y = batches.batch(step, micro, rank)
         return x.to(device), y.to(device)
 
     def response_loss(model: GPT, rows: list) -> float:
         """Mean cross-entropy per response token (prompt and padding excluded), over all rows."""
-        nll, count = labelled_nll(model, [(inputs, response) for inputs, _, response in rows], pad_id,
+        nll, count = labelled_nll(model, [(row.inputs, row.response_labels) for row in rows], pad_id,
                                   config.batch_size, runtime)
         return float(nll.sum() / count.sum())
 
     def evaluate(model: GPT) -> dict:  # labelled_nll puts the model in eval mode and back
-        return {"eval_train_loss": response_loss(model, train_rows[:512]), "val_loss": response_loss(model, val_rows)}
+        return {"eval_train_loss": response_loss(model, batches.rows[:512]), "val_loss": response_loss(model, val_rows)}
 
     def sample(model: GPT, step: int) -> str:
         answers = answer_titles(model, tokenizer, titles, runtime, config.sample_tokens, seed=config.seed)
@@ -154,28 +96,28 @@ def finetune_stage(config: FinetuneConfig, model: GPT, tokenizer: Tokenizer, tra
         checkpoint_extra={"kind": "sft", "tokenizer": tokenizer.to_dict(), "init": config.init,
                           "loss_on": config.loss_on},
         plot_title=f"instruction tuning: loss on {config.loss_on} tokens, val on response tokens",
-        describe_step=lambda step: f"epoch {step / steps_per_epoch:g}",
+        describe_step=lambda step: f"epoch {step / batches.steps_per_epoch:g}",
         sample_before_training=True,
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    cli_main(run, FinetuneConfig, argv, __doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> dict:
+    return run_cli(run, FinetuneConfig, argv, __doc__.splitlines()[0])
 
 
 def run(config: FinetuneConfig, explicit: set[str]) -> dict:
     require_positive(config, ("epochs", "sample_tokens"))
     for name in ("eval_interval", "max_iters"):
         if getattr(config, name) < 0:
-            raise TrainingError(f"--{name.replace('_', '-')} must not be negative, got {getattr(config, name)}")
+            raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(config, name)}")
     if config.resume:
         ckpt = load_checkpoint(config.out, "--resume")
         if ckpt["kind"] != "sft":
-            raise TrainingError(f"--resume: {config.out} is a {ckpt['kind']} checkpoint, not an instruction-tuned one")
+            raise UserError(f"--resume: {config.out} is a {ckpt['kind']} checkpoint, not an instruction-tuned one")
         source = ckpt
     else:
         if not config.init:
-            raise TrainingError("--init: give the pretrained checkpoint to tune, e.g. --init ckpt.pt")
+            raise UserError("--init: give the pretrained checkpoint to tune, e.g. --init ckpt.pt")
         ckpt = None
         source = load_checkpoint(config.init, "--init")
     dist_info, runtime = start_runtime(config)
@@ -184,8 +126,8 @@ def run(config: FinetuneConfig, explicit: set[str]) -> dict:
         # Allowed on purpose: tuning a tuned model again (say on your own --data) is a real use.
         print(f"note: --init {config.init} is already instruction-tuned; tuning it further")
 
-    tokenizer = tokenizer_from_dict(source["tokenizer"])
-    model = model_from_checkpoint(source).to(runtime.device)
+    model, tokenizer = model_and_tokenizer(source)
+    model.to(runtime.device)
     block_size = model.config.block_size
 
     splits = load_corpus(config.poems or None, verbose=master)
@@ -194,25 +136,26 @@ def run(config: FinetuneConfig, explicit: set[str]) -> dict:
     train_rows, dropped_train = encode_samples(tokenizer, train_samples, block_size, config.loss_on, unknown)
     val_rows, dropped_val = encode_samples(tokenizer, val_samples, block_size, config.loss_on, unknown)
     if not train_rows:
-        raise TrainingError(f"the finetune-train split is empty ({len(train_samples)} samples before dropping "
+        raise UserError(f"the finetune-train split is empty ({len(train_samples)} samples before dropping "
                             f"those over block_size {block_size}); use more poems or --data")
     if not val_rows:
-        raise TrainingError("the finetune-val split is empty; use a larger --poems folder")
+        raise UserError("the finetune-val split is empty; use a larger --poems folder")
     titles = [t.strip() for t in config.sample_titles.split(",") if t.strip()] or \
-        ["春夜喜雨"] + [s.prompt.split("<INP>")[1].removesuffix("<RES>") for s in val_samples[:3]]
+        ["春夜喜雨"] + [s.input for s in val_samples[:3]]  # the input of a poem sample is its title
 
-    per_step = config.batch_size * config.grad_accum * dist_info.world_size
-    steps_per_epoch = math.ceil(len(train_rows) / per_step)
+    # Padding comes after each row's end and carries no label, so any id works as pad_id.
+    batches = EpochBatches(train_rows, config.batch_size, config.grad_accum, dist_info.world_size, config.seed,
+                           pad_id=tokenizer.eot_id)
+    steps_per_epoch, per_step = batches.steps_per_epoch, batches.samples_per_step
     max_iters = config.epochs * steps_per_epoch
     if config.max_iters:
         max_iters = min(max_iters, config.max_iters)
     if config.eval_interval == 0:
         config.eval_interval = min(steps_per_epoch, max_iters)
     config.validate()
-    stage = finetune_stage(config, model, tokenizer, train_rows, val_rows, titles, runtime,
-                           dist_info.rank, dist_info.world_size, steps_per_epoch)
+    stage = finetune_stage(config, model, tokenizer, batches, val_rows, titles, runtime, dist_info.rank)
     if master:
-        n_tokens = sum(len(r[0]) for r in train_rows)
+        n_tokens = sum(len(row.inputs) for row in train_rows)
         print(f"device {runtime.describe()}; model {model.num_params():,} parameters from "
               f"{config.out if config.resume else config.init}; tokenizer {tokenizer.name} ({tokenizer.vocab_size:,})")
         print(f"samples: train {len(train_rows):,} ({n_tokens:,} tokens), val {len(val_rows):,}; forms {config.forms}; "

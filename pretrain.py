@@ -13,31 +13,20 @@ instruction-tuning stage's job (finetune.py).
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
 import torch
 
+from checkpoint import load_checkpoint, model_and_tokenizer
+from cli import UserError, flag, require_positive, run_cli
 from data import all_poems, build_tokenizer, load_corpus, pretrain_text
 from data.batches import random_windows
-from data.corpus import tokenizer_texts
-from data.tokenizer import tokenizer_from_dict
+from data.instruct import tokenizer_texts
 from device import Runtime
+from losses import bits_per_char
 from model import GPT, GPTConfig
-from training import (
-    Stage,
-    TrainConfig,
-    TrainingError,
-    cli_main,
-    flag,
-    load_checkpoint,
-    model_from_checkpoint,
-    release_freed_memory,
-    require_positive,
-    start_runtime,
-    train,
-)
+from training import Stage, TrainConfig, release_freed_memory, start_runtime, train
 
 
 @dataclass
@@ -71,7 +60,6 @@ def pretrain_stage(
     config: PretrainConfig, model: GPT, tokenizer, streams: dict, runtime: Runtime, rank: int, world_size: int
 ) -> Stage:
     block, device = config.block_size, runtime.device
-    chars_per_token = {name: stream["chars"] / len(stream["tokens"]) for name, stream in streams.items()}
 
     def to_device(x: torch.Tensor, y: torch.Tensor):
         if device.type == "cuda":  # pinned memory lets the copy overlap with compute
@@ -100,8 +88,9 @@ def pretrain_stage(
                         _, loss = model(*to_device(xc, yc))
                     losses.append(loss.item() * len(xc) / len(x))
             figures[key] = sum(losses) / config.eval_iters
-            # Bits per character compares char and tiktoken runs: nats/token -> bits/char.
-            figures[f"{name}_bpc"] = figures[key] / math.log(2) / chars_per_token[name]
+            # Bits per character compares char and tiktoken runs.
+            stream = streams[name]
+            figures[f"{name}_bpc"] = bits_per_char(figures[key], len(stream["tokens"]), stream["chars"])
         model.train()
         return figures
 
@@ -134,20 +123,20 @@ def resolve_config(config: PretrainConfig, explicit: set[str], ckpt: dict | None
     saved = GPTConfig(**ckpt["model_config"])
     saved_tokenizer = ckpt["tokenizer"].get("encoding", "char")
     if "tokenizer" in explicit and config.tokenizer != saved_tokenizer:
-        raise TrainingError(
+        raise UserError(
             f"--tokenizer {config.tokenizer} does not match the checkpoint's tokenizer {saved_tokenizer}; "
             "drop the flag to resume with the checkpoint's"
         )
     config.tokenizer = saved_tokenizer
     if config.block_size > saved.block_size and "block_size" in explicit:
-        raise TrainingError(
+        raise UserError(
             f"--block-size {config.block_size} is larger than the checkpoint's model supports ({saved.block_size})"
         )
     if "block_size" not in explicit:
         config.block_size = saved.block_size
     for name in MODEL_FLAGS:
         if name in explicit and getattr(config, name) != getattr(saved, name):
-            raise TrainingError(
+            raise UserError(
                 f"--{name.replace('_', '-')} {getattr(config, name)} does not match the checkpoint's "
                 f"{getattr(saved, name)}: a resumed run keeps its model shape"
             )
@@ -155,14 +144,14 @@ def resolve_config(config: PretrainConfig, explicit: set[str], ckpt: dict | None
     return saved
 
 
-def main(argv: list[str] | None = None) -> None:
-    cli_main(run, PretrainConfig, argv, __doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> dict:
+    return run_cli(run, PretrainConfig, argv, __doc__.splitlines()[0])
 
 
 def run(config: PretrainConfig, explicit: set[str]) -> dict:
     ckpt = load_checkpoint(config.out) if config.resume else None
     if ckpt is not None and ckpt.get("kind") != "pretrain":
-        raise TrainingError(f"--resume: {config.out} is a {ckpt.get('kind')} checkpoint, not a pretraining one")
+        raise UserError(f"--resume: {config.out} is a {ckpt.get('kind')} checkpoint, not a pretraining one")
     resolve_config(config, explicit, ckpt)
     dist_info, runtime = start_runtime(config)
     master = dist_info.is_master
@@ -170,8 +159,7 @@ def run(config: PretrainConfig, explicit: set[str]) -> dict:
     started = time.perf_counter()
     splits = load_corpus(config.poems or None, verbose=master)
     if ckpt is not None:
-        tokenizer = tokenizer_from_dict(ckpt["tokenizer"])
-        model = model_from_checkpoint(ckpt)
+        model, tokenizer = model_and_tokenizer(ckpt)
     else:
         tokenizer = build_tokenizer(config.tokenizer, tokenizer_texts(all_poems(splits)))
         model = GPT(GPTConfig(
@@ -184,7 +172,7 @@ def run(config: PretrainConfig, explicit: set[str]) -> dict:
         text = pretrain_text(splits[split])
         streams[name] = {"tokens": tokenizer.encode_array(text), "chars": len(text)}
         if len(streams[name]["tokens"]) <= config.block_size:
-            raise TrainingError(f"--poems: the {split} split has only {len(streams[name]['tokens'])} tokens, "
+            raise UserError(f"--poems: the {split} split has only {len(streams[name]['tokens'])} tokens, "
                                 f"fewer than --block-size {config.block_size}")
     del splits  # the token streams are all training needs; free the poems
     release_freed_memory()

@@ -28,17 +28,18 @@ from typing import Callable, Collection
 
 import torch
 
-from data.corpus import instruction_prompt
-from data.tokenizer import Tokenizer, tokenizer_from_dict
+from checkpoint import load_model
+from cli import UserError, flag, require_positive, run_cli
+from data.instruct import title_prompt_ids
+from data.tokenizer import Tokenizer
 from device import Runtime, setup_runtime
+from generation import SamplingConfig, for_generation
 from model import GPT
-from sampling import SamplingConfig, for_generation
-from training import TrainingError, cli_main, flag, load_checkpoint, model_from_checkpoint, require_positive
 
 
 @dataclass
 class SampleConfig(SamplingConfig):
-    """sample.py's flags: the shared sampling flags (sampling.py), and what to sample."""
+    """sample.py's flags: the shared sampling flags (generation.py), and what to sample."""
 
     ckpt: str = flag("ckpt_sft.pt", "checkpoint to sample from: ckpt_sft.pt (finetune.py) or ckpt.pt (pretrain.py)")
     title: str = flag("", "write a poem for this title, wrapped in the instruction prompt")
@@ -49,22 +50,15 @@ class SampleConfig(SamplingConfig):
         super().validate()
         require_positive(self, ("num_samples",))
         if self.title and self.prompt:
-            raise TrainingError("give --title or --prompt, not both")
+            raise UserError("give --title or --prompt, not both")
         for name in ("title", "prompt"):  # typed but empty: an unfinished command line, not "interactive"
             if name in explicit and not getattr(self, name).strip():
-                raise TrainingError(f"--{name} is empty")
+                raise UserError(f"--{name} is empty")
 
 
 def unescape(text: str) -> str:
     r"""Turn \n, \t and \\ typed on a command line into a newline, a tab and a backslash."""
     return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m[1]], text)
-
-
-def load_model(path: str, runtime: Runtime) -> tuple[GPT, Tokenizer, str]:
-    """The model ready to generate (on the device, eval mode, in the runtime's precision), its tokenizer and kind."""
-    ckpt = load_checkpoint(path, "--ckpt")
-    model = for_generation(model_from_checkpoint(ckpt), runtime)
-    return model, tokenizer_from_dict(ckpt["tokenizer"]), ckpt["kind"]
 
 
 class TextStream:
@@ -93,20 +87,20 @@ class TextStream:
         return text
 
 
-def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
-    """Encode, and say on stderr which characters the tokenizer does not know."""
+def encode_prompt(tokenizer: Tokenizer, text: str, as_title: bool) -> list[int]:
+    """The ids to continue: a title inside the instruction prompt, or raw text as it is.
+    Say on stderr which characters the tokenizer does not know."""
     unknown: Counter = Counter()
-    ids = tokenizer.encode(text, unknown)
+    ids = title_prompt_ids(tokenizer, text, unknown) if as_title else tokenizer.encode(text, unknown)
     if unknown:
         how = "replaced by <unk>" if tokenizer.unk_id in ids else "spelled out as bytes the model rarely saw"
         print(f"note: not in the tokenizer's vocabulary, {how}: {' '.join(unknown)}", file=sys.stderr)
     return ids
 
 
-def write_samples(model: GPT, tokenizer: Tokenizer, prompt: str, config: SampleConfig, runtime: Runtime,
+def write_samples(model: GPT, tokenizer: Tokenizer, ids: list[int], config: SampleConfig, runtime: Runtime,
                   generator: torch.Generator, warn_cut: bool) -> None:
-    """Stream config.num_samples continuations of `prompt` to stdout, each ending in a newline."""
-    ids = encode_prompt(tokenizer, prompt)
+    """Stream config.num_samples continuations of the prompt `ids` to stdout, each ending in a newline."""
     for i in range(config.num_samples):
         if config.num_samples > 1:
             print(f"--- sample {i + 1} ---", flush=True)
@@ -125,7 +119,7 @@ def write_samples(model: GPT, tokenizer: Tokenizer, prompt: str, config: SampleC
             print(f"[no end-of-text: cut at --max-new-tokens {config.max_new_tokens}]", file=sys.stderr)
 
 
-def interactive(answer: Callable[[str], None], is_sft: bool) -> None:
+def interactive(answer: Callable[[str, bool], None], is_sft: bool) -> None:
     """Read a title per line and answer it; an empty line, Ctrl-D or Ctrl-C at the prompt quits."""
     if sys.stdin.isatty():
         try:
@@ -144,7 +138,7 @@ def interactive(answer: Callable[[str], None], is_sft: bool) -> None:
         if not line:
             return
         try:
-            answer(instruction_prompt(line) if is_sft else line + "\n")
+            answer(line, True) if is_sft else answer(line + "\n", False)
         except KeyboardInterrupt:  # stop this poem only
             print(flush=True)  # end the cut poem's line, so the next one starts on its own
             print("[stopped]", file=sys.stderr)
@@ -153,7 +147,8 @@ def interactive(answer: Callable[[str], None], is_sft: bool) -> None:
 def run(config: SampleConfig, explicit: set[str]) -> None:
     config.validate(explicit)
     runtime = setup_runtime(config.device, config.dtype)
-    model, tokenizer, kind = load_model(config.ckpt, runtime)
+    model, tokenizer, kind = load_model(config.ckpt, "--ckpt")
+    model = for_generation(model, runtime)
     is_sft = kind == "sft"
     print(f"{config.ckpt}: {'instruction-tuned' if is_sft else 'base'} model ({kind}), "
           f"{model.num_params() / 1e6:.2f}M parameters, on {runtime.describe()}; {config.describe()}", file=sys.stderr)
@@ -165,18 +160,21 @@ def run(config: SampleConfig, explicit: set[str]) -> None:
                   "try --prompt 'TITLE\\n'", file=sys.stderr)
     generator = torch.Generator(device=runtime.device).manual_seed(config.seed)
 
-    def answer(prompt: str) -> None:
-        write_samples(model, tokenizer, prompt, config, runtime, generator, warn_cut=is_sft)
+    def answer(text: str, as_title: bool) -> None:
+        ids = encode_prompt(tokenizer, text, as_title)
+        write_samples(model, tokenizer, ids, config, runtime, generator, warn_cut=is_sft)
 
-    if config.title or config.prompt:
-        answer(instruction_prompt(config.title) if config.title else unescape(config.prompt))
+    if config.title:
+        answer(config.title, True)
+    elif config.prompt:
+        answer(unescape(config.prompt), False)
     else:
         interactive(answer, is_sft)
 
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        cli_main(run, SampleConfig, argv, __doc__.splitlines()[0])
+        run_cli(run, SampleConfig, argv, __doc__.splitlines()[0])
     except KeyboardInterrupt:  # Ctrl-C outside the interactive loop: while loading, or a --title/--prompt run
         print("\n[stopped]", file=sys.stderr)
         sys.exit(130)  # the shell's code for "ended by Ctrl-C"

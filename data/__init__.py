@@ -1,8 +1,8 @@
-"""Data: the poem corpus (corpus.py), tokenizers (tokenizer.py) and batch builders (batches.py)."""
+"""Data: the poem corpus (corpus.py), tokenizers (tokenizer.py), pretraining batches
+(batches.py) and the instruction format with its samples and batches (instruct.py)."""
 
 from data.batches import random_windows
 from data.corpus import (
-    INSTRUCTION,
     SPLIT_NAMES,
     CleaningReport,
     CorpusError,
@@ -10,12 +10,24 @@ from data.corpus import (
     SplitConfig,
     all_poems,
     clean_poems,
-    instruction_prompt,
     load_corpus,
     load_poems,
     pretrain_text,
     render_poem,
     split_poems,
+)
+from data.instruct import (
+    IGNORE,
+    INSTRUCTION,
+    EncodedSample,
+    EpochBatches,
+    Sample,
+    encode_sample,
+    encode_samples,
+    poem_sample,
+    prompt_ids,
+    prompt_text,
+    title_prompt_ids,
     tokenizer_texts,
 )
 from data.tokenizer import (

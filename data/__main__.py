@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data.corpus import CorpusError, SplitConfig, all_poems, load_corpus, pretrain_text, tokenizer_texts
+from data.corpus import CorpusError, SplitConfig, all_poems, load_corpus, pretrain_text
+from data.instruct import tokenizer_texts
 from data.tokenizer import TiktokenTokenizer, TokenizerError, build_tokenizer
 
 

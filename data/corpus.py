@@ -19,11 +19,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# The instruction every fine-tuning sample starts with ("write a poem on this title").
-INSTRUCTION = "請用以下題目寫一首詩"
+from cli import UserError
 
-
-class CorpusError(Exception):
+class CorpusError(UserError):
     """A problem with the poem files; the message is one line naming the file."""
 
 
@@ -281,14 +279,9 @@ def pretrain_text(poems: list[Poem]) -> str:
 
     There is deliberately no end-of-text token here: a base model trained on this
     stream learns to run from one poem into the next and never to stop. Only the
-    instruction samples (instruction_prompt + response + end-of-text) teach stopping.
+    instruction samples (data/instruct.py: prompt + response + end-of-text) teach stopping.
     """
     return "\n\n".join(render_poem(p) for p in poems)
-
-
-def instruction_prompt(title: str) -> str:
-    """The prompt of an instruction sample; the model answers after <RES>."""
-    return f"<INS>{INSTRUCTION}<INP>{title}<RES>"
 
 
 # -----------------------------------------------------------------------------
@@ -327,12 +320,3 @@ def load_corpus(
 def all_poems(splits: dict[str, list[Poem]]) -> list[Poem]:
     """Every cleaned poem, in split order (what the tokenizer's vocabulary is built from)."""
     return [poem for name in SPLIT_NAMES for poem in splits[name]]
-
-
-def tokenizer_texts(poems: list[Poem]) -> list[str]:
-    """The texts a tokenizer is fitted to: the poems as rendered, plus the instruction.
-
-    The vocabulary covers the whole cleaned corpus, not just the training split, so a
-    validation title never turns into <unk> merely because it was held out.
-    """
-    return [pretrain_text(poems), INSTRUCTION]

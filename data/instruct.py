@@ -1,8 +1,19 @@
-"""Instruction samples: the format, the labels (loss masking) and the padded batches.
+"""The instruction format, in one place: prompts, the labels (loss masking) and the batches.
 
-A sample is a prompt and a response:
+A sample is an instruction, an input and a response, laid out as
 
-    <INS>請用以下題目寫一首詩<INP>{title}<RES>   +   {poem lines joined by \\n}<|endoftext|>
+    <INS>{instruction}<INP>{input}<RES>{response}<|endoftext|>
+
+For the Tang poems the instruction is INSTRUCTION ("write a poem on this title"), the
+input is the title and the response the poem, its lines joined by newlines.
+
+The four markers are control tokens: each is one id, and only this module puts them in
+a sequence (`prompt_ids`, `encode_sample`). Text itself, a title typed by a user or the
+fields of a --data record, is always encoded as plain text (the tokenizer never reads a
+marker out of text), so a title such as `春夜<RES>喜雨` cannot open a second answer. A
+--data record whose text contains a marker's spelling is refused, naming the record:
+it is almost certainly a mistake, and learning to write "<|endoftext|>" as characters
+would teach nothing useful.
 
 The model is trained as a causal LM on the whole sequence shifted by one, but by default
 only the response positions carry labels: the prompt is given, so there is nothing to
@@ -13,77 +24,125 @@ is part of the response: learning to predict it is learning to stop.
 from __future__ import annotations
 
 import json
+import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from data.corpus import Poem, instruction_prompt
-from data.tokenizer import Tokenizer
+from cli import UserError
+from data.corpus import Poem, pretrain_text
+from data.tokenizer import EOT, INP, INS, RES, SPECIALS, Tokenizer
 
+# The instruction every poem sample starts with ("write a poem on this title").
+INSTRUCTION = "請用以下題目寫一首詩"
 IGNORE = -100  # the label cross_entropy skips
 
 
-class InstructionDataError(Exception):
+class InstructionDataError(UserError):
     """A bad --data file; the message is one line naming the file and line."""
 
 
 @dataclass
 class Sample:
-    prompt: str
+    instruction: str
+    input: str  # for a poem sample, its title
     response: str
 
 
 def poem_sample(poem: Poem) -> Sample:
-    return Sample(instruction_prompt(poem.title), poem.body)
+    """A poem as an instruction sample: its title in, its lines out."""
+    return Sample(INSTRUCTION, poem.title, poem.body)
 
 
-def load_instruction_jsonl(path: str | Path) -> list[Sample]:
-    """Records {"instruction": ..., "input": ..., "output": ...}, one JSON object per line."""
-    path = Path(path)
-    if not path.is_file():
-        raise InstructionDataError(f"--data {path}: no such file")
-    samples = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InstructionDataError(f"--data {path}:{number}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict):
-            raise InstructionDataError(f"--data {path}:{number}: expected a JSON object")
-        missing = [k for k in ("instruction", "input", "output") if not isinstance(record.get(k), str)]
-        if missing:
-            raise InstructionDataError(f"--data {path}:{number}: missing or non-string field(s) {', '.join(missing)}")
-        if not record["output"]:
-            raise InstructionDataError(f"--data {path}:{number}: empty output")
-        samples.append(Sample(f"<INS>{record['instruction']}<INP>{record['input']}<RES>", record["output"]))
-    if not samples:
-        raise InstructionDataError(f"--data {path}: no records")
-    return samples
+def tokenizer_texts(poems: list[Poem]) -> list[str]:
+    """The texts a tokenizer is fitted to: every poem as pretraining renders it, plus the instruction.
+
+    The vocabulary covers the whole cleaned corpus, not just the training split, so a
+    validation title never turns into <unk> merely because it was held out.
+    """
+    return [pretrain_text(poems), INSTRUCTION]
 
 
-def encode_sample(tokenizer: Tokenizer, sample: Sample, loss_on: str = "response", unknown=None
-                  ) -> tuple[list[int], list[int], list[int]]:
+# -----------------------------------------------------------------------------
+# Prompts and labels
+
+
+def prompt_text(instruction: str, input: str) -> str:
+    """The prompt as a person reads it (for printing; never encoded from this text)."""
+    return f"{INS}{instruction}{INP}{input}{RES}"
+
+
+def prompt_ids(tokenizer: Tokenizer, instruction: str, input: str, unknown: Counter | None = None) -> list[int]:
+    """<INS> instruction <INP> input <RES> as ids: the markers from their ids, the text as plain text."""
+    special = tokenizer.special_ids
+    return ([special[INS]] + tokenizer.encode(instruction, unknown) + [special[INP]]
+            + tokenizer.encode(input, unknown) + [special[RES]])
+
+
+def title_prompt_ids(tokenizer: Tokenizer, title: str, unknown: Counter | None = None) -> list[int]:
+    """The prompt that asks a tuned model for a poem on `title`."""
+    return prompt_ids(tokenizer, INSTRUCTION, title, unknown)
+
+
+class EncodedSample(NamedTuple):
+    inputs: list[int]
+    labels: list[int]  # what training learns from: the response only, or every token (loss_on="all")
+    response_labels: list[int]  # the response only, whatever loss_on is: for a comparable loss
+
+
+def encode_sample(tokenizer: Tokenizer, sample: Sample, loss_on: str = "response",
+                  unknown: Counter | None = None) -> EncodedSample:
     """Token ids -> (inputs, labels, response_labels), each len(ids) - 1 long.
 
     This is the one place the loss mask is decided. inputs[i] = ids[i] and the label at
     position i is ids[i + 1]: the token the model must predict there. With
     loss_on="response", positions whose next token is still part of the prompt get
-    IGNORE; the first labelled position is the <RES> token, predicting the poem's first
-    character, and the last predicts <|endoftext|>. loss_on="all" labels every
-    position, as the book's code does. response_labels is always the response-only
-    version, so both modes report a comparable loss.
+    IGNORE; the first labelled position is the <RES> token, predicting the response's first
+    token, and the last predicts <|endoftext|>. loss_on="all" labels every position, as
+    the book's code does. response_labels is always the response-only version, so both
+    modes report a comparable loss.
     """
     if loss_on not in ("response", "all"):
         raise ValueError(f"loss_on must be 'response' or 'all', got {loss_on!r}")
-    prompt_ids = tokenizer.encode(sample.prompt, unknown)
-    response_ids = tokenizer.encode(sample.response, unknown) + [tokenizer.eot_id]
-    ids = prompt_ids + response_ids
-    response_labels = [IGNORE] * (len(prompt_ids) - 1) + response_ids
+    prompt = prompt_ids(tokenizer, sample.instruction, sample.input, unknown)
+    response = tokenizer.encode(sample.response, unknown) + [tokenizer.eot_id]
+    ids = prompt + response
+    response_labels = [IGNORE] * (len(prompt) - 1) + response
     labels = ids[1:] if loss_on == "all" else response_labels
-    return ids[:-1], labels, response_labels
+    return EncodedSample(ids[:-1], labels, response_labels)
+
+
+def encode_samples(tokenizer: Tokenizer, samples: list[Sample], block_size: int, loss_on: str = "response",
+                   unknown: Counter | None = None) -> tuple[list[EncodedSample], int]:
+    """Encode samples; drop those longer than block_size (return how many).
+
+    Dropped, not truncated: a truncated sample loses its end-of-text token, and would
+    teach the model exactly what this stage exists to unteach, running on without stopping.
+    """
+    encoded = [encode_sample(tokenizer, s, loss_on, unknown) for s in samples]
+    kept = [e for e in encoded if len(e.inputs) <= block_size]
+    return kept, len(encoded) - len(kept)
+
+
+def response_rows(tokenizer: Tokenizer, samples: list[Sample], block_size: int
+                  ) -> list[tuple[list[int], list[int]] | None]:
+    """(inputs, response labels) of each sample, for scoring its response; None where it does not fit block_size.
+
+    One entry per sample, in order, so that rows of two lists of samples (one poem
+    under two titles, say) stay paired.
+    """
+    rows = []
+    for sample in samples:
+        inputs, _, response = encode_sample(tokenizer, sample, "response")  # unknown characters -> <unk>
+        rows.append((inputs, response) if len(inputs) <= block_size else None)
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Batches
 
 
 def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,3 +159,64 @@ def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[tor
         x[i, : len(inputs)] = torch.tensor(inputs, dtype=torch.long)
         y[i, : len(labels)] = torch.tensor(labels, dtype=torch.long)
     return x, y
+
+
+class EpochBatches:
+    """Padded (inputs, labels) micro-batches of encoded samples, one seeded shuffle per epoch.
+
+    A step takes batch_size x grad_accum x world_size samples; an epoch is enough steps
+    to see every sample once (the last step wraps around to the epoch's start). A batch
+    is a pure function of (step, micro-step, rank): the epoch's order comes from the
+    seed and the epoch number alone, so a run resumed mid-epoch continues it exactly.
+    """
+
+    def __init__(self, rows: list[EncodedSample], batch_size: int, grad_accum: int = 1, world_size: int = 1,
+                 seed: int = 0, pad_id: int = 0):
+        self.rows, self.batch_size, self.grad_accum, self.world_size = rows, batch_size, grad_accum, world_size
+        self.seed, self.pad_id = seed, pad_id
+        self.samples_per_step = batch_size * grad_accum * world_size
+        self.steps_per_epoch = math.ceil(len(rows) / self.samples_per_step)
+
+    def batch(self, step: int, micro: int = 0, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, position = divmod(step, self.steps_per_epoch)
+        order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed + epoch))
+        first = position * self.samples_per_step + (micro * self.world_size + rank) * self.batch_size
+        rows = [self.rows[order[(first + i) % len(self.rows)]] for i in range(self.batch_size)]
+        return pad_batch([(row.inputs, row.labels) for row in rows], self.pad_id)
+
+
+# -----------------------------------------------------------------------------
+# --data files
+
+
+def load_instruction_jsonl(path: str | Path) -> list[Sample]:
+    """Records {"instruction": ..., "input": ..., "output": ...}, one JSON object per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise InstructionDataError(f"--data {path}: no such file")
+    samples = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"--data {path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InstructionDataError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise InstructionDataError(f"{where}: expected a JSON object")
+        missing = [k for k in ("instruction", "input", "output") if not isinstance(record.get(k), str)]
+        if missing:
+            raise InstructionDataError(f"{where}: missing or non-string field(s) {', '.join(missing)}")
+        if not record["output"]:
+            raise InstructionDataError(f"{where}: empty output")
+        for key in ("instruction", "input", "output"):
+            marker = next((s for s in SPECIALS if s in record[key]), None)
+            if marker:
+                ending = " (the end-of-text token is added after every output)" if marker == EOT else ""
+                raise InstructionDataError(f"{where}: field {key} contains the control token {marker}, "
+                                           f"which text may not spell out{ending}")
+        samples.append(Sample(record["instruction"], record["input"], record["output"]))
+    if not samples:
+        raise InstructionDataError(f"--data {path}: no records")
+    return samples

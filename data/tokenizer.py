@@ -14,28 +14,29 @@ Two implementations behind one interface:
 
 Either way every special token is a single id, never spelled out as `<`,`I`,`N`,`S`,`>`:
 that is what lets the model learn "<RES> means answer now" and "<|endoftext|> means stop".
-Special strings in the text passed to encode() are always read as specials (the corpus
-contains no such strings). A tokenizer is stored in a checkpoint as plain data
-(to_dict) and rebuilt exactly by tokenizer_from_dict.
+encode() reads all text as plain text, even a piece that spells a special's name: user
+text never becomes a control token. Specials enter a sequence only by id
+(`special_ids`), placed by the code that builds the instruction format (data/instruct.py).
+A tokenizer is stored in a checkpoint as plain data (to_dict) and rebuilt exactly by
+tokenizer_from_dict.
 """
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from typing import Iterable
 
 import numpy as np
+
+from cli import UserError
 
 UNK = "<unk>"
 EOT = "<|endoftext|>"
 INS, INP, RES = "<INS>", "<INP>", "<RES>"
 SPECIALS = (UNK, EOT, INS, INP, RES)
 
-_SPECIAL_SPLIT = re.compile("(" + "|".join(re.escape(s) for s in SPECIALS) + ")")
 
-
-class TokenizerError(Exception):
+class TokenizerError(UserError):
     """A tokenizer cannot be built or restored; the message is one line."""
 
 
@@ -55,14 +56,9 @@ class Tokenizer:
         return self.special_ids[EOT]
 
     def encode(self, text: str, unknown: Counter | None = None) -> list[int]:
-        """Text -> ids. Pieces outside the vocabulary become <unk>; pass a Counter to see which."""
-        ids: list[int] = []
-        for piece in _SPECIAL_SPLIT.split(text):
-            if piece in self.special_ids:
-                ids.append(self.special_ids[piece])
-            elif piece:
-                ids.extend(self._encode_ordinary(piece, unknown))
-        return ids
+        """Text -> ids, all of it as plain text (never a special). Characters outside the
+        vocabulary become <unk> (char) or bytes (tiktoken); pass a Counter to see which."""
+        return self._encode_ordinary(text, unknown) if text else []
 
     def encode_array(self, text: str, unknown: Counter | None = None) -> np.ndarray:
         """encode() as a compact numpy array, for token streams of millions of ids."""

@@ -15,7 +15,6 @@ from data.corpus import (
     Poem,
     SplitConfig,
     clean_poems,
-    instruction_prompt,
     load_corpus,
     load_poems,
     pretrain_text,
@@ -313,6 +312,3 @@ def test_pretraining_stream_never_contains_specials(splits):
     for special in ("<|endoftext|>", "<INS>", "<RES>", "<unk>"):
         assert special not in text
 
-
-def test_instruction_prompt_format():
-    assert instruction_prompt("春夜喜雨") == "<INS>請用以下題目寫一首詩<INP>春夜喜雨<RES>"

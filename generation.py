@@ -1,8 +1,9 @@
-"""Asking a model for poems: the sampling flags, and titles in, (poem, stopped) out.
+"""Generation: asking a model for poems. The sampling flags, and titles in, (poem, stopped) out.
 
 Shared by sample.py, evaluate.py and finetune.py (the per-epoch gallery): each title is
 wrapped in the instruction prompt, titles are generated in batches with the KV cache,
-and each answer runs until the end-of-text token or the length limit.
+and each answer runs until the end-of-text token or the length limit. The sampling
+itself (temperature, top-k, top-p, the KV cache) is GPT.generate's, in model.py.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ from typing import Any
 
 import torch
 
-from data.corpus import instruction_prompt
+from cli import RuntimeConfig, UserError, flag
+from data.instruct import title_prompt_ids
 from data.tokenizer import Tokenizer
 from device import Runtime
 from model import GPT
-from training import RuntimeConfig, TrainingError, flag
 
 
 @dataclass
@@ -32,13 +33,13 @@ class SamplingConfig(RuntimeConfig):
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
-            raise TrainingError(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
+            raise UserError(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
         if self.temperature < 0:
-            raise TrainingError(f"--temperature must not be negative, got {self.temperature}")
+            raise UserError(f"--temperature must not be negative, got {self.temperature}")
         if self.top_k < 0:
-            raise TrainingError(f"--top-k must not be negative (0 = no limit), got {self.top_k}")
+            raise UserError(f"--top-k must not be negative (0 = no limit), got {self.top_k}")
         if not 0 < self.top_p <= 1:
-            raise TrainingError(f"--top-p must be in (0, 1] (1 = no limit), got {self.top_p}")
+            raise UserError(f"--top-p must be in (0, 1] (1 = no limit), got {self.top_p}")
 
     def generate_kwargs(self) -> dict[str, Any]:
         """temperature, top_k and top_p as GPT.generate takes them (None = no limit)."""
@@ -86,7 +87,7 @@ def answer_titles(
     answers = []
     for start in range(0, len(titles), batch_size):
         chunk = titles[start : start + batch_size]
-        prompts = [tokenizer.encode(instruction_prompt(t)) for t in chunk]
+        prompts = [title_prompt_ids(tokenizer, t) for t in chunk]
         with runtime.autocast():
             outputs = model.generate(prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                      stop_ids=[tokenizer.eot_id], generator=generator)

@@ -1,0 +1,84 @@
+"""Losses: how a batch becomes a number to minimise, and how a model is scored on text.
+
+- `causal_lm_loss`: the training loss of both stages so far, the model's own mean
+  cross-entropy over labelled positions (labels of -100 are skipped), and
+  `labelled_tokens`, the weight of a micro-batch in a step (see training.py).
+- `labelled_nll`: the same cross-entropy kept per row instead of averaged, for
+  validation losses and for comparing one poem under two prompts.
+- `stream_loss`: mean nats per token over a whole token stream.
+- `bits_per_char`: nats per token -> bits per character, a figure that compares
+  tokenizers (a char token and a tiktoken token cover different amounts of text).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from data.instruct import IGNORE, pad_batch
+from device import Runtime
+from model import GPT
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, labels), labels IGNORE where nothing is to be learned
+
+
+def causal_lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean cross-entropy of predicting each label from the inputs up to its position."""
+    x, y = batch
+    _, loss = model(x, y)
+    return loss
+
+
+def labelled_tokens(batch: Batch) -> int:
+    """How many positions of the batch carry a label: what causal_lm_loss averages over."""
+    return int((batch[1] != IGNORE).sum())
+
+
+@torch.no_grad()
+def labelled_nll(model: GPT, rows: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int,
+                 runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of (inputs, labels): the summed cross-entropy in nats over its labelled
+    positions, and how many there are. Rows are batched by length (less padding).
+
+    The same cross-entropy as GPT.forward's loss, kept per row instead of averaged: a
+    validation loss is the sum over rows / the count, and evaluate.py compares single
+    poems under two titles.
+    """
+    was_training = model.training
+    model.eval()
+    nll, count = torch.zeros(len(rows)), torch.zeros(len(rows), dtype=torch.long)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    for start in range(0, len(rows), batch_size):
+        chunk = order[start : start + batch_size]
+        x, y = pad_batch([rows[i] for i in chunk], pad_id)
+        x, y = x.to(runtime.device), y.to(runtime.device)
+        with runtime.autocast():
+            logits, _ = model(x)
+        per_token = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=IGNORE, reduction="none")
+        nll[chunk] = per_token.sum(dim=1).cpu()
+        count[chunk] = (y != IGNORE).sum(dim=1).cpu()
+    model.train(was_training)
+    return nll, count
+
+
+@torch.no_grad()
+def stream_loss(model: GPT, tokens: np.ndarray, batch_size: int, runtime: Runtime) -> float:
+    """Mean nats per token over a whole token stream, cut into consecutive block_size windows."""
+    block = model.config.block_size
+    n = (len(tokens) - 1) // block
+    ids = torch.from_numpy(tokens[: n * block + 1].astype(np.int64))
+    x, y = ids[:-1].view(n, block), ids[1:].view(n, block)
+    total = 0.0
+    for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
+        with runtime.autocast():
+            _, loss = model(xb.to(runtime.device), yb.to(runtime.device))
+        total += loss.item() * yb.numel()
+    return total / (n * block)
+
+
+def bits_per_char(nats_per_token: float, tokens: int, chars: int) -> float:
+    """A loss in nats per token, over text of `tokens` tokens and `chars` characters, in bits per character."""
+    return nats_per_token * tokens / chars / math.log(2)
