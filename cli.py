@@ -14,7 +14,7 @@ import argparse
 import dataclasses
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 
 class UserError(Exception):
@@ -50,31 +50,31 @@ def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """argparse's own errors (unknown flag, a value that is not a number) as one line."""
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def parse_config(cls: type, argv: list[str] | None, description: str) -> tuple[Any, set[str]]:
     """Parse flags for the dataclass `cls`; return the config and the names given explicitly.
 
-    Knowing which flags were typed lets a resumed run tell "you asked for a different
-    model shape" (an error) from "you left the default" (keep the checkpoint's).
+    Every flag defaults to "not given" (argparse.SUPPRESS), so the parsed namespace holds
+    exactly what was typed, and the dataclass fills in the rest. allow_abbrev=False:
+    a prefix such as --n-lay is an error, not a silent --n-layer.
     """
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(description=description, allow_abbrev=False, argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(cls):
-        name = flag_name(f.name)
-        kwargs = {"default": f.default, "help": f.metadata.get("help", "")}
+        kwargs: dict[str, Any] = {"help": f"{f.metadata.get('help', '')} (default: {f.default})"}
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
-        if f.type in (bool, "bool"):
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, **kwargs)
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        if kind == "bool":
+            parser.add_argument(flag_name(f.name), action=argparse.BooleanOptionalAction, **kwargs)
         else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
-            parser.add_argument(name, type=kind or str, **kwargs)
-    args = parser.parse_args(argv)
-    explicit = {
-        f.name
-        for f in dataclasses.fields(cls)
-        for arg in (argv if argv is not None else sys.argv[1:])
-        if arg == flag_name(f.name) or arg.startswith(flag_name(f.name) + "=") or arg == "--no-" + f.name.replace("_", "-")
-    }
-    return cls(**vars(args)), explicit
+            parser.add_argument(flag_name(f.name), type={"int": int, "float": float}.get(kind, str), **kwargs)
+    given = vars(parser.parse_args(argv))
+    return cls(**given), set(given)
 
 
 def run_cli(run: Callable[[Any, set[str]], Any], config_cls: type, argv: list[str] | None, description: str) -> Any:
