@@ -61,11 +61,10 @@ class RunFiles:
         fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
         if train:
             ax.plot(*zip(*train), color="tab:blue", alpha=0.35, lw=1, label="train (batch)")
-        if evals:
-            ax.plot([r["tokens"] for r in evals], [r["eval_train_loss"] for r in evals], "o-", color="tab:blue",
-                    ms=3, label="train (eval)")
-            ax.plot([r["tokens"] for r in evals], [r["val_loss"] for r in evals], "o-", color="tab:orange",
-                    ms=3, label="val")
+        for key, color, label in (("eval_train_loss", "tab:blue", "train (eval)"), ("val_loss", "tab:orange", "val")):
+            points = [(r["tokens"], r[key]) for r in evals if key in r]
+            if points:
+                ax.plot(*zip(*points), "o-", color=color, ms=3, label=label)
         ax.set_xlabel("tokens seen")
         ax.set_ylabel("loss (nats per token)")
         ax.set_title(title)

@@ -177,20 +177,26 @@ def accumulate_gradients(model: torch.nn.Module, batches: list, stage: Stage, ru
                          dist_info: Distributed) -> torch.Tensor:
     """Forward and backward each micro-batch of one step; return this process's mean loss, detached.
 
-    Gradients add up across micro-batches; scaling each loss by 1 / grad_accum makes
-    their sum the mean.
+    Each micro-batch's loss is a mean over its own tokens (or pairs). Scaled by its share
+    of all the step's tokens (every micro-batch of every process), the gradients add up to
+    those of the mean over the whole step, exactly as one big batch would give. Scaling by
+    1 / grad_accum instead would count a token of a short padded batch more than one of
+    a long one.
     """
+    weights = [float(stage.batch_weight(batch)) for batch in batches]
+    local_total = sum(weights)
+    total = sum_over_processes(local_total, dist_info, runtime.device)
     mean_loss = torch.zeros((), device=runtime.device)
     for i, batch in enumerate(batches):
-        # Under DDP, gradients are averaged across processes at each backward; during
-        # accumulation only the last micro-step needs that.
+        # DDP averages gradients over processes at each backward (hence the world_size
+        # factor below); during accumulation only the last micro-step needs to.
         last = i == len(batches) - 1
         with contextlib.nullcontext() if dist_info.world_size == 1 or last else model.no_sync():
             with runtime.autocast():
                 loss = stage.loss(model, batch)
-            (loss * (1 / len(batches))).backward()
-        mean_loss += loss.detach()
-    return mean_loss / len(batches)
+            (loss * (weights[i] * dist_info.world_size / total)).backward()
+        mean_loss += loss.detach() * (weights[i] / local_total)
+    return mean_loss
 
 
 class StopFlag:
