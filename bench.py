@@ -131,7 +131,8 @@ def bench_generation(model: GPT, runtime: Runtime, args) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--vocab-size", type=int, default=9274, help="9,274 = the char vocabulary of the Tang corpus")
+    parser.add_argument("--vocab-size", type=int, default=GPTConfig.vocab_size,
+                        help="the char vocabulary of the Tang corpus (the model's default)")
     parser.add_argument("--n-layer", type=int, default=4, help="transformer blocks")
     parser.add_argument("--n-head", type=int, default=4, help="attention heads")
     parser.add_argument("--n-embd", type=int, default=256, help="model width")

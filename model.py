@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 9279  # set from the tokenizer
+    vocab_size: int = 9274  # set from the tokenizer; 9,274 is the char vocabulary of the Tang corpus
     block_size: int = 128  # longest context the model can see (learned positions)
     n_layer: int = 4
     n_head: int = 4

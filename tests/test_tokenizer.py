@@ -92,6 +92,12 @@ def test_char_tokenizer_is_one_id_per_character(char_tokenizer, splits):
     assert len(title_prompt_ids(char_tokenizer, "春夜喜雨")) == len(INSTRUCTION) + len("春夜喜雨") + 3
 
 
+def test_the_model_default_vocabulary_is_the_char_tokenizers(char_tokenizer):
+    from model import GPTConfig
+
+    assert GPTConfig().vocab_size == char_tokenizer.vocab_size  # bench.py's reference model uses the default
+
+
 def test_char_vocabulary_covers_the_cleaned_corpus(char_tokenizer, poems):
     chars = {c for p in poems for c in p.title + p.body} | {"\n"} | set(INSTRUCTION)
     assert char_tokenizer.vocab_size == len(chars) + len(SPECIALS)
