@@ -1,4 +1,4 @@
-"""The README: the images it shows exist, each shown once."""
+"""The README: the images it shows exist (each shown once), and its layout names every module."""
 
 from __future__ import annotations
 
@@ -16,3 +16,9 @@ def test_every_image_exists_and_is_shown_once():
     missing = [i for i in images if not (REPO_ROOT / i).is_file()]
     assert not missing
 
+
+def test_layout_names_every_module():
+    layout = README.split("## Layout", 1)[1].split("```")[1]
+    listed = set(re.findall(r"^(\S+\.py)\b", layout, flags=re.M))
+    modules = {p.name for p in REPO_ROOT.glob("*.py")}
+    assert listed == modules
