@@ -22,16 +22,13 @@ import json
 import time
 from dataclasses import asdict, dataclass
 
-import torch
-
 from checkpoint import load_checkpoint, model_and_tokenizer
 from cli import UserError, flag, require_positive, run_cli
 from data.corpus import Poem, clean_poems, load_corpus, load_poems, pretrain_text
-from data.instruct import INSTRUCTION, Sample, poem_sample, response_rows
 from data.tokenizer import Tokenizer
 from device import Runtime, setup_runtime
 from generation import SamplingConfig, answer_titles, for_generation
-from losses import bits_per_char, labelled_nll, stream_loss
+from losses import bits_per_char, stream_loss, title_swap_nll
 from metrics import generation_figures, mean_and_standard_error
 from model import GPT
 
@@ -56,27 +53,17 @@ def loss_figures(model: GPT, tokenizer: Tokenizer, splits: dict[str, list[Poem]]
     figures = {"pretrain_val_loss": stream_loss(model, tokens, batch_size, runtime)}
     figures["pretrain_val_bpc"] = bits_per_char(figures["pretrain_val_loss"], len(tokens), len(text))
 
-    # Each finetune-val poem under its own title, and under the title of another poem
-    # (a seeded shuffle, each poem paired with the next one in it).
     poems = splits["finetune_val"]
-    order = torch.randperm(len(poems), generator=torch.Generator().manual_seed(seed)).tolist()
-    other_title = {i: poems[j].title for i, j in zip(order, order[1:] + order[:1])}
-    own = response_rows(tokenizer, [poem_sample(p) for p in poems], model.config.block_size)
-    swapped = response_rows(tokenizer, [Sample(INSTRUCTION, other_title[i], p.body) for i, p in enumerate(poems)],
-                            model.config.block_size)
-    fits = [i for i in range(len(poems)) if own[i] is not None and swapped[i] is not None]
-    if len(fits) < 2:
-        raise UserError(f"only {len(fits)} finetune-val poems fit block_size {model.config.block_size}; "
-                            "use a larger --poems folder")
-    pad_id = tokenizer.eot_id
-    nll_own, count = labelled_nll(model, [own[i] for i in fits], pad_id, batch_size, runtime)
-    nll_swapped, _ = labelled_nll(model, [swapped[i] for i in fits], pad_id, batch_size, runtime)
-    response_chars = sum(len(poems[i].body) for i in fits)
-    figures["finetune_val_loss"] = float(nll_own.sum() / count.sum())
-    response_tokens = int(count.sum())
-    figures["finetune_val_bpc"] = bits_per_char(float(nll_own.sum()) / response_tokens, response_tokens, response_chars)
-    gain, gain_se = mean_and_standard_error((nll_swapped - nll_own).tolist())
-    figures.update(title_gain=gain, title_gain_se=gain_se, title_gain_poems=len(fits))
+    swap = title_swap_nll(model, tokenizer, poems, batch_size, runtime, seed)
+    if len(swap.poems) < 2:
+        raise UserError(f"only {len(swap.poems)} finetune-val poems fit block_size {model.config.block_size}; "
+                        "use a larger --poems folder")
+    response_tokens = int(swap.count.sum())
+    figures["finetune_val_loss"] = float(swap.nll_own.sum() / swap.count.sum())
+    response_chars = sum(len(poems[i].body) for i in swap.poems)
+    figures["finetune_val_bpc"] = bits_per_char(figures["finetune_val_loss"], response_tokens, response_chars)
+    gain, gain_se = mean_and_standard_error(swap.gains.tolist())
+    figures.update(title_gain=gain, title_gain_se=gain_se, title_gain_poems=len(swap.poems))
     return figures
 
 

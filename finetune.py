@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from checkpoint import load_checkpoint, model_and_tokenizer
-from cli import UserError, flag, require_positive, run_cli
+from cli import UserError, flag, flag_name, require_positive, run_cli
 from data.corpus import load_corpus
 from data.instruct import EncodedSample, EpochBatches, Sample, encode_samples, load_instruction_jsonl, poem_sample
 from data.tokenizer import Tokenizer
@@ -109,7 +109,7 @@ def run(config: FinetuneConfig, explicit: set[str]) -> dict:
     require_positive(config, ("epochs", "sample_tokens"))
     for name in ("eval_interval", "max_iters"):
         if getattr(config, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(config, name)}")
+            raise UserError(f"{flag_name(name)} must not be negative, got {getattr(config, name)}")
     if config.resume:
         ckpt = load_checkpoint(config.out, "--resume")
         if ckpt["kind"] != "sft":
@@ -137,7 +137,7 @@ def run(config: FinetuneConfig, explicit: set[str]) -> dict:
     val_rows, dropped_val = encode_samples(tokenizer, val_samples, block_size, config.loss_on, unknown)
     if not train_rows:
         raise UserError(f"the finetune-train split is empty ({len(train_samples)} samples before dropping "
-                            f"those over block_size {block_size}); use more poems or --data")
+                        f"those over block_size {block_size}); use more poems or --data")
     if not val_rows:
         raise UserError("the finetune-val split is empty; use a larger --poems folder")
     titles = [t.strip() for t in config.sample_titles.split(",") if t.strip()] or \

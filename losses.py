@@ -8,17 +8,22 @@
 - `stream_loss`: mean nats per token over a whole token stream.
 - `bits_per_char`: nats per token -> bits per character, a figure that compares
   tokenizers (a char token and a tiktoken token cover different amounts of text).
+- `title_swap_nll`: each poem's NLL under its own title and under another poem's title,
+  the measure of how much a model reads the title.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-from data.instruct import IGNORE, pad_batch
+from data.corpus import Poem
+from data.instruct import IGNORE, INSTRUCTION, Sample, pad_batch, poem_sample, response_rows
+from data.tokenizer import Tokenizer
 from device import Runtime
 from model import GPT
 
@@ -82,3 +87,35 @@ def stream_loss(model: GPT, tokens: np.ndarray, batch_size: int, runtime: Runtim
 def bits_per_char(nats_per_token: float, tokens: int, chars: int) -> float:
     """A loss in nats per token, over text of `tokens` tokens and `chars` characters, in bits per character."""
     return nats_per_token * tokens / chars / math.log(2)
+
+
+@dataclass
+class TitleSwap:
+    """Per poem (those whose samples fit the block, by index into the poems): the response NLL
+    in nats under its own title and under another poem's title, and its labelled tokens."""
+
+    poems: list[int]
+    nll_own: torch.Tensor
+    nll_swapped: torch.Tensor
+    count: torch.Tensor
+
+    @property
+    def gains(self) -> torch.Tensor:
+        """log p(poem | own title) - log p(poem | other title), nats per poem: > 0 means the title is read."""
+        return self.nll_swapped - self.nll_own
+
+
+def title_swap_nll(model: GPT, tokenizer: Tokenizer, poems: list[Poem], batch_size: int, runtime: Runtime,
+                   seed: int) -> TitleSwap:
+    """Each poem under its own title, and under the title of another poem: a seeded shuffle
+    pairs each poem with the next one in it, so every title is used once as the "other"."""
+    order = torch.randperm(len(poems), generator=torch.Generator().manual_seed(seed)).tolist()
+    other_title = {i: poems[j].title for i, j in zip(order, order[1:] + order[:1])}
+    block_size = model.config.block_size
+    own = response_rows(tokenizer, [poem_sample(p) for p in poems], block_size)
+    swapped = response_rows(tokenizer, [Sample(INSTRUCTION, other_title[i], p.body) for i, p in enumerate(poems)],
+                            block_size)
+    fits = [i for i in range(len(poems)) if own[i] is not None and swapped[i] is not None]
+    nll_own, count = labelled_nll(model, [own[i] for i in fits], tokenizer.eot_id, batch_size, runtime)
+    nll_swapped, _ = labelled_nll(model, [swapped[i] for i in fits], tokenizer.eot_id, batch_size, runtime)
+    return TitleSwap(fits, nll_own, nll_swapped, count)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from checkpoint import load_checkpoint, model_and_tokenizer
-from cli import UserError, flag, require_positive, run_cli
+from cli import UserError, flag, flag_name, require_positive, run_cli
 from data import all_poems, build_tokenizer, load_corpus, pretrain_text
 from data.batches import random_windows
 from data.instruct import tokenizer_texts
@@ -137,7 +137,7 @@ def resolve_config(config: PretrainConfig, explicit: set[str], ckpt: dict | None
     for name in MODEL_FLAGS:
         if name in explicit and getattr(config, name) != getattr(saved, name):
             raise UserError(
-                f"--{name.replace('_', '-')} {getattr(config, name)} does not match the checkpoint's "
+                f"{flag_name(name)} {getattr(config, name)} does not match the checkpoint's "
                 f"{getattr(saved, name)}: a resumed run keeps its model shape"
             )
         setattr(config, name, getattr(saved, name))
@@ -173,7 +173,7 @@ def run(config: PretrainConfig, explicit: set[str]) -> dict:
         streams[name] = {"tokens": tokenizer.encode_array(text), "chars": len(text)}
         if len(streams[name]["tokens"]) <= config.block_size:
             raise UserError(f"--poems: the {split} split has only {len(streams[name]['tokens'])} tokens, "
-                                f"fewer than --block-size {config.block_size}")
+                            f"fewer than --block-size {config.block_size}")
     del splits  # the token streams are all training needs; free the poems
     release_freed_memory()
     stage = pretrain_stage(config, model, tokenizer, streams, runtime, dist_info.rank, dist_info.world_size)

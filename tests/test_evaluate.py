@@ -11,9 +11,10 @@ import torch
 
 import evaluate
 from checkpoint import load_checkpoint, model_and_tokenizer
-from data.instruct import INSTRUCTION, Sample, encode_sample
+from data.corpus import Poem
+from data.instruct import INSTRUCTION, Sample, encode_sample, poem_sample, response_rows
 from device import setup_runtime
-from losses import labelled_nll, stream_loss
+from losses import labelled_nll, stream_loss, title_swap_nll
 
 FAST = ["--num-titles", "6", "--max-new-tokens", "12", "--batch-size", "16", "--dtype", "float32"]
 
@@ -78,6 +79,23 @@ def test_per_row_losses_match_the_models_own_loss(tiny_tuned):
         _, loss = model(torch.tensor([inputs]), torch.tensor([labels]))
         assert row_count == sum(label != -100 for label in labels)
         assert row_nll.item() == pytest.approx(loss.item() * row_count.item(), rel=1e-5)
+
+
+def test_title_swap_pairs_each_poem_with_another_title(tiny_tuned, splits):
+    model, tokenizer = model_and_tokenizer(load_checkpoint(tiny_tuned))
+    poems = [p for p in splits["finetune_val"] if len(p.body) < 60][:12]
+    poems.append(Poem("長題" * 45, ["一二三四五，六七八九十。"]))  # its sample does not fit block 96
+    runtime = setup_runtime("cpu", "float32")
+    swap = title_swap_nll(model.eval(), tokenizer, poems, 5, runtime, seed=3)
+    # Out: the long-titled poem, and the poem that got its title as the other one.
+    assert len(poems) - 1 not in swap.poems and len(swap.poems) == len(poems) - 2
+    assert torch.equal(swap.gains, swap.nll_swapped - swap.nll_own)
+    own = response_rows(tokenizer, [poem_sample(poems[i]) for i in swap.poems], model.config.block_size)
+    nll, count = labelled_nll(model, own, tokenizer.eot_id, 5, runtime)
+    assert torch.allclose(nll, swap.nll_own) and torch.equal(count, swap.count)
+    assert not torch.allclose(swap.nll_swapped, swap.nll_own)  # another title changes every poem's likelihood
+    again = title_swap_nll(model, tokenizer, poems, 5, runtime, seed=3)
+    assert torch.equal(again.nll_swapped, swap.nll_swapped)  # the pairing is seeded
 
 
 def test_eval_poems_takes_every_poem_of_the_folder(tmp_path, small_poems, tiny_tuned, capsys):
