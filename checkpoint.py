@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import random
+import textwrap
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from data.tokenizer import Tokenizer, tokenizer_from_dict
 from model import GPT, GPTConfig
 
 CHECKPOINT_KEYS = ("kind", "model", "model_config", "tokenizer")
+RESUME_KEYS = ("optimizer", "step", "tokens_seen", "best_val_loss", "max_iters", "rng", "train_config")
 
 
 class CheckpointError(UserError):
@@ -50,18 +52,26 @@ def save_checkpoint(path: str | Path, payload: dict) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def load_checkpoint(path: str | Path, flag_name: str = "--resume") -> dict:
-    """Load a checkpoint with weights_only=True, or raise one clear line saying what is wrong."""
+def load_checkpoint(path: str | Path, flag_name: str = "--resume", resume: bool = False) -> dict:
+    """Load a checkpoint with weights_only=True, or raise one clear line saying what is wrong.
+    With resume, it must also hold the training state a run continues from."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{flag_name}: no checkpoint at {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{flag_name}: {path} is a folder, not a checkpoint file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated zip, a text file, a pickle of objects: all unusable
-        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        reason = textwrap.shorten(str(e).strip().splitlines()[0], 160, placeholder=" …") if str(e).strip() \
+            else type(e).__name__
         raise CheckpointError(f"{flag_name}: {path} is not a readable checkpoint (truncated or not one): {reason}") from None
     if not isinstance(ckpt, dict) or not all(k in ckpt for k in CHECKPOINT_KEYS):
         raise CheckpointError(f"{flag_name}: {path} is not a checkpoint of this project (missing model or tokenizer)")
+    missing = [k for k in RESUME_KEYS if k not in ckpt] if resume else []
+    if missing:
+        raise CheckpointError(f"{flag_name}: {path} holds a model but not the training state a run resumes from "
+                              f"(no {', '.join(missing)}); start a new run from it instead")
     return ckpt
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, NoReturn
@@ -23,6 +24,16 @@ class UserError(Exception):
     Every module's error for bad input subclasses this one (CorpusError, TokenizerError,
     DeviceError, CheckpointError, ...), so run_cli needs no list of them.
     """
+
+
+class RunInterrupted(Exception):
+    """A run stopped by Ctrl-C (SIGINT) or SIGTERM before it finished. The message says what
+    was saved; the process exits 128 + the signal number (130, 143), as a shell expects of a
+    command a signal ended, so `pretrain.py && finetune.py` does not go on with half a run."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = signum
 
 
 def flag(default: Any, help: str, **metadata: Any) -> Any:
@@ -56,16 +67,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-def parse_config(cls: type, argv: list[str] | None, description: str) -> tuple[Any, set[str]]:
+def parse_config(cls: type, argv: list[str] | None, description: str, epilog: str = "") -> tuple[Any, set[str]]:
     """Parse flags for the dataclass `cls`; return the config and the names given explicitly.
 
     Every flag defaults to "not given" (argparse.SUPPRESS), so the parsed namespace holds
     exactly what was typed, and the dataclass fills in the rest. allow_abbrev=False:
     a prefix such as --n-lay is an error, not a silent --n-layer.
     """
-    parser = _Parser(description=description, allow_abbrev=False, argument_default=argparse.SUPPRESS)
+    parser = _Parser(description=description, epilog=epilog or None, allow_abbrev=False,
+                     argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(cls):
-        kwargs: dict[str, Any] = {"help": f"{f.metadata.get('help', '')} (default: {f.default})"}
+        shown = "" if f.default == "" else f" (default: {f.default})"
+        kwargs: dict[str, Any] = {"help": f.metadata.get("help", "") + shown}
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         kind = f.type if isinstance(f.type, str) else f.type.__name__
@@ -77,11 +90,52 @@ def parse_config(cls: type, argv: list[str] | None, description: str) -> tuple[A
     return cls(**given), set(given)
 
 
-def run_cli(run: Callable[[Any, set[str]], Any], config_cls: type, argv: list[str] | None, description: str) -> Any:
-    """Parse the flags, call run(config, explicit) and return its result; a UserError exits 2."""
-    config, explicit = parse_config(config_cls, argv, description)
+def restore_run_flags(config: Any, explicit: set[str], saved: dict, fixed: set[str], out: str) -> list[str]:
+    """--resume continues a run with the settings it was started with (`saved`, from its checkpoint).
+
+    A flag not typed now takes the run's value. A typed one that differs is refused when it
+    is in `fixed` (it decides which batches or which model the run trains: another value
+    would not continue the same run), and otherwise applied, with a note returned to print.
+    """
+    notes = []
+    for f in dataclasses.fields(config):
+        if f.name in ("resume", "out", "overwrite") or f.name not in saved:
+            continue
+        value, before = getattr(config, f.name), saved[f.name]
+        if f.name not in explicit:
+            setattr(config, f.name, before)
+        elif value != before and f.name in fixed:
+            raise UserError(f"{flag_name(f.name)} {value}: the run at {out} was started with {before!r}, and a resumed "
+                            "run keeps it; drop the flag, or start a new run with another --out")
+        elif value != before:
+            notes.append(f"note: {flag_name(f.name)} {value} (the run was started with {before!r})")
+    return notes
+
+
+def resume_rule(fixed: set[str]) -> str:
+    """The --help text that states what restore_run_flags does with a script's flags."""
+    return (f"--resume continues a run with the settings it was started with. These flags are never changed on "
+            f"resume (typed with another value, they are refused): {', '.join(flag_name(n) for n in sorted(fixed))}. "
+            "Any other flag typed with --resume (say a larger --max-iters, another --lr or --device) is applied from "
+            "the next step on, with a note.")
+
+
+def run_cli(run: Callable[[Any, set[str]], Any], config_cls: type, argv: list[str] | None, description: str,
+            epilog: str = "") -> Any:
+    """Parse the flags, call run(config, explicit) and return its result.
+
+    A UserError exits 2 with its line; an interrupted run exits 130 (Ctrl-C) or 143 (SIGTERM)
+    with a line saying what was saved. Neither prints a traceback.
+    """
+    config, explicit = parse_config(config_cls, argv, description, epilog)
     try:
         return run(config, explicit)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RunInterrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except KeyboardInterrupt:  # Ctrl-C while loading, or a second one while saving: at once, no traceback
+        print("\n[stopped]", file=sys.stderr)
+        sys.exit(130)

@@ -129,7 +129,7 @@ def run(config: EvaluateConfig, explicit: set[str]) -> dict:
                    for path, flag_name in ((config.ckpt, "--ckpt"), (config.compare, "--compare")) if path}
     splits = load_corpus(config.poems or None, verbose=False)
     if config.eval_poems:
-        eval_poems, _ = clean_poems(load_poems(config.eval_poems))
+        eval_poems, _ = clean_poems(load_poems(config.eval_poems, "--eval-poems"))
         if not eval_poems:
             raise UserError(f"--eval-poems {config.eval_poems}: no poems left after cleaning")
         titles, source = [p.title for p in eval_poems], f"every poem of {config.eval_poems}"

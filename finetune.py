@@ -16,11 +16,13 @@ the base model rambling on without stopping, and the tuned one answering and sto
 
 from __future__ import annotations
 
+import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from checkpoint import load_checkpoint, model_and_tokenizer
-from cli import UserError, flag, flag_name, require_positive, run_cli
+from cli import UserError, flag, flag_name, require_positive, restore_run_flags, resume_rule, run_cli
 from data.corpus import load_corpus
 from data.instruct import EncodedSample, EpochBatches, Sample, encode_samples, load_instruction_jsonl, poem_sample
 from data.tokenizer import Tokenizer
@@ -29,6 +31,7 @@ from generation import answer_titles, format_answers
 from losses import labelled_nll
 from metrics import is_regular_form
 from model import GPT
+from run_files import RunFiles
 from training import Stage, TrainConfig, start_runtime, train
 
 
@@ -53,16 +56,28 @@ class FinetuneConfig(TrainConfig):
                                   "(default: 春夜喜雨 and three finetune-val titles)")
     sample_tokens: int = flag(200, "length limit of each sampled poem, in tokens")
 
+    def validate(self) -> None:
+        require_positive(self, ("epochs", "sample_tokens"))
+        for name in ("eval_interval", "max_iters"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{flag_name(name)} must not be negative, got {getattr(self, name)}")
+        # The shared checks, where --eval-interval 0 means "once per epoch", a positive number.
+        TrainConfig.validate(replace(self, eval_interval=self.eval_interval or 1))
 
-def build_samples(config: FinetuneConfig, poems: dict) -> tuple[list[Sample], list[Sample]]:
-    """Train and val samples from the finetune splits (and --data), with the form filter applied."""
+
+# What --resume never changes: these decide the samples, their order and the loss, so another
+# value would not continue the same run.
+RESUME_FIXED = {"seed", "batch_size", "grad_accum", "init", "loss_on", "forms", "data", "data_mode"}
+
+
+def build_samples(config: FinetuneConfig, poems: dict, extra: list[Sample]) -> tuple[list[Sample], list[Sample]]:
+    """Train and val samples from the finetune splits (and the --data samples), with the form filter applied."""
     def keep(poem) -> bool:
         return config.forms == "all" or is_regular_form(poem.body)
 
     train_samples = [poem_sample(p) for p in poems["finetune_train"] if keep(p)]
     val_samples = [poem_sample(p) for p in poems["finetune_val"] if keep(p)]
-    if config.data:
-        extra = load_instruction_jsonl(config.data)
+    if extra:
         train_samples = extra if config.data_mode == "replace" else train_samples + extra
     return train_samples, val_samples
 
@@ -98,30 +113,35 @@ def finetune_stage(config: FinetuneConfig, model: GPT, tokenizer: Tokenizer, bat
         plot_title=f"instruction tuning: loss on {config.loss_on} tokens, val on response tokens",
         describe_step=lambda step: f"epoch {step / batches.steps_per_epoch:g}",
         sample_before_training=True,
+        max_val_loss=2 * math.log(tokenizer.vocab_size),  # far worse than a uniform guess: diverged
     )
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return run_cli(run, FinetuneConfig, argv, __doc__.splitlines()[0])
+    return run_cli(run, FinetuneConfig, argv, __doc__.splitlines()[0], epilog=resume_rule(RESUME_FIXED))
 
 
 def run(config: FinetuneConfig, explicit: set[str]) -> dict:
-    require_positive(config, ("epochs", "sample_tokens"))
-    for name in ("eval_interval", "max_iters"):
-        if getattr(config, name) < 0:
-            raise UserError(f"{flag_name(name)} must not be negative, got {getattr(config, name)}")
-    if config.resume:
-        ckpt = load_checkpoint(config.out, "--resume")
+    ckpt, notes = None, []
+    if config.resume:  # the run's own settings first, then check them like any others
+        ckpt = load_checkpoint(config.out, "--resume", resume=True)
         if ckpt["kind"] != "sft":
             raise UserError(f"--resume: {config.out} is a {ckpt['kind']} checkpoint, not an instruction-tuned one")
-        source = ckpt
-    else:
+        notes += restore_run_flags(config, explicit, ckpt["train_config"], RESUME_FIXED, config.out)
+    config.validate()
+    if not config.resume:
         if not config.init:
             raise UserError("--init: give the pretrained checkpoint to tune, e.g. --init ckpt.pt")
-        ckpt = None
-        source = load_checkpoint(config.init, "--init")
+        if Path(config.init).resolve() == Path(config.out).resolve():
+            raise UserError(f"--out {config.out} is the --init checkpoint: the tuned model would replace the "
+                            "pretrained one; give another --out")
+    source = ckpt if ckpt is not None else load_checkpoint(config.init, "--init")
+    notes += RunFiles(config.out).prepare(config.resume, config.overwrite)
+    extra = load_instruction_jsonl(config.data) if config.data else []  # a bad file fails before the corpus loads
     dist_info, runtime = start_runtime(config)
     master = dist_info.is_master
+    for note in notes if master else []:
+        print(note)
     if master and not config.resume and source["kind"] == "sft":
         # Allowed on purpose: tuning a tuned model again (say on your own --data) is a real use.
         print(f"note: --init {config.init} is already instruction-tuned; tuning it further")
@@ -131,7 +151,7 @@ def run(config: FinetuneConfig, explicit: set[str]) -> dict:
     block_size = model.config.block_size
 
     splits = load_corpus(config.poems or None, verbose=master)
-    train_samples, val_samples = build_samples(config, splits)
+    train_samples, val_samples = build_samples(config, splits, extra)
     unknown: Counter = Counter()
     train_rows, dropped_train = encode_samples(tokenizer, train_samples, block_size, config.loss_on, unknown)
     val_rows, dropped_val = encode_samples(tokenizer, val_samples, block_size, config.loss_on, unknown)
@@ -150,9 +170,13 @@ def run(config: FinetuneConfig, explicit: set[str]) -> dict:
     max_iters = config.epochs * steps_per_epoch
     if config.max_iters:
         max_iters = min(max_iters, config.max_iters)
+    if ckpt is not None and ckpt["step"] >= max_iters:
+        if master:
+            print(f"nothing to do: the run at {config.out} finished at step {ckpt['step']:,} of {max_iters:,}; give "
+                  "more --epochs (or a larger --max-iters) to train it further")
+        return {}
     if config.eval_interval == 0:
         config.eval_interval = min(steps_per_epoch, max_iters)
-    config.validate()
     stage = finetune_stage(config, model, tokenizer, batches, val_rows, titles, runtime, dist_info.rank)
     if master:
         n_tokens = sum(len(row.inputs) for row in train_rows)

@@ -13,20 +13,23 @@ instruction-tuning stage's job (finetune.py).
 
 from __future__ import annotations
 
+import math
+import re
 import time
 from dataclasses import dataclass
 
 import torch
 
 from checkpoint import load_checkpoint, model_and_tokenizer
-from cli import UserError, flag, flag_name, require_positive, run_cli
+from cli import UserError, flag, flag_name, require_positive, restore_run_flags, resume_rule, run_cli
 from data import all_poems, build_tokenizer, load_corpus, pretrain_text
 from data.batches import random_windows
 from data.instruct import tokenizer_texts
-from device import Runtime
+from device import Runtime, release_freed_memory
 from losses import bits_per_char
 from model import GPT, GPTConfig
-from training import Stage, TrainConfig, release_freed_memory, start_runtime, train
+from run_files import RunFiles
+from training import Stage, TrainConfig, start_runtime, train
 
 
 @dataclass
@@ -53,7 +56,10 @@ PRESETS = {
         lr=6e-4, min_lr=6e-5, warmup_iters=500, eval_interval=500, eval_iters=50, compile=True,
     ),
 }
-MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "dropout")
+# What --resume never changes: these decide which windows each step reads and which model
+# reads them, so another value would not continue the same run.
+RESUME_FIXED = {"seed", "batch_size", "grad_accum", "tokenizer", "block_size", "n_layer", "n_head", "n_embd",
+                "dropout", "preset"}
 
 
 def pretrain_stage(
@@ -108,53 +114,55 @@ def pretrain_stage(
         sample=sample,
         checkpoint_extra={"kind": "pretrain", "tokenizer": tokenizer.to_dict()},
         plot_title=f"pretraining: {model.num_params() / 1e6:.2f}M params, {tokenizer.name} tokenizer",
+        max_val_loss=2 * math.log(tokenizer.vocab_size),  # far worse than a uniform guess: diverged
     )
 
 
-def resolve_config(config: PretrainConfig, explicit: set[str], ckpt: dict | None) -> GPTConfig | None:
-    """Apply the preset; on resume, check the flags against the checkpoint's model."""
-    for name, value in PRESETS.get(config.preset, {}).items():
-        if name not in explicit:
-            setattr(config, name, value)
+def resolve_config(config: PretrainConfig, explicit: set[str], ckpt: dict | None) -> list[str]:
+    """Settle every flag before any work starts: a new run takes its preset's values (flags
+    typed win), a resumed one the values it was started with (see --resume); then check
+    them all. Returns notes to print."""
+    if ckpt is not None:
+        notes = restore_run_flags(config, explicit, ckpt["train_config"], RESUME_FIXED, config.out)
+    else:
+        notes = []
+        for name, value in PRESETS.get(config.preset, {}).items():
+            if name not in explicit:
+                setattr(config, name, value)
     require_positive(config, ("max_iters", "eval_iters", "block_size", "n_layer", "n_head", "n_embd"))
     config.validate()
-    if ckpt is None:
-        return None
-    saved = GPTConfig(**ckpt["model_config"])
-    saved_tokenizer = ckpt["tokenizer"].get("encoding", "char")
-    if "tokenizer" in explicit and config.tokenizer != saved_tokenizer:
-        raise UserError(
-            f"--tokenizer {config.tokenizer} does not match the checkpoint's tokenizer {saved_tokenizer}; "
-            "drop the flag to resume with the checkpoint's"
-        )
-    config.tokenizer = saved_tokenizer
-    if config.block_size > saved.block_size and "block_size" in explicit:
-        raise UserError(
-            f"--block-size {config.block_size} is larger than the checkpoint's model supports ({saved.block_size})"
-        )
-    if "block_size" not in explicit:
-        config.block_size = saved.block_size
-    for name in MODEL_FLAGS:
-        if name in explicit and getattr(config, name) != getattr(saved, name):
-            raise UserError(
-                f"{flag_name(name)} {getattr(config, name)} does not match the checkpoint's "
-                f"{getattr(saved, name)}: a resumed run keeps its model shape"
-            )
-        setattr(config, name, getattr(saved, name))
-    return saved
+    model_config(config, vocab_size=1)  # a bad shape fails now, not after the corpus loads
+    return notes
+
+
+def model_config(config: PretrainConfig, vocab_size: int) -> GPTConfig:
+    try:
+        return GPTConfig(vocab_size=vocab_size, block_size=config.block_size, n_layer=config.n_layer,
+                         n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout)
+    except ValueError as e:  # GPTConfig names its fields; the user typed flags
+        raise UserError(re.sub(r"\b(n_layer|n_head|n_embd|block_size|dropout)\b", lambda m: flag_name(m[1]),
+                               str(e))) from None
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return run_cli(run, PretrainConfig, argv, __doc__.splitlines()[0])
+    return run_cli(run, PretrainConfig, argv, __doc__.splitlines()[0], epilog=resume_rule(RESUME_FIXED))
 
 
 def run(config: PretrainConfig, explicit: set[str]) -> dict:
-    ckpt = load_checkpoint(config.out) if config.resume else None
+    ckpt = load_checkpoint(config.out, "--resume", resume=True) if config.resume else None
     if ckpt is not None and ckpt.get("kind") != "pretrain":
         raise UserError(f"--resume: {config.out} is a {ckpt.get('kind')} checkpoint, not a pretraining one")
-    resolve_config(config, explicit, ckpt)
+    notes = resolve_config(config, explicit, ckpt)
+    notes += RunFiles(config.out).prepare(config.resume, config.overwrite)
     dist_info, runtime = start_runtime(config)
     master = dist_info.is_master
+    for note in notes if master else []:
+        print(note)
+    if ckpt is not None and ckpt["step"] >= config.max_iters:
+        if master:
+            print(f"nothing to do: the run at {config.out} finished at step {ckpt['step']:,} of {config.max_iters:,}; "
+                  "give a larger --max-iters to train it further")
+        return {}
 
     started = time.perf_counter()
     splits = load_corpus(config.poems or None, verbose=master)
@@ -162,10 +170,7 @@ def run(config: PretrainConfig, explicit: set[str]) -> dict:
         model, tokenizer = model_and_tokenizer(ckpt)
     else:
         tokenizer = build_tokenizer(config.tokenizer, tokenizer_texts(all_poems(splits)))
-        model = GPT(GPTConfig(
-            vocab_size=tokenizer.vocab_size, block_size=config.block_size, n_layer=config.n_layer,
-            n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout,
-        ))
+        model = GPT(model_config(config, tokenizer.vocab_size))
     model.to(runtime.device)
     streams = {}
     for name, split in (("train", "pretrain_train"), ("val", "pretrain_val")):

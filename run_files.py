@@ -12,9 +12,16 @@ import json
 import os
 from pathlib import Path
 
+from cli import UserError
+
 
 class RunFiles:
-    """ckpt.pt -> ckpt.log.jsonl, ckpt.loss.png, ckpt.samples.txt"""
+    """ckpt.pt -> ckpt.log.jsonl, ckpt.loss.png, ckpt.samples.txt
+
+    A run owns the files at its --out. `prepare` is called before any long work: it makes
+    sure the checkpoint can be written there, and that a new run never deletes or mixes
+    with another run's files unless asked (--overwrite), while --resume continues them.
+    """
 
     def __init__(self, out: str | Path):
         out = Path(out)
@@ -24,16 +31,53 @@ class RunFiles:
         self.plot = Path(f"{stem}.loss.png")
         self.samples = Path(f"{stem}.samples.txt")
 
+    def existing(self) -> list[Path]:
+        return [p for p in (self.checkpoint, self.log, self.plot, self.samples) if p.exists()]
+
+    def prepare(self, resume: bool, overwrite: bool) -> list[str]:
+        """Check --out before any work: a file path in a folder we can write, holding no other
+        run unless resuming it (or --overwrite). Returns notes to print."""
+        out, folder = self.checkpoint, self.checkpoint.parent
+        if out.is_dir():
+            raise UserError(f"--out {out}: is a folder; give a checkpoint file, such as {out / 'ckpt.pt'}")
+        blocking = next((p for p in folder.parents[::-1] + (folder,) if p.exists() and not p.is_dir()), None) \
+            if not folder.is_dir() else None
+        if blocking is not None:
+            raise UserError(f"--out {out}: cannot make the folder {folder}, since {blocking} is a file")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".{out.name}.probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"--out {out}: cannot write in {folder} ({e.strerror or e})") from None
+        notes = []
+        for stale in folder.glob(f".{out.name}.tmp-*"):  # a save that a kill cut short; the checkpoint is whole
+            stale.unlink(missing_ok=True)
+            notes.append(f"removed {stale}, a partial save left by an interrupted run")
+        existing = self.existing()
+        if existing and not resume:
+            names = ", ".join(p.name for p in existing)
+            if not overwrite:
+                raise UserError(f"--out {out}: a run is already there ({names}); continue it with --resume, "
+                                "or replace it with --overwrite")
+            for path in existing:
+                path.unlink(missing_ok=True)  # under torchrun every process gets here; one of them deletes
+            notes.append(f"--overwrite: removed the previous run's {names}")
+        return notes
+
     def start(self, resume_step: int | None) -> None:
-        """A new run starts fresh files; a resumed run drops log records past its checkpoint."""
-        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        """A new run needs a clean --out (see prepare); a resumed run drops log records past its checkpoint."""
         if resume_step is None:
-            for path in (self.log, self.samples, self.plot):
-                path.unlink(missing_ok=True)
+            if self.existing():
+                raise UserError(f"--out {self.checkpoint}: a run is already there; use --resume or --overwrite")
+            self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
             return
         if self.log.exists():
             kept = [r for r in self.records() if r["step"] <= resume_step]
-            self.log.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
+            tmp = self.log.with_name(f".{self.log.name}.tmp-{os.getpid()}")
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
+            os.replace(tmp, self.log)
 
     def append_log(self, record: dict) -> None:
         with open(self.log, "a", encoding="utf-8") as f:
@@ -44,9 +88,19 @@ class RunFiles:
             f.write(f"=== {header}\n{text}\n\n")
 
     def records(self) -> list[dict]:
+        """The log's records. A last line without its newline is a write a kill cut short: skipped."""
         if not self.log.exists():
             return []
-        return [json.loads(line) for line in self.log.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = self.log.read_text(encoding="utf-8").split("\n")
+        records = []
+        for number, line in enumerate(lines[:-1], start=1):  # lines[-1] is "" or the cut-short write
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{self.log}:{number}: not a JSON record ({e.msg}); move the log aside to go on") from None
+        return records
 
     def write_plot(self, title: str) -> None:
         """Train and val loss against tokens seen."""

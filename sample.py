@@ -173,11 +173,10 @@ def run(config: SampleConfig, explicit: set[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Ctrl-C outside the interactive loop (while loading, or in a --title/--prompt run) is run_cli's:
+    # "[stopped]" and exit code 130, the shell's code for "ended by Ctrl-C".
     try:
         run_cli(run, SampleConfig, argv, __doc__.splitlines()[0])
-    except KeyboardInterrupt:  # Ctrl-C outside the interactive loop: while loading, or a --title/--prompt run
-        print("\n[stopped]", file=sys.stderr)
-        sys.exit(130)  # the shell's code for "ended by Ctrl-C"
     except BrokenPipeError:  # stdout closed early, as by `| head`: not an error, but say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)

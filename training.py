@@ -25,8 +25,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from checkpoint import rng_state, save_checkpoint, set_rng_state
-from cli import RuntimeConfig, UserError, flag, require_positive
-from device import Runtime, setup_runtime
+from cli import RunInterrupted, RuntimeConfig, UserError, flag, require_positive
+from device import Runtime, release_freed_memory, setup_runtime
 from distributed import Distributed, barrier, init_distributed, sum_over_processes
 from losses import causal_lm_loss, labelled_tokens
 from model import GPT
@@ -43,7 +43,11 @@ class TrainConfig(RuntimeConfig):
 
     poems: str = flag("", "folder of poem JSON files (default: poems/, downloaded there if empty)")
     out: str = flag("ckpt.pt", "checkpoint path; the log, loss plot and samples are written beside it")
-    resume: bool = flag(False, "continue from the checkpoint at --out")
+    resume: bool = flag(False, "continue the run saved at --out with the settings it was started with; a flag typed "
+                               "now is applied with a note, except those that decide the run's batches or model "
+                               "(--seed, --batch-size, --grad-accum, and the stage's own), which are refused")
+    overwrite: bool = flag(False, "start a new run even though --out holds one: its checkpoint, log, plot and "
+                                  "samples are deleted first (without it, such a run is refused)")
     compile: bool = flag(False, "torch.compile the model (faster steps after a slower start)")
     seed: int = flag(1337, "seed for initialisation, batches and samples")
     batch_size: int = flag(32, "sequences per micro-batch (per process under torchrun)")
@@ -112,23 +116,6 @@ def start_runtime(config: TrainConfig) -> tuple[Distributed, Runtime]:
     return dist_info, runtime
 
 
-def release_freed_memory() -> None:
-    """Hand memory Python has freed back to the operating system (Linux/glibc only).
-
-    Parsing 25 MB of JSON makes many small objects; once they are freed, glibc keeps the
-    pages for reuse and the process stays ~100 MB larger than it needs to be for the
-    rest of training. malloc_trim returns them. Elsewhere this does nothing.
-    """
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 # -----------------------------------------------------------------------------
 # One optimizer step's gradients
 
@@ -144,7 +131,8 @@ class Stage:
     batch_weight(batch) -> how many units loss averages over (default: labelled tokens),
     so that micro-batches are weighted by what they carry (see accumulate_gradients).
     batch_tokens(batch) -> tokens the step processed, for tokens_seen and tokens/s.
-    evaluate(model) -> dict of figures, including "val_loss" (lower is better).
+    evaluate(model) -> dict of figures, including "val_loss" (lower is better; above
+    max_val_loss, e.g. far worse than a uniform guess, the run has diverged).
     sample(model, step) -> text to print and append to the samples file.
     checkpoint_extra: stage data stored in every checkpoint (kind, tokenizer, ...).
     describe_step(step) names a point in training for the samples file ("step 500", "epoch 2").
@@ -160,6 +148,7 @@ class Stage:
     batch_tokens: Callable[[Any], int] = lambda batch: batch[0].numel()
     describe_step: Callable[[int], str] = lambda step: f"step {step}"
     sample_before_training: bool = False  # also sample the untrained model, as a "before" picture
+    max_val_loss: float = math.inf  # a validation loss above this means the run diverged: nothing is saved
 
 
 def step_model(model: torch.nn.Module, compile: bool, runtime: Runtime, dist_info: Distributed) -> torch.nn.Module:
@@ -200,26 +189,34 @@ def accumulate_gradients(model: torch.nn.Module, batches: list, stage: Stage, ru
 
 
 class StopFlag:
-    """The first Ctrl-C asks the loop to save and stop at the next step boundary; a second one kills."""
+    """Ctrl-C (SIGINT) or SIGTERM (what `kill`, schedulers and containers send) asks the loop
+    to save and stop at the next step boundary; a second signal stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self) -> StopFlag:
         if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
-        print("\ninterrupt: saving a checkpoint at the end of this step (Ctrl-C again to quit at once)", flush=True)
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step (Ctrl-C again to quit "
+              "at once)", flush=True)
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 # -----------------------------------------------------------------------------
@@ -230,8 +227,9 @@ def train(model: GPT, config: TrainConfig, stage: Stage, runtime: Runtime, max_i
           ckpt: dict | None = None, dist_info: Distributed | None = None) -> dict:
     """Train `model` for max_iters optimizer steps, resuming from `ckpt` if given.
 
-    Returns the last evaluation's figures. Writes checkpoints, the log, plot and
-    samples on the master process only.
+    Returns the last evaluation's figures. Writes checkpoints, the log, plot and samples
+    on the master process only. Raises RunInterrupted after saving when a signal stopped
+    the run, and TrainingDiverged, saving nothing, when the loss or the weights blew up.
     """
     dist_info = dist_info or Distributed()
     master = dist_info.is_master
@@ -242,6 +240,7 @@ def train(model: GPT, config: TrainConfig, stage: Stage, runtime: Runtime, max_i
         optimizer.load_state_dict(ckpt["optimizer"])
         start_step, progress = ckpt["step"], {key: ckpt[key] for key in progress}
         set_rng_state(ckpt["rng"])
+    saved_at = start_step if ckpt is not None else None  # the step of the checkpoint at --out, if any
     if master and max_iters < config.warmup_iters:
         tqdm.write(f"warning: the run is {max_iters} steps, shorter than --warmup-iters {config.warmup_iters}: "
                    f"the learning rate never reaches --lr {config.lr:g}")
@@ -252,31 +251,60 @@ def train(model: GPT, config: TrainConfig, stage: Stage, runtime: Runtime, max_i
             files.append_sample(f"{stage.describe_step(0)} (before training)", text)
             tqdm.write(f"before training:\n{text}\n")
 
+    def diverged(what: str) -> TrainingDiverged:
+        kept = (f"the last good checkpoint ({files.checkpoint}, step {saved_at}) is untouched" if saved_at is not None
+                else "no checkpoint was written")
+        return TrainingDiverged(f"{what}; stopping, {kept}. Try a lower --lr or a higher --warmup-iters")
+
     def save(step: int) -> None:
+        nonlocal saved_at
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise diverged(f"step {step}: the weights are no longer finite numbers")
         save_checkpoint(files.checkpoint, {
             **stage.checkpoint_extra, "model": model.state_dict(), "model_config": asdict(model.config),
             "optimizer": optimizer.state_dict(), "train_config": asdict(config), "step": step, **progress,
             "max_iters": max_iters, "rng": rng_state(),
         })
+        saved_at = step
 
     def evaluate_and_save(step: int) -> dict:
+        if not all(torch.isfinite(p).all() for p in model.parameters()):  # before sampling from them
+            raise diverged(f"step {step}: the weights are no longer finite numbers")
         figures = stage.evaluate(model)
+        if not math.isfinite(figures["val_loss"]) or figures["val_loss"] > stage.max_val_loss:
+            raise diverged(f"step {step}: validation loss is {figures['val_loss']:.4g}")
         progress["best_val_loss"] = min(progress["best_val_loss"], figures["val_loss"])
         text = stage.sample(model, step)
+        save(step)  # first: the log and the samples never run ahead of the checkpoint
         files.append_log({"step": step, "tokens": progress["tokens_seen"], **figures})
         files.append_sample(stage.describe_step(step), text)
         summary = "  ".join(f"{k} {v:.4f}" for k, v in figures.items() if isinstance(v, float))
         tqdm.write(f"{stage.describe_step(step)}: {summary}\n{text}\n")
-        save(step)
         files.write_plot(stage.plot_title)
         release_freed_memory()  # evaluation's eager activations would otherwise stay resident
         return figures
 
     compiled = config.compile and runtime.device.type in ("cpu", "cuda")  # inductor does not target MPS
     runner = step_model(model, compiled, runtime, dist_info)
+
+    def gradients(step: int, batches: list) -> torch.Tensor:
+        nonlocal compiled, runner
+        try:
+            return accumulate_gradients(runner, batches, stage, runtime, dist_info)
+        except Exception as e:
+            # torch.compile needs a working C++/Triton toolchain, found only when the first
+            # step compiles. Without one, carry on uncompiled rather than fail.
+            if not (compiled and step == start_step):
+                raise
+            tqdm.write(f"warning: torch.compile failed ({type(e).__name__}); continuing without --compile")
+            optimizer.zero_grad(set_to_none=True)
+            compiled, runner = False, step_model(model, False, runtime, dist_info)
+            return accumulate_gradients(runner, batches, stage, runtime, dist_info)
+
     figures: dict = {}
+    nonfinite = torch.zeros((), dtype=torch.bool, device=runtime.device)  # any step's loss so far, read when logging
+    window = {"start": time.perf_counter(), "tokens": 0}  # training throughput since the last report
     bar = tqdm(total=max_iters, initial=start_step, disable=not master, dynamic_ncols=True, unit="step")
-    window_start, window_tokens = time.perf_counter(), 0
     with StopFlag() as stop, contextlib.closing(bar):
         for step in range(start_step, max_iters):
             lr = lr_at(step, config, max_iters)
@@ -284,52 +312,41 @@ def train(model: GPT, config: TrainConfig, stage: Stage, runtime: Runtime, max_i
                 group["lr"] = lr
             runner.train()
             batches = [stage.get_batch(step, micro) for micro in range(config.grad_accum)]
-            try:
-                loss = accumulate_gradients(runner, batches, stage, runtime, dist_info)
-            except Exception as e:
-                # torch.compile needs a working C++/Triton toolchain, found only when the first
-                # step compiles. Without one, carry on uncompiled rather than fail.
-                if not (compiled and step == start_step):
-                    raise
-                tqdm.write(f"warning: torch.compile failed ({type(e).__name__}); continuing without --compile")
-                optimizer.zero_grad(set_to_none=True)
-                compiled, runner = False, step_model(model, False, runtime, dist_info)
-                loss = accumulate_gradients(runner, batches, stage, runtime, dist_info)
+            loss = gradients(step, batches)
+            nonfinite |= ~torch.isfinite(loss)
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step_tokens = sum(stage.batch_tokens(batch) for batch in batches) * dist_info.world_size
             progress["tokens_seen"] += step_tokens
-            window_tokens += step_tokens
+            window["tokens"] += step_tokens
+            bar.update(1)
 
             done = step + 1
-            log_now = done % config.log_interval == 0
             eval_now = done % config.eval_interval == 0 or done == max_iters
-            if log_now or eval_now or stop.requested or done == start_step + 1:
-                train_loss = loss.item()
-                if not math.isfinite(train_loss):
-                    raise TrainingDiverged(
-                        f"step {done}: training loss is {train_loss}; stopping. The last good checkpoint "
-                        f"({files.checkpoint}) is untouched: try a lower --lr or a higher --warmup-iters"
-                    )
-                elapsed = time.perf_counter() - window_start
-                tokens_per_s = window_tokens / max(elapsed, 1e-9)
-                window_start, window_tokens = time.perf_counter(), 0
-                bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
-                if master and log_now:
-                    files.append_log({"step": done, "tokens": progress["tokens_seen"], "train_loss": train_loss,
-                                      "lr": lr, "tokens_per_s": round(tokens_per_s)})
-            bar.update(1)
             # Every process must stop at the same step, or the others would wait forever.
-            stop.requested = sum_over_processes(float(stop.requested), dist_info, runtime.device) > 0
+            if sum_over_processes(float(stop.requested), dist_info, runtime.device) and not stop.requested:
+                stop.signum = signal.SIGTERM
+            if done % config.log_interval == 0 or eval_now or stop.requested or done == start_step + 1:
+                if nonfinite.item():
+                    raise diverged(f"step {done}: training loss is {loss.item()}")
+                tokens_per_s = window["tokens"] / max(time.perf_counter() - window["start"], 1e-9)
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+                if master and done % config.log_interval == 0:
+                    files.append_log({"step": done, "tokens": progress["tokens_seen"], "train_loss": loss.item(),
+                                      "lr": lr, "tokens_per_s": round(tokens_per_s)})
+                window.update(start=time.perf_counter(), tokens=0)
             if master and eval_now:
                 figures = evaluate_and_save(done)
-                window_start, window_tokens = time.perf_counter(), 0  # don't count eval time as training
+                window.update(start=time.perf_counter(), tokens=0)  # don't count eval time as training
             if stop.requested:
-                if master and not eval_now:
-                    save(done)
-                    tqdm.write(f"saved {files.checkpoint} at step {done}; continue with --resume")
                 break
+    if stop.requested and not (done == max_iters and saved_at == done):  # a signal during the final save: done
+        if master and saved_at != done:
+            save(done)
+        barrier(dist_info)
+        raise RunInterrupted(f"saved {files.checkpoint} at step {done} of {max_iters}; continue with --resume "
+                             f"--out {files.checkpoint}", stop.signum)
     barrier(dist_info)
     return figures

@@ -30,6 +30,7 @@ class Poem:
     title: str
     lines: list[str]
     author: str = ""
+    rhythmic: str = ""  # a ci (詞) record's tune name, which it carries instead of a title
 
     @property
     def body(self) -> str:
@@ -46,16 +47,16 @@ def _json_sort_key(path: Path) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", path.name))
 
 
-def load_poems(poems_dir: str | Path) -> list[Poem]:
-    """Read every *.json file in `poems_dir` (in natural name order) into Poems."""
+def load_poems(poems_dir: str | Path, flag: str = "--poems") -> list[Poem]:
+    """Read every *.json file in `poems_dir` (in natural name order) into Poems; errors name `flag`."""
     folder = Path(poems_dir)
     if not folder.exists():
-        raise CorpusError(f"--poems {folder}: folder does not exist")
+        raise CorpusError(f"{flag} {folder}: folder does not exist")
     if not folder.is_dir():
-        raise CorpusError(f"--poems {folder}: not a folder")
+        raise CorpusError(f"{flag} {folder}: not a folder")
     files = sorted(folder.glob("*.json"), key=_json_sort_key)
     if not files:
-        raise CorpusError(f"--poems {folder}: no .json files in this folder")
+        raise CorpusError(f"{flag} {folder}: no .json files in this folder")
     poems: list[Poem] = []
     for path in files:
         poems.extend(_load_file(path))
@@ -85,7 +86,9 @@ def _load_file(path: Path) -> list[Poem]:
         if not isinstance(title, str):
             raise CorpusError(f"{where}: 'title' must be a string")
         author = record.get("author", "")
-        poems.append(Poem(title=title, lines=list(paragraphs), author=author if isinstance(author, str) else ""))
+        rhythmic = record.get("rhythmic", "") if "title" not in record else ""
+        poems.append(Poem(title=title, lines=list(paragraphs), author=author if isinstance(author, str) else "",
+                          rhythmic=rhythmic if isinstance(rhythmic, str) else ""))
     return poems
 
 
@@ -107,6 +110,8 @@ def _load_file(path: Path) -> list[Poem]:
 #                     we do not want the model to generate them
 #   composed chars    {艹/尔} (not in Unicode) -> drop the poem, same reason
 #   empty body/title  -> drop: a poem needs both for the instruction format
+#   ci (詞) records   chinese-poetry's ci files carry a tune name ('rhythmic') and no title ->
+#                     dropped and counted under their own name: this course tunes on shi (詩)
 #   editors' prose    the edition's prefaces and afterwords (前言, 後記, …) and any text
 #                     with a clause over 15 characters (prose, not verse) -> drop
 #   duplicate bodies  -> keep the first copy, so no poem lands in two splits
@@ -194,7 +199,9 @@ def clean_poems(poems: list[Poem]) -> tuple[list[Poem], CleaningReport]:
         lines = [line for line in lines if _HAS_HAN.search(line)]
         body = "\n".join(lines)
 
-        if not lines:
+        if poem.rhythmic and not poem.title:
+            reason = "ci (詞) records with 'rhythmic' instead of 'title' (not supported)"
+        elif not lines:
             reason = "empty body"
         elif not title:
             reason = "empty title"
@@ -313,7 +320,8 @@ def load_corpus(
     if verbose:
         print(report.summary())
     if not poems:
-        raise CorpusError(f"--poems {folder}: no poems left after cleaning")
+        dropped = ", ".join(f"{n:,} {reason}" for reason, n in report.dropped.most_common())
+        raise CorpusError(f"--poems {folder}: no poems left after cleaning (dropped: {dropped or 'none'})")
     return split_poems(poems, split_config)
 
 

@@ -194,8 +194,15 @@ def load_instruction_jsonl(path: str | Path) -> list[Sample]:
     path = Path(path)
     if not path.is_file():
         raise InstructionDataError(f"--data {path}: no such file")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise InstructionDataError(f"--data {path}:{line}: not UTF-8 text (byte {e.start}); save the file as UTF-8") \
+            from None
     samples = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         where = f"--data {path}:{number}"
