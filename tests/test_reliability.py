@@ -179,11 +179,20 @@ def inside_a_file(tmp: Path) -> Path:
 
 
 @pytest.mark.parametrize("make_out, message", [(lambda tmp: tmp, "is a folder; give a checkpoint file"),
-                                               (inside_a_file, "cannot write in")])
+                                               (inside_a_file, "cannot make the folder")])
 def test_an_unusable_out_fails_before_the_corpus_loads(tmp_path, capsys, make_out, message):
     # --poems does not exist: had the corpus been read first, that would be the error.
     err = one_line_error(pretrain.main, ["--out", str(make_out(tmp_path)), "--poems", str(tmp_path / "none")], capsys)
     assert message in err and "--out" in err
+
+
+def test_an_out_folder_that_cannot_be_written_fails_before_the_corpus_loads(tmp_path, capsys, monkeypatch):
+    def refuse(self, data):  # as a read-only or full disk would (root ignores permission bits, so fake it)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "write_bytes", refuse)
+    err = one_line_error(pretrain.main, ["--out", str(tmp_path / "ckpt.pt"), "--poems", str(tmp_path / "none")], capsys)
+    assert err == f"error: --out {tmp_path / 'ckpt.pt'}: cannot write in {tmp_path} (Permission denied)"
 
 
 # -----------------------------------------------------------------------------
