@@ -127,11 +127,11 @@ def run(config: EvaluateConfig, explicit: set[str]) -> dict:
     # Both checkpoints first: a bad --compare should fail now, not after the first column.
     checkpoints = {path: load_checkpoint(path, flag_name)
                    for path, flag_name in ((config.ckpt, "--ckpt"), (config.compare, "--compare")) if path}
+    eval_poems = clean_poems(load_poems(config.eval_poems, "--eval-poems"))[0] if config.eval_poems else None
+    if eval_poems == []:  # checked before the corpus loads
+        raise UserError(f"--eval-poems {config.eval_poems}: no poems left after cleaning")
     splits = load_corpus(config.poems or None, verbose=False)
-    if config.eval_poems:
-        eval_poems, _ = clean_poems(load_poems(config.eval_poems, "--eval-poems"))
-        if not eval_poems:
-            raise UserError(f"--eval-poems {config.eval_poems}: no poems left after cleaning")
+    if eval_poems:
         titles, source = [p.title for p in eval_poems], f"every poem of {config.eval_poems}"
     else:
         titles, source = [p.title for p in splits["finetune_val"][: config.num_titles]], "finetune-val"

@@ -25,6 +25,7 @@ from cli import UserError, flag, flag_name, require_positive, restore_run_flags,
 from data import all_poems, build_tokenizer, load_corpus, pretrain_text
 from data.batches import random_windows
 from data.instruct import tokenizer_texts
+from data.tokenizer import check_tokenizer_name
 from device import Runtime, release_freed_memory
 from losses import bits_per_char
 from model import GPT, GPTConfig
@@ -131,7 +132,8 @@ def resolve_config(config: PretrainConfig, explicit: set[str], ckpt: dict | None
                 setattr(config, name, value)
     require_positive(config, ("max_iters", "eval_iters", "block_size", "n_layer", "n_head", "n_embd"))
     config.validate()
-    model_config(config, vocab_size=1)  # a bad shape fails now, not after the corpus loads
+    model_config(config, vocab_size=1)  # a bad shape or tokenizer fails now, not after the corpus loads
+    check_tokenizer_name(config.tokenizer)
     return notes
 
 

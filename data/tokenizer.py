@@ -109,6 +109,17 @@ class CharTokenizer(Tokenizer):
         return {"kind": "char", "chars": "".join(self.itos[len(SPECIALS) :])}
 
 
+def check_tokenizer_name(name: str) -> None:
+    """A one-line TokenizerError now for a name build_tokenizer would refuse later, after the corpus loads."""
+    if name == "char":
+        return
+    import tiktoken
+
+    names = tiktoken.list_encoding_names()
+    if name not in names and f"{name}_offline" not in names:
+        raise TokenizerError(f"--tokenizer {name}: unknown; use 'char' or one of {', '.join(sorted(names))}")
+
+
 def _tiktoken_encoding(name: str):
     """The base tiktoken encoding, preferring a bundled offline copy when one is installed.
 
@@ -118,11 +129,9 @@ def _tiktoken_encoding(name: str):
     """
     import tiktoken
 
-    names = tiktoken.list_encoding_names()
-    if f"{name}_offline" in names:
+    check_tokenizer_name(name)
+    if f"{name}_offline" in tiktoken.list_encoding_names():
         return tiktoken.get_encoding(f"{name}_offline")
-    if name not in names:
-        raise TokenizerError(f"--tokenizer {name}: unknown; use 'char' or one of {', '.join(sorted(names))}")
     try:
         return tiktoken.get_encoding(name)
     except Exception as e:  # network errors come in many types; all mean the same to the user

@@ -242,6 +242,7 @@ def test_ctrl_c_during_setup_is_one_line_and_130(tmp_path):
     (pretrain.main, ["--n-embd", "30", "--n-head", "4"], "--n-embd (30) must be divisible by --n-head (4)"),
     (pretrain.main, ["--dropout", "1.5"], "--dropout must be in [0, 1)"),
     (pretrain.main, ["--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
+    (pretrain.main, ["--tokenizer", "nope"], "--tokenizer nope: unknown; use 'char' or one of"),
     (finetune.main, ["--init", "x.pt", "--batch-size", "0"], "--batch-size must be positive"),
     (finetune.main, ["--init", "x.pt", "--epochs", "0"], "--epochs must be positive"),
     (evaluate.main, ["--temperature", "hot"], "argument --temperature: invalid float value: 'hot'"),
@@ -325,7 +326,8 @@ def test_unreadable_checkpoint_reason_is_cut_at_a_word(tmp_path, monkeypatch):
     assert kept == words.split(" ")[: len(kept)]  # whole words, none cut in the middle
 
 
-def test_eval_poems_errors_name_eval_poems(small_poems, tiny_tuned, capsys):
-    err = one_line_error(evaluate.main, ["--ckpt", str(tiny_tuned), "--poems", str(small_poems), "--eval-poems",
+def test_eval_poems_errors_name_eval_poems(tmp_path, tiny_tuned, capsys):
+    # --poems does not exist either: --eval-poems is checked first, before the corpus loads.
+    err = one_line_error(evaluate.main, ["--ckpt", str(tiny_tuned), "--poems", str(tmp_path / "none"), "--eval-poems",
                                          "nowhere"], capsys)
     assert err == "error: --eval-poems nowhere: folder does not exist"
