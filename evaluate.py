@@ -10,7 +10,10 @@ One column per checkpoint:
 - poems written for unseen titles (the first --num-titles of finetune-val, or every poem
   of --eval-poems DIR): stop rate (ended with end-of-text within the limit), regular-form
   rate, mean length, distinct-2, and the share of generated lines found verbatim in the
-  training poems (memorisation);
+  training poems (memorisation); and, over the answers shaped as 絕句/律詩 (4 or 8 lines of
+  5 or 7 characters), the share that rhyme, rhyme in a level tone, and keep the tonal
+  pattern by the Pingshui table (prosody.py), beside the same for the real poems of the
+  same titles, the ceiling;
 - title-conditioning gain: log-likelihood of each finetune-val poem under its own title
   minus under another poem's title, in nats per poem, with its standard error.
   Positive means the model reads the title; about 0 means it ignores it.
@@ -31,6 +34,7 @@ from generation import SamplingConfig, answer_titles, for_generation
 from losses import bits_per_char, stream_loss, title_swap_nll
 from metrics import generation_figures, mean_and_standard_error
 from model import GPT
+from prosody import prosody_figures
 
 
 @dataclass
@@ -80,6 +84,7 @@ def evaluate_checkpoint(ckpt: dict, config: EvaluateConfig, splits: dict[str, li
     answers = answer_titles(model, tokenizer, titles, runtime, config.max_new_tokens, seed=config.seed,
                             batch_size=config.batch_size, **config.generate_kwargs())
     figures.update(generation_figures([a.poem for a in answers], [a.stopped for a in answers], training_lines))
+    figures.update(prosody_figures([a.poem for a in answers]))
     figures["seconds"] = time.perf_counter() - start
     return figures
 
@@ -95,20 +100,26 @@ ROWS = [  # (key, label, format)
     ("mean_length", "mean length (chars)", "{:.1f}"),
     ("distinct_2", "distinct-2", "{:.3f}"),
     ("memorised_lines", "memorised lines", "{:.1%}"),
+    ("regular_shaped", "4/8 lines of 5/7 characters", "{}"),
+    ("rhyme_rate", "  of these: rhyme (Pingshui)", "{:.1%}"),
+    ("level_rhyme_rate", "  rhyme in a level tone", "{:.1%}"),
+    ("tonal_pattern_rate", "  keep the tonal pattern", "{:.1%}"),
     ("title_gain", "title gain (nats/poem)", None),
     ("seconds", "seconds", "{:.0f}"),
 ]
 
 
 def format_table(columns: dict[str, dict]) -> str:
-    """One row per figure, one column per checkpoint."""
+    """One row per figure, one column per checkpoint (and "–" where a column has no such figure)."""
     names = list(columns)
     width = max(14, *(len(n) + 2 for n in names))
     lines = [f"{'':32s}" + "".join(f"{n:>{width}s}" for n in names)]
     for key, label, fmt in ROWS:
         cells = []
         for figures in columns.values():
-            if key == "title_gain":
+            if figures.get(key) is None:  # not measured for this column, or nothing to measure
+                cells.append("–")
+            elif key == "title_gain":
                 cells.append(f"{figures['title_gain']:.2f} ± {figures['title_gain_se']:.2f}")
             else:
                 cells.append(fmt.format(figures[key]))
@@ -132,20 +143,23 @@ def run(config: EvaluateConfig, explicit: set[str]) -> dict:
         raise UserError(f"--eval-poems {config.eval_poems}: no poems left after cleaning")
     splits = load_corpus(config.poems or None, verbose=False)
     if eval_poems:
-        titles, source = [p.title for p in eval_poems], f"every poem of {config.eval_poems}"
+        title_poems, source = eval_poems, f"every poem of {config.eval_poems}"
     else:
-        titles, source = [p.title for p in splits["finetune_val"][: config.num_titles]], "finetune-val"
+        title_poems, source = splits["finetune_val"][: config.num_titles], "finetune-val"
+    titles = [p.title for p in title_poems]
     training_lines = {line.strip() for name in ("pretrain_train", "finetune_train") for p in splits[name]
                       for line in p.lines}
 
     columns = {path: evaluate_checkpoint(ckpt, config, splits, titles, training_lines, runtime)
                for path, ckpt in checkpoints.items()}
+    # The ceiling: the real poems of the same titles, measured the same way.
+    reference = {"kind": "real poems", **prosody_figures([p.body for p in title_poems])}
     if config.json:
         print(json.dumps({"titles": {"source": source, "count": len(titles)}, "settings": asdict(config),
-                          "checkpoints": columns}, ensure_ascii=False, indent=1))
+                          "checkpoints": columns, "reference": reference}, ensure_ascii=False, indent=1))
         return columns
     print(f"device {runtime.describe()}; {len(titles)} unseen titles ({source}); {config.describe()}")
-    print(format_table(columns))
+    print(format_table({**columns, "real poems": reference}))
     return columns
 
 

@@ -47,6 +47,13 @@ def test_one_column_per_checkpoint_with_every_figure(report, tiny_tuned, tiny_pr
             assert 0.0 <= figures[key] <= 1.0
         assert figures["title_gain_se"] > 0 and figures["title_gain_poems"] >= 2
     assert report["titles"] == {"source": "finetune-val", "count": 6}
+    reference = report["reference"]  # the real poems of the same 6 titles, by the same prosody checks
+    assert reference["kind"] == "real poems" and 0 < reference["regular_shaped"] <= 6
+    for figures in (*columns.values(), reference):
+        if figures["regular_shaped"]:
+            assert 0.0 <= figures["level_rhyme_rate"] <= figures["rhyme_rate"] <= 1.0
+        else:  # nothing of that shape: no rate, shown as "–"
+            assert figures["rhyme_rate"] is None
     assert report["settings"]["temperature"] == 0.8 and report["settings"]["max_new_tokens"] == 12
 
 
@@ -115,6 +122,7 @@ def test_table_prints_settings_and_rows(small_poems, tiny_tuned, capsys):
     for _, label, _ in evaluate.ROWS:
         assert label in out
     assert " ± " in out
+    assert "real poems" in out.splitlines()[1]  # the reference column
 
 
 @pytest.mark.parametrize("argv, message", [

