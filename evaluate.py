@@ -13,7 +13,8 @@ One column per checkpoint:
   training poems (memorisation); and, over the answers shaped as 絕句/律詩 (4 or 8 lines of
   5 or 7 characters), the share that rhyme, rhyme in a level tone, and keep the tonal
   pattern by the Pingshui table (prosody.py), beside the same for the real poems of the
-  same titles, the ceiling;
+  same titles, the ceiling; and the model's own loss on its stopped answers (what the
+  sampler's choices, --rhyme's among them, cost in the model's eyes);
 - title-conditioning gain: log-likelihood of each finetune-val poem under its own title
   minus under another poem's title, in nats per poem, with its standard error.
   Positive means the model reads the title; about 0 means it ignores it.
@@ -28,10 +29,11 @@ from dataclasses import asdict, dataclass
 from checkpoint import load_checkpoint, model_and_tokenizer
 from cli import UserError, flag, require_positive, run_cli
 from data.corpus import Poem, clean_poems, load_corpus, load_poems, pretrain_text
+from data.instruct import INSTRUCTION, Sample, response_rows
 from data.tokenizer import Tokenizer
 from device import Runtime, setup_runtime
 from generation import SamplingConfig, answer_titles, for_generation
-from losses import bits_per_char, stream_loss, title_swap_nll
+from losses import bits_per_char, labelled_nll, stream_loss, title_swap_nll
 from metrics import generation_figures, mean_and_standard_error
 from model import GPT
 from prosody import prosody_figures
@@ -82,9 +84,19 @@ def evaluate_checkpoint(ckpt: dict, config: EvaluateConfig, splits: dict[str, li
 
     model = for_generation(model, runtime)
     answers = answer_titles(model, tokenizer, titles, runtime, config.max_new_tokens, seed=config.seed,
-                            batch_size=config.batch_size, **config.generate_kwargs())
+                            batch_size=config.batch_size, allowed=config.constraint(tokenizer),
+                            **config.generate_kwargs())
     figures.update(generation_figures([a.poem for a in answers], [a.stopped for a in answers], training_lines))
     figures.update(prosody_figures([a.poem for a in answers]))
+    # What the sampler's choices cost in the model's own eyes (--rhyme overrides it at the
+    # rhyme positions): the fp32 model's loss on its stopped answers, poem and end-of-text.
+    scorer, _ = model_and_tokenizer(ckpt)
+    rows = [row for row in response_rows(tokenizer, [Sample(INSTRUCTION, a.title, a.poem) for a in answers if a.stopped],
+                                         scorer.config.block_size) if row is not None]
+    figures["answer_loss"] = None  # no answer stopped: nothing to score
+    if rows:
+        nll, count = labelled_nll(scorer.to(runtime.device), rows, tokenizer.eot_id, config.batch_size, runtime)
+        figures["answer_loss"] = float(nll.sum() / count.sum())
     figures["seconds"] = time.perf_counter() - start
     return figures
 
@@ -100,6 +112,7 @@ ROWS = [  # (key, label, format)
     ("mean_length", "mean length (chars)", "{:.1f}"),
     ("distinct_2", "distinct-2", "{:.3f}"),
     ("memorised_lines", "memorised lines", "{:.1%}"),
+    ("answer_loss", "answers' loss (nats/token)", "{:.3f}"),
     ("regular_shaped", "4/8 lines of 5/7 characters", "{}"),
     ("rhyme_rate", "  of these: rhyme (Pingshui)", "{:.1%}"),
     ("level_rhyme_rate", "  rhyme in a level tone", "{:.1%}"),

@@ -9,7 +9,7 @@ itself (temperature, top-k, top-p, the KV cache) is GPT.generate's, in model.py.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -18,6 +18,7 @@ from data.instruct import title_prompt_ids
 from data.tokenizer import Tokenizer
 from device import Runtime
 from model import GPT
+from prosody import RhymeConstraint
 
 
 @dataclass
@@ -30,6 +31,8 @@ class SamplingConfig(RuntimeConfig):
     top_k: int = flag(0, "sample from the k most likely tokens only (0 = no limit)")
     top_p: float = flag(1.0, "sample from the fewest tokens whose probabilities add up to p (1 = no limit)")
     seed: int = flag(1337, "random seed: the same seed gives the same poems")
+    rhyme: bool = flag(False, "enforce the rhyme: at the end of each even line allow only characters of the poem's "
+                              "rhyme group so far (Pingshui table, prosody.py; char tokenizer)")
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -48,7 +51,17 @@ class SamplingConfig(RuntimeConfig):
 
     def describe(self) -> str:
         return (f"temperature {self.temperature:g}, top-k {self.top_k or 'off'}, top-p "
-                f"{self.top_p if self.top_p < 1 else 'off'}, at most {self.max_new_tokens} tokens, seed {self.seed}")
+                f"{self.top_p if self.top_p < 1 else 'off'}, at most {self.max_new_tokens} tokens, seed {self.seed}"
+                + (", rhyme enforced" if self.rhyme else ""))
+
+    def constraint(self, tokenizer: Tokenizer) -> RhymeConstraint | None:
+        """What --rhyme asks of the sampler: GPT.generate's `allowed`, or None."""
+        if not self.rhyme:
+            return None
+        try:
+            return RhymeConstraint(tokenizer)
+        except ValueError as e:
+            raise UserError(str(e)) from None
 
 
 def for_generation(model: GPT, runtime: Runtime) -> GPT:
@@ -81,6 +94,7 @@ def answer_titles(
     top_p: float | None = None,
     seed: int = 1337,
     batch_size: int = 64,
+    allowed: Callable | None = None,
 ) -> list[Answer]:
     """Generate one poem per title, in batches, stopping each at end-of-text."""
     generator = torch.Generator(device=runtime.device).manual_seed(seed)
@@ -90,6 +104,7 @@ def answer_titles(
         prompts = [title_prompt_ids(tokenizer, t) for t in chunk]
         with runtime.autocast():
             outputs = model.generate(prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                     allowed=allowed,
                                      stop_ids=[tokenizer.eot_id], generator=generator)
         for title, ids in zip(chunk, outputs):
             stopped = bool(ids) and ids[-1] == tokenizer.eot_id

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -207,6 +207,7 @@ class GPT(nn.Module):
         stop_ids: Iterable[int] = (),
         use_cache: bool = True,
         generator: torch.Generator | None = None,
+        allowed: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
     ) -> Iterator[torch.Tensor]:
         """Sample continuations of a batch of prompts, yielding a (B,) tensor of new ids per step.
 
@@ -215,6 +216,10 @@ class GPT(nn.Module):
         would get alone. A row that produced a stop id yields -1 from then on; the stream
         ends when every row has stopped or after max_new_tokens steps. temperature 0
         is greedy decoding.
+
+        allowed, if given, is a constraint from the caller: given the (B, t) ids generated so
+        far it returns a (B, vocab) mask of the ids each row may take next (at least one
+        per row), or None for no constraint at this step.
 
         With use_cache, the prompt is run once and each step feeds one new token. When
         the context outgrows block_size, both modes crop it to the last block_size
@@ -253,7 +258,11 @@ class GPT(nn.Module):
                     positions, mask = _window(start, end, pad)
                 logits, _ = self(seq[:, start:end], positions=positions, attn_mask=mask, kv_cache=kv_cache,
                                  last_only=True)
-                next_ids = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
+                scores = logits[:, -1, :].float()
+                mask = allowed(seq[:, width:end]) if allowed is not None else None
+                if mask is not None:
+                    scores = scores.masked_fill(~mask, float("-inf"))
+                next_ids = sample_next(scores, temperature, top_k, top_p, generator)
                 next_ids = torch.where(finished, torch.full_like(next_ids, -1), next_ids)
                 yield next_ids
                 finished |= torch.isin(next_ids, stop)

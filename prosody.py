@@ -15,6 +15,9 @@ characters each, a line (句) being the text between two punctuation marks:
 - tonal pattern: the 2nd, 4th (and 6th) characters of each line alternate in tone, the
   two lines of a couplet are opposed, and a couplet's second line and the next one's first
   line agree (粘). A rough check, but the one the whole corpus is measured by too.
+
+RhymeConstraint enforces the rhyme while sampling (`--rhyme`): at each rhyme position,
+the last character of an even line, only characters of the rhyme group so far may come.
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from metrics import clauses
+import torch
+
+from data.tokenizer import CharTokenizer, Tokenizer
+from metrics import CLAUSE_BREAK, clauses
 
 LEVEL, OBLIQUE = "level", "oblique"
 
@@ -130,3 +136,52 @@ def prosody_figures(poems: list[str]) -> dict:
 
     return {"regular_shaped": len(shaped), "rhyme_rate": share(rhymes), "level_rhyme_rate": share(rhymes_level),
             "tonal_pattern_rate": share(keeps_tonal_pattern), "unknown_chars": unknown_share(poems, table)}
+
+
+class RhymeConstraint:
+    """For GPT.generate_stream(allowed=...): the ids each row may take next, so that a poem
+    whose lines are all as long as its first (5 or 7) rhymes.
+
+    At the last character of the 2nd, 4th, 6th and 8th lines, only characters that share a
+    rhyme group with every earlier rhyme character are allowed (at the first of them, any
+    character the table knows). Elsewhere the model is free. Needs the char tokenizer,
+    where one id is one character.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, table: PingshuiTable | None = None):
+        if not isinstance(tokenizer, CharTokenizer):
+            raise ValueError(f"--rhyme needs the char tokenizer (one id per character), not {tokenizer.name}")
+        self.tokenizer, self.table = tokenizer, table or load_table()
+        self.group_ids: dict[str, list[int]] = {}
+        for char, groups in self.table.groups.items():
+            if char in tokenizer.stoi:
+                for group in groups:
+                    self.group_ids.setdefault(group, []).append(tokenizer.stoi[char])
+        self._masks: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def groups_to_rhyme(self, text: str) -> tuple[str, ...] | None:
+        """The rhyme groups the next character must share, if it ends an even line; else None."""
+        pieces = CLAUSE_BREAK.split(text)
+        complete, current = [p.strip() for p in pieces[:-1] if p.strip()], pieces[-1].strip()
+        if not complete or len(complete[0]) not in (5, 7) or len(complete) % 2 == 0 or len(complete) > 7:
+            return None  # the first line is not done or not 5/7 long, or an odd line is being written
+        if len(current) != len(complete[0]) - 1:
+            return None
+        shared = frozenset(self.group_ids)  # the first rhyme: any group
+        for line in complete[1::2]:
+            shared &= self.table.groups.get(line[-1], frozenset())
+        return tuple(sorted(shared)) or None  # earlier rhymes that share nothing: leave the poem alone
+
+    def mask(self, groups: tuple[str, ...], device: torch.device) -> torch.Tensor:
+        if groups not in self._masks:
+            mask = torch.zeros(self.tokenizer.vocab_size, dtype=torch.bool)
+            mask[[i for g in groups for i in self.group_ids.get(g, [])]] = True
+            self._masks[groups] = mask
+        return self._masks[groups].to(device)
+
+    def __call__(self, generated: torch.Tensor) -> torch.Tensor | None:
+        rows = [self.groups_to_rhyme(self.tokenizer.decode(ids)) for ids in generated.tolist()]
+        if all(groups is None for groups in rows):
+            return None
+        free = torch.ones(self.tokenizer.vocab_size, dtype=torch.bool, device=generated.device)
+        return torch.stack([free if g is None else self.mask(g, generated.device) for g in rows])

@@ -4,6 +4,7 @@
     python sample.py --ckpt ckpt_sft.pt --title 春夜喜雨 --num-samples 3 --temperature 1.0
     python sample.py --ckpt ckpt.pt --prompt '春夜喜雨\\n'                 # a base model continues raw text
     python sample.py --ckpt ckpt_sft.pt                                   # interactive: type titles, empty line quits
+    python sample.py --ckpt ckpt_sft.pt --title 春夜喜雨 --rhyme          # the even lines' last characters rhyme
 
 The checkpoint says what it is. An instruction-tuned one (finetune.py, kind "sft") gets
 each title wrapped in the instruction prompt <INS>請用以下題目寫一首詩<INP>{title}<RES>
@@ -99,7 +100,7 @@ def encode_prompt(tokenizer: Tokenizer, text: str, as_title: bool) -> list[int]:
 
 
 def write_samples(model: GPT, tokenizer: Tokenizer, ids: list[int], config: SampleConfig, runtime: Runtime,
-                  generator: torch.Generator, warn_cut: bool) -> None:
+                  generator: torch.Generator, warn_cut: bool, allowed: Callable | None = None) -> None:
     """Stream config.num_samples continuations of the prompt `ids` to stdout, each ending in a newline."""
     for i in range(config.num_samples):
         if config.num_samples > 1:
@@ -107,6 +108,7 @@ def write_samples(model: GPT, tokenizer: Tokenizer, ids: list[int], config: Samp
         stream, stopped = TextStream(tokenizer), False
         with runtime.autocast():
             steps = model.generate_stream([ids], config.max_new_tokens, stop_ids=[tokenizer.eot_id],
+                                          allowed=allowed,
                                           generator=generator, **config.generate_kwargs())
             for step in steps:
                 token = int(step[0])
@@ -159,10 +161,11 @@ def run(config: SampleConfig, explicit: set[str]) -> None:
             print("note: --title uses the instruction prompt, which a base model was not trained on; "
                   "try --prompt 'TITLE\\n'", file=sys.stderr)
     generator = torch.Generator(device=runtime.device).manual_seed(config.seed)
+    allowed = config.constraint(tokenizer)  # --rhyme; a tokenizer it cannot work with fails here
 
     def answer(text: str, as_title: bool) -> None:
         ids = encode_prompt(tokenizer, text, as_title)
-        write_samples(model, tokenizer, ids, config, runtime, generator, warn_cut=is_sft)
+        write_samples(model, tokenizer, ids, config, runtime, generator, warn_cut=is_sft, allowed=allowed)
 
     if config.title:
         answer(config.title, True)

