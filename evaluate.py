@@ -22,6 +22,7 @@ One column per checkpoint:
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -82,20 +83,19 @@ def evaluate_checkpoint(ckpt: dict, config: EvaluateConfig, splits: dict[str, li
     figures = {"kind": ckpt["kind"], "parameters": model.num_params()}
     figures.update(loss_figures(model, tokenizer, splits, config.batch_size, runtime, config.seed))
 
-    model = for_generation(model, runtime)
-    answers = answer_titles(model, tokenizer, titles, runtime, config.max_new_tokens, seed=config.seed,
+    writer = for_generation(copy.deepcopy(model), runtime)  # a copy: `model` stays fp32 for the answers' loss
+    answers = answer_titles(writer, tokenizer, titles, runtime, config.max_new_tokens, seed=config.seed,
                             batch_size=config.batch_size, allowed=config.constraint(tokenizer),
                             **config.generate_kwargs())
     figures.update(generation_figures([a.poem for a in answers], [a.stopped for a in answers], training_lines))
     figures.update(prosody_figures([a.poem for a in answers]))
     # What the sampler's choices cost in the model's own eyes (--rhyme overrides it at the
     # rhyme positions): the fp32 model's loss on its stopped answers, poem and end-of-text.
-    scorer, _ = model_and_tokenizer(ckpt)
     rows = [row for row in response_rows(tokenizer, [Sample(INSTRUCTION, a.title, a.poem) for a in answers if a.stopped],
-                                         scorer.config.block_size) if row is not None]
+                                         model.config.block_size) if row is not None]
     figures["answer_loss"] = None  # no answer stopped: nothing to score
     if rows:
-        nll, count = labelled_nll(scorer.to(runtime.device), rows, tokenizer.eot_id, config.batch_size, runtime)
+        nll, count = labelled_nll(model, rows, tokenizer.eot_id, config.batch_size, runtime)
         figures["answer_loss"] = float(nll.sum() / count.sum())
     figures["seconds"] = time.perf_counter() - start
     return figures
@@ -151,12 +151,13 @@ def run(config: EvaluateConfig, explicit: set[str]) -> dict:
     # Both checkpoints first: a bad --compare should fail now, not after the first column.
     checkpoints = {path: load_checkpoint(path, flag_name)
                    for path, flag_name in ((config.ckpt, "--ckpt"), (config.compare, "--compare")) if path}
-    eval_poems = clean_poems(load_poems(config.eval_poems, "--eval-poems"))[0] if config.eval_poems else None
-    if eval_poems == []:  # checked before the corpus loads
-        raise UserError(f"--eval-poems {config.eval_poems}: no poems left after cleaning")
+    if config.eval_poems:  # read before the corpus, so a bad folder fails at once
+        title_poems = clean_poems(load_poems(config.eval_poems, "--eval-poems"))[0]
+        if not title_poems:
+            raise UserError(f"--eval-poems {config.eval_poems}: no poems left after cleaning")
     splits = load_corpus(config.poems or None, verbose=False)
-    if eval_poems:
-        title_poems, source = eval_poems, f"every poem of {config.eval_poems}"
+    if config.eval_poems:
+        source = f"every poem of {config.eval_poems}"
     else:
         title_poems, source = splits["finetune_val"][: config.num_titles], "finetune-val"
     titles = [p.title for p in title_poems]

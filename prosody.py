@@ -167,9 +167,9 @@ class RhymeConstraint:
             return None  # the first line is not done or not 5/7 long, or an odd line is being written
         if len(current) != len(complete[0]) - 1:
             return None
-        shared = frozenset(self.group_ids)  # the first rhyme: any group
-        for line in complete[1::2]:
-            shared &= self.table.groups.get(line[-1], frozenset())
+        shared = frozenset(self.group_ids)  # the first rhyme: any group with characters in the vocabulary
+        if len(complete) > 1:
+            shared &= shared_rhyme_groups(complete, self.table)
         return tuple(sorted(shared)) or None  # earlier rhymes that share nothing: leave the poem alone
 
     def mask(self, groups: tuple[str, ...], device: torch.device) -> torch.Tensor:

@@ -256,10 +256,13 @@ def train(model: GPT, config: TrainConfig, stage: Stage, runtime: Runtime, max_i
                 else "no checkpoint was written")
         return TrainingDiverged(f"{what}; stopping, {kept}. Try a lower --lr or a higher --warmup-iters")
 
-    def save(step: int) -> None:
-        nonlocal saved_at
+    def check_weights(step: int) -> None:
         if not all(torch.isfinite(p).all() for p in model.parameters()):
             raise diverged(f"step {step}: the weights are no longer finite numbers")
+
+    def save(step: int) -> None:
+        nonlocal saved_at
+        check_weights(step)
         save_checkpoint(files.checkpoint, {
             **stage.checkpoint_extra, "model": model.state_dict(), "model_config": asdict(model.config),
             "optimizer": optimizer.state_dict(), "train_config": asdict(config), "step": step, **progress,
@@ -268,8 +271,7 @@ def train(model: GPT, config: TrainConfig, stage: Stage, runtime: Runtime, max_i
         saved_at = step
 
     def evaluate_and_save(step: int) -> dict:
-        if not all(torch.isfinite(p).all() for p in model.parameters()):  # before sampling from them
-            raise diverged(f"step {step}: the weights are no longer finite numbers")
+        check_weights(step)  # before evaluating and sampling from them
         figures = stage.evaluate(model)
         if not math.isfinite(figures["val_loss"]) or figures["val_loss"] > stage.max_val_loss:
             raise diverged(f"step {step}: validation loss is {figures['val_loss']:.4g}")
