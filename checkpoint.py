@@ -2,7 +2,7 @@
 
 A checkpoint is a dict of tensors, numbers, strings, lists and dicts:
 
-    kind          "pretrain" or "sft": which stage wrote it
+    kind          "pretrain", "sft" or "dpo": which stage wrote it (see KINDS)
     model         the state dict;  model_config: GPTConfig as a dict
     tokenizer     Tokenizer.to_dict(), so the exact tokenizer travels with the weights
     optimizer, step, tokens_seen, best_val_loss, max_iters, rng, train_config
@@ -25,6 +25,9 @@ from cli import UserError
 from data.tokenizer import Tokenizer, tokenizer_from_dict
 from model import GPT, GPTConfig
 
+# What each stage's checkpoint is, in words. "sft" and "dpo" models answer the instruction
+# prompt and stop; a "pretrain" model only continues text.
+KINDS = {"pretrain": "pretrained", "sft": "instruction-tuned", "dpo": "preference-tuned"}
 CHECKPOINT_KEYS = ("kind", "model", "model_config", "tokenizer")
 RESUME_KEYS = ("optimizer", "step", "tokens_seen", "best_val_loss", "max_iters", "rng", "train_config")
 
@@ -73,6 +76,11 @@ def load_checkpoint(path: str | Path, flag_name: str = "--resume", resume: bool 
         raise CheckpointError(f"{flag_name}: {path} holds a model but not the training state a run resumes from "
                               f"(no {', '.join(missing)}); start a new run from it instead")
     return ckpt
+
+
+def answers_prompts(kind: str) -> bool:
+    """Whether a checkpoint of this kind was tuned to answer the instruction prompt and stop."""
+    return kind in ("sft", "dpo")
 
 
 def model_and_tokenizer(ckpt: dict) -> tuple[GPT, Tokenizer]:

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 
-from checkpoint import load_checkpoint, model_and_tokenizer
-from cli import UserError, flag, flag_name, require_positive, restore_run_flags, resume_rule, run_cli
+from checkpoint import model_and_tokenizer
+from cli import UserError, flag, resume_rule, run_cli
 from data.corpus import load_corpus
 from data.instruct import EncodedSample, EpochBatches, Sample, encode_samples, load_instruction_jsonl, poem_sample
 from data.tokenizer import Tokenizer
@@ -31,20 +30,17 @@ from generation import answer_titles, format_answers
 from losses import labelled_nll
 from metrics import is_regular_form
 from model import GPT
-from run_files import RunFiles
-from training import Stage, TrainConfig, start_runtime, train
+from training import Stage, start_runtime, train
+from tuning import TuneConfig, finished, open_run
 
 
 @dataclass
-class FinetuneConfig(TrainConfig):
+class FinetuneConfig(TuneConfig):
     init: str = flag("", "the pretrained checkpoint to tune (e.g. ckpt.pt); not needed with --resume")
     out: str = flag("ckpt_sft.pt", "checkpoint path; the log, loss plot and samples are written beside it")
-    epochs: int = flag(2, "passes over the finetune-train samples")
-    max_iters: int = flag(0, "stop after this many steps (0 = run all --epochs); the schedule ends there")
     lr: float = flag(3e-4, "peak learning rate (lower than pretraining: adjust the model, don't retrain it)")
     min_lr: float = flag(3e-5, "learning rate at the end of the cosine decay")
     warmup_iters: int = flag(50, "steps of linear warmup")
-    eval_interval: int = flag(0, "evaluate, sample and checkpoint every this many steps (0 = once per epoch)")
     loss_on: str = flag("response", "response: loss on the poem and end-of-text only; all: on every token",
                         choices=["response", "all"])
     forms: str = flag("regular", "regular: tune on poems of regular form only (all clauses 5 or all 7 characters, "
@@ -52,17 +48,6 @@ class FinetuneConfig(TrainConfig):
     data: str = flag("", "JSONL file of {\"instruction\", \"input\", \"output\"} records to tune on as well")
     data_mode: str = flag("mix", "mix: --data samples join the poem samples; replace: use --data alone",
                           choices=["mix", "replace"])
-    sample_titles: str = flag("", "comma-separated titles to write poems for at each epoch "
-                                  "(default: 春夜喜雨 and three finetune-val titles)")
-    sample_tokens: int = flag(200, "length limit of each sampled poem, in tokens")
-
-    def validate(self) -> None:
-        require_positive(self, ("epochs", "sample_tokens"))
-        for name in ("eval_interval", "max_iters"):
-            if getattr(self, name) < 0:
-                raise UserError(f"{flag_name(name)} must not be negative, got {getattr(self, name)}")
-        # The shared checks, where --eval-interval 0 means "once per epoch", a positive number.
-        TrainConfig.validate(replace(self, eval_interval=self.eval_interval or 1))
 
 
 # What --resume never changes: these decide the samples, their order and the loss, so another
@@ -122,21 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def run(config: FinetuneConfig, explicit: set[str]) -> dict:
-    ckpt, notes = None, []
-    if config.resume:  # the run's own settings first, then check them like any others
-        ckpt = load_checkpoint(config.out, "--resume", resume=True)
-        if ckpt["kind"] != "sft":
-            raise UserError(f"--resume: {config.out} is a {ckpt['kind']} checkpoint, not an instruction-tuned one")
-        notes += restore_run_flags(config, explicit, ckpt["train_config"], RESUME_FIXED, config.out)
-    config.validate()
-    if not config.resume:
-        if not config.init:
-            raise UserError("--init: give the pretrained checkpoint to tune, e.g. --init ckpt.pt")
-        if Path(config.init).resolve() == Path(config.out).resolve():
-            raise UserError(f"--out {config.out} is the --init checkpoint: the tuned model would replace the "
-                            "pretrained one; give another --out")
-    source = ckpt if ckpt is not None else load_checkpoint(config.init, "--init")
-    notes += RunFiles(config.out).prepare(config.resume, config.overwrite)
+    ckpt, source, notes = open_run(config, explicit, "sft", RESUME_FIXED, init_example="ckpt.pt")
     extra = load_instruction_jsonl(config.data) if config.data else []  # a bad file fails before the corpus loads
     dist_info, runtime = start_runtime(config)
     master = dist_info.is_master
@@ -160,23 +131,15 @@ def run(config: FinetuneConfig, explicit: set[str]) -> dict:
                         f"those over block_size {block_size}); use more poems or --data")
     if not val_rows:
         raise UserError("the finetune-val split is empty; use a larger --poems folder")
-    titles = [t.strip() for t in config.sample_titles.split(",") if t.strip()] or \
-        ["春夜喜雨"] + [s.input for s in val_samples[:3]]  # the input of a poem sample is its title
+    titles = config.gallery_titles([s.input for s in val_samples[:3]])  # a poem sample's input is its title
 
     # Padding comes after each row's end and carries no label, so any id works as pad_id.
     batches = EpochBatches(train_rows, config.batch_size, config.grad_accum, dist_info.world_size, config.seed,
                            pad_id=tokenizer.eot_id)
     steps_per_epoch, per_step = batches.steps_per_epoch, batches.samples_per_step
-    max_iters = config.epochs * steps_per_epoch
-    if config.max_iters:
-        max_iters = min(max_iters, config.max_iters)
-    if ckpt is not None and ckpt["step"] >= max_iters:
-        if master:
-            print(f"nothing to do: the run at {config.out} finished at step {ckpt['step']:,} of {max_iters:,}; give "
-                  "more --epochs (or a larger --max-iters) to train it further")
+    max_iters = config.total_steps(steps_per_epoch)
+    if finished(ckpt, max_iters, config, master):
         return {}
-    if config.eval_interval == 0:
-        config.eval_interval = min(steps_per_epoch, max_iters)
     stage = finetune_stage(config, model, tokenizer, batches, val_rows, titles, runtime, dist_info.rank)
     if master:
         n_tokens = sum(len(row.inputs) for row in train_rows)

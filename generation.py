@@ -112,10 +112,13 @@ def answer_titles(
     return answers
 
 
-def format_answers(answers: list[Answer]) -> str:
-    """The gallery: each title, its poem, and whether the model stopped by itself."""
+def format_answers(answers: list[Answer], note: Callable[[str], str] | None = None) -> str:
+    """The gallery: each title, its poem, whether the model stopped by itself, and the
+    `note` on the poem, if given (align.py marks rhymes and tones with prosody.prosody_marks)."""
     blocks = []
     for a in answers:
         ending = "[ended with <|endoftext|>]" if a.stopped else "[no end-of-text: cut at the length limit]"
+        if note is not None:
+            ending += f" [{note(a.poem)}]"
         blocks.append(f"《{a.title}》\n{a.poem}\n{ending}")
     return "\n\n".join(blocks)

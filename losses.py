@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -119,3 +120,71 @@ def title_swap_nll(model: GPT, tokenizer: Tokenizer, poems: list[Poem], batch_si
     nll_own, count = labelled_nll(model, [own[i] for i in fits], tokenizer.eot_id, batch_size, runtime)
     nll_swapped, _ = labelled_nll(model, [swapped[i] for i in fits], tokenizer.eot_id, batch_size, runtime)
     return TitleSwap(fits, nll_own, nll_swapped, count)
+
+
+# -----------------------------------------------------------------------------
+# Preference tuning (DPO)
+
+
+class PreferenceBatch(NamedTuple):
+    """B preference pairs as one padded batch of 2B rows: the chosen answers, then the
+    rejected ones, each after its prompt, labelled on the response and end-of-text only."""
+
+    inputs: torch.Tensor  # (2B, T)
+    labels: torch.Tensor  # (2B, T), IGNORE on the prompt and the padding
+    reference_logps: torch.Tensor  # (2B,) the frozen reference model's sequence log-probabilities
+
+
+def sequence_logprobs(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per row: log p(response | prompt), the sum of the labelled tokens' log-probabilities.
+
+    A sum, not a mean: DPO compares the probabilities of whole answers, and an answer's
+    probability is the product of its tokens'. The end-of-text token is labelled, so
+    stopping where it did is part of the answer.
+    """
+    logits, _ = model(inputs)
+    logps = torch.log_softmax(logits.float(), dim=-1)
+    labelled = labels != IGNORE
+    token_logps = logps.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (token_logps * labelled).sum(dim=-1)
+
+
+class DPOTerms(NamedTuple):
+    losses: torch.Tensor  # (B,) -log sigmoid(margin)
+    chosen_rewards: torch.Tensor  # (B,) beta * (log pi - log pi_ref) of the chosen answer
+    rejected_rewards: torch.Tensor
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
+             reference_rejected: torch.Tensor, beta: float) -> DPOTerms:
+    """Direct Preference Optimization (Rafailov et al. 2023), per pair.
+
+    The implicit reward of an answer is beta * log(pi(answer) / pi_ref(answer)): how much
+    more likely the tuned policy makes it than the frozen reference. The loss is the
+    logistic loss of the chosen answer's reward beating the rejected one's,
+    -log sigmoid(r_chosen - r_rejected): log 2 at the start (policy = reference), falling
+    as the margin grows. beta sets how far the policy may move for a given margin: a small
+    beta lets it move far from the reference.
+    """
+    chosen_rewards = beta * (policy_chosen - reference_chosen)
+    rejected_rewards = beta * (policy_rejected - reference_rejected)
+    losses = -F.logsigmoid(chosen_rewards - rejected_rewards)
+    return DPOTerms(losses, chosen_rewards, rejected_rewards)
+
+
+def preference_loss(model: torch.nn.Module, batch: PreferenceBatch, beta: float, sft_weight: float) -> torch.Tensor:
+    """The mean DPO loss of the batch's pairs, plus sft_weight x the chosen answers' mean
+    cross-entropy per token (an RPO-style anchor, Pang et al. 2024).
+
+    DPO alone only asks that the chosen answer gain on the rejected one; both may lose
+    probability, and the mass they lose goes to answers neither pair shows (likelihood
+    displacement): the distribution drifts. The anchor keeps the chosen answers likely.
+    """
+    logps = sequence_logprobs(model, batch.inputs, batch.labels)
+    pairs = len(logps) // 2
+    terms = dpo_loss(logps[:pairs], logps[pairs:], batch.reference_logps[:pairs], batch.reference_logps[pairs:], beta)
+    loss = terms.losses.mean()
+    if sft_weight:
+        chosen_tokens = (batch.labels[:pairs] != IGNORE).sum()
+        loss = loss + sft_weight * -logps[:pairs].sum() / chosen_tokens
+    return loss

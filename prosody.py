@@ -118,6 +118,21 @@ def keeps_tonal_pattern(lines: list[str], table: PingshuiTable | None = None) ->
     return False
 
 
+def prosody_marks(poem: str) -> str:
+    """A gallery's note on one poem: its form, whether it rhymes (on which characters, in
+    which group) and whether it keeps the tonal pattern."""
+    lines = regular_lines(poem)
+    if lines is None:
+        return "not 絕句/律詩-shaped"
+    table = load_table()
+    form = ("五" if len(lines[0]) == 5 else "七") + ("言絕句" if len(lines) == 4 else "言律詩")
+    ends = "".join(line[-1] for line in lines[1::2])
+    groups = shared_rhyme_groups(lines, table)
+    rhyme = f"rhymes {ends} ({'/'.join(sorted(groups))})" if groups else f"{ends} do not rhyme"
+    tones = "keeps the tonal pattern" if keeps_tonal_pattern(lines, table) else "breaks the tonal pattern"
+    return f"{form} · {rhyme} · {tones}"
+
+
 def unknown_share(texts: list[str], table: PingshuiTable | None = None) -> float:
     """Share of the Han characters in the texts that the table does not list."""
     table = table or load_table()

@@ -102,7 +102,7 @@ class RunFiles:
                 raise UserError(f"{self.log}:{number}: not a JSON record ({e.msg}); move the log aside to go on") from None
         return records
 
-    def write_plot(self, title: str) -> None:
+    def write_plot(self, title: str, ylabel: str = "loss (nats per token)") -> None:
         """Train and val loss against tokens seen."""
         import matplotlib
 
@@ -120,7 +120,7 @@ class RunFiles:
             if points:
                 ax.plot(*zip(*points), "o-", color=color, ms=3, label=label)
         ax.set_xlabel("tokens seen")
-        ax.set_ylabel("loss (nats per token)")
+        ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()

@@ -6,7 +6,7 @@
     python sample.py --ckpt ckpt_sft.pt                                   # interactive: type titles, empty line quits
     python sample.py --ckpt ckpt_sft.pt --title 春夜喜雨 --rhyme          # the even lines' last characters rhyme
 
-The checkpoint says what it is. An instruction-tuned one (finetune.py, kind "sft") gets
+The checkpoint says what it is. A tuned one (finetune.py, kind "sft"; align.py, "dpo") gets
 each title wrapped in the instruction prompt <INS>請用以下題目寫一首詩<INP>{title}<RES>
 and stops at <|endoftext|>. A base one (pretrain.py, kind "pretrain") only ever saw
 poems as "title\\nlines..." run together, so in interactive mode each typed title
@@ -29,7 +29,7 @@ from typing import Callable, Collection
 
 import torch
 
-from checkpoint import load_model
+from checkpoint import KINDS, answers_prompts, load_model
 from cli import UserError, flag, require_positive, run_cli
 from data.instruct import title_prompt_ids
 from data.tokenizer import Tokenizer
@@ -151,8 +151,8 @@ def run(config: SampleConfig, explicit: set[str]) -> None:
     runtime = setup_runtime(config.device, config.dtype)
     model, tokenizer, kind = load_model(config.ckpt, "--ckpt")
     model = for_generation(model, runtime)
-    is_sft = kind == "sft"
-    print(f"{config.ckpt}: {'instruction-tuned' if is_sft else 'base'} model ({kind}), "
+    is_sft = answers_prompts(kind)
+    print(f"{config.ckpt}: {KINDS.get(kind, kind)} model ({kind}), "
           f"{model.num_params() / 1e6:.2f}M parameters, on {runtime.describe()}; {config.describe()}", file=sys.stderr)
     if not is_sft:
         print(f"note: a base model continues text and will not stop by itself; each sample runs to "

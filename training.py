@@ -149,6 +149,7 @@ class Stage:
     describe_step: Callable[[int], str] = lambda step: f"step {step}"
     sample_before_training: bool = False  # also sample the untrained model, as a "before" picture
     max_val_loss: float = math.inf  # a validation loss above this means the run diverged: nothing is saved
+    plot_ylabel: str = "loss (nats per token)"
 
 
 def step_model(model: torch.nn.Module, compile: bool, runtime: Runtime, dist_info: Distributed) -> torch.nn.Module:
@@ -282,7 +283,7 @@ def train(model: GPT, config: TrainConfig, stage: Stage, runtime: Runtime, max_i
         files.append_sample(stage.describe_step(step), text)
         summary = "  ".join(f"{k} {v:.4f}" for k, v in figures.items() if isinstance(v, float))
         tqdm.write(f"{stage.describe_step(step)}: {summary}\n{text}\n")
-        files.write_plot(stage.plot_title)
+        files.write_plot(stage.plot_title, stage.plot_ylabel)
         release_freed_memory()  # evaluation's eager activations would otherwise stay resident
         return figures
 

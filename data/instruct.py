@@ -170,18 +170,22 @@ class EpochBatches:
     seed and the epoch number alone, so a run resumed mid-epoch continues it exactly.
     """
 
-    def __init__(self, rows: list[EncodedSample], batch_size: int, grad_accum: int = 1, world_size: int = 1,
+    def __init__(self, rows: list, batch_size: int, grad_accum: int = 1, world_size: int = 1,
                  seed: int = 0, pad_id: int = 0):
         self.rows, self.batch_size, self.grad_accum, self.world_size = rows, batch_size, grad_accum, world_size
         self.seed, self.pad_id = seed, pad_id
         self.samples_per_step = batch_size * grad_accum * world_size
         self.steps_per_epoch = math.ceil(len(rows) / self.samples_per_step)
 
-    def batch(self, step: int, micro: int = 0, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def indices(self, step: int, micro: int = 0, rank: int = 0) -> list[int]:
+        """Which rows make up the micro-batch (indices into `rows`)."""
         epoch, position = divmod(step, self.steps_per_epoch)
         order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed + epoch))
         first = position * self.samples_per_step + (micro * self.world_size + rank) * self.batch_size
-        rows = [self.rows[order[(first + i) % len(self.rows)]] for i in range(self.batch_size)]
+        return [int(order[(first + i) % len(self.rows)]) for i in range(self.batch_size)]
+
+    def batch(self, step: int, micro: int = 0, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [self.rows[i] for i in self.indices(step, micro, rank)]
         return pad_batch([(row.inputs, row.labels) for row in rows], self.pad_id)
 
 

@@ -235,7 +235,7 @@ def test_sft_checkpoint_as_init_is_allowed_with_a_note(tmp_path, small_poems, ti
 
 
 def test_init_not_given(tmp_path, small_poems, capsys):
-    assert "--init: give the pretrained checkpoint" in run_error(tune(tmp_path, small_poems, None), capsys)
+    assert "--init: give the checkpoint to tune, e.g. --init ckpt.pt" in run_error(tune(tmp_path, small_poems, None), capsys)
 
 
 def test_init_missing(tmp_path, small_poems, capsys):
@@ -276,7 +276,7 @@ def test_resume_needs_an_sft_checkpoint(tmp_path, small_poems, tiny_pretrained, 
 
     shutil.copy(tiny_pretrained, tmp_path / "sft.pt")
     err = run_error(tune(tmp_path, small_poems, None, "--resume"), capsys)
-    assert "is a pretrain checkpoint, not an instruction-tuned one" in err
+    assert "is a pretrain checkpoint (pretrained), not a sft run" in err
 
 
 def test_help_documents_every_flag_with_its_default():

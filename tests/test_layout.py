@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 
-SCRIPTS = {"pretrain", "finetune", "sample", "evaluate", "bench"}
+SCRIPTS = {"pretrain", "finetune", "align", "sample", "evaluate", "bench"}
 MODULES = sorted([*REPO_ROOT.glob("*.py"), *REPO_ROOT.glob("data/*.py"), REPO_ROOT / "notebooks" / "course.py"])
 
 

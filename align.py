@@ -1,0 +1,280 @@
+"""Preference tuning (DPO, 偏好對齊): teach the tuned model which of its own answers is better.
+
+    python align.py --init ckpt_sft.pt                      # -> ckpt_dpo.pt (pairs cached in ckpt_dpo.pairs.json)
+    python align.py --init ckpt_sft.pt --preference rhyme   # an objective DPO cannot teach: watch it fail
+    python align.py --resume                                # continue the run saved at --out
+
+Three stages, three lessons: pretraining teaches the language, instruction tuning the
+format and when to stop, and preference tuning which of the answers the model can
+already write is the better one. It works in two steps:
+
+1. Pairs. The instruction-tuned model (--init) writes --samples-per-prompt answers for each
+   of --prompts titles of the alignment split, poems no earlier stage trained on; the
+   preference (preference.py, judged by the Pingshui table in prosody.py) makes one pair
+   per prompt of a chosen and a rejected answer. Their log-probabilities under that same
+   model, the frozen reference, are computed once and cached with the pairs.
+2. DPO (losses.dpo_loss) on the shared training loop: the policy, a copy of the
+   reference, learns to raise the chosen answer's log-probability relative to the
+   reference more than the rejected one's, plus an anchor (--sft-weight) that keeps the
+   chosen answers likely, so the distribution does not drift.
+
+Each evaluation logs, on held-out pairs (--val-share of the prompts): the DPO loss,
+reward accuracy and margin, and the policy's chosen and rejected log-probabilities;
+and the finetune-val response loss, which says whether the model still writes poems
+the way it did. The gallery marks each poem's shape, rhyme and tones.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from checkpoint import KINDS, load_checkpoint, model_and_tokenizer
+from cli import UserError, flag, resume_rule, run_cli
+from data.corpus import load_corpus
+from data.instruct import EpochBatches, encode_samples, poem_sample
+from data.tokenizer import Tokenizer
+from device import Runtime
+from distributed import barrier
+from generation import answer_titles, for_generation, format_answers
+from losses import dpo_loss, labelled_nll, preference_loss, sequence_logprobs
+from metrics import is_regular_form
+from model import GPT
+from preference import (PREFERENCES, Pair, build_pairs, fits, load_pairs, model_fingerprint, no_pairs_error,
+                        pair_batch, reference_logprobs, save_pairs)
+from prosody import prosody_marks
+from training import Stage, start_runtime, train
+from tuning import TuneConfig, finished, open_run
+
+
+@dataclass
+class AlignConfig(TuneConfig):
+    init: str = flag("", "the instruction-tuned checkpoint to align (e.g. ckpt_sft.pt); not needed with --resume")
+    out: str = flag("ckpt_dpo.pt", "checkpoint path; the log, loss plot and samples are written beside it")
+    preference: str = flag("tonal", "which answer is better: tonal (shaped answers that keep the tonal pattern over "
+                                    "those that break it), shape (絕句/律詩-shaped over not), rhyme (rhyme-enforced "
+                                    "answers over free ones that do not rhyme); see preference.py",
+                           choices=list(PREFERENCES))
+    prompts: int = flag(1024, "alignment-split titles to sample answers for (at most one pair each)")
+    samples_per_prompt: int = flag(4, "answers sampled per title, to find a chosen and a rejected one among")
+    pair_temperature: float = flag(0.8, "sampling temperature of those answers")
+    pairs: str = flag("", "the pair cache (default: beside --out, e.g. ckpt_dpo.pairs.json); reused when built "
+                          "from the same model and settings")
+    val_share: float = flag(0.1, "share of the pairs held out to evaluate on")
+    beta: float = flag(0.1, "DPO's beta: how strongly the policy is held to the reference (higher = closer)")
+    sft_weight: float = flag(1.0, "weight of the anchor: the chosen answers' cross-entropy per token (0 = pure DPO)")
+    epochs: int = flag(3, "passes over the training pairs")
+    batch_size: int = flag(16, "pairs per micro-batch (each pair is two sequences)")
+    lr: float = flag(3e-5, "peak learning rate (a nudge: DPO moves far with little)")
+    min_lr: float = flag(3e-6, "learning rate at the end of the cosine decay")
+    warmup_iters: int = flag(10, "steps of linear warmup")
+    eval_interval: int = flag(25, "evaluate, sample and checkpoint every this many steps (0 = once per epoch)")
+    log_interval: int = flag(5, "write a train-loss record to the JSONL log every this many steps")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.prompts < 1 or self.samples_per_prompt < 2:
+            raise UserError(f"--prompts must be positive and --samples-per-prompt at least 2 (a pair needs two "
+                            f"answers), got {self.prompts} and {self.samples_per_prompt}")
+        if self.pair_temperature <= 0:
+            raise UserError(f"--pair-temperature must be positive (at 0 every answer to a title is the same), "
+                            f"got {self.pair_temperature}")
+        if not 0 < self.val_share < 1:
+            raise UserError(f"--val-share must be in (0, 1), got {self.val_share}")
+        if self.beta <= 0 or self.sft_weight < 0:
+            raise UserError(f"--beta must be positive and --sft-weight not negative, got {self.beta} and "
+                            f"{self.sft_weight}")
+
+    def pairs_path(self) -> Path:
+        return Path(self.pairs) if self.pairs else Path(f"{Path(self.out).with_suffix('')}.pairs.json")
+
+
+# What --resume never changes: these decide the pairs, their order and the loss.
+RESUME_FIXED = {"seed", "batch_size", "grad_accum", "init", "preference", "prompts", "samples_per_prompt",
+                "pair_temperature", "pairs", "val_share", "beta", "sft_weight"}
+
+
+def pair_key(config: AlignConfig, init_fingerprint: str, tokenizer: Tokenizer, runtime: Runtime) -> dict:
+    """Everything the cached pairs depend on: a cache built under another key is not used."""
+    return {"init_fingerprint": init_fingerprint, "tokenizer": tokenizer.name, "preference": config.preference,
+            "prompts": config.prompts, "samples_per_prompt": config.samples_per_prompt,
+            "pair_temperature": config.pair_temperature, "seed": config.seed, "precision": str(runtime.dtype)}
+
+
+def obtain_pairs(config: AlignConfig, reference: Callable[[], GPT], tokenizer: Tokenizer, titles: list[str],
+                 key: dict, runtime: Runtime) -> list[Pair]:
+    """The cached pairs if they match `key`; otherwise sample them from the reference model
+    (`reference()` gives it: the --init model), score them under it, and cache them. An
+    explicitly named cache built under another key is refused (it may be another run's)
+    unless --overwrite."""
+    path = config.pairs_path()
+    pairs, why_not = load_pairs(path, key)
+    if pairs is not None:
+        print(f"pairs: {len(pairs):,} from {path} (built from the same model and settings)")
+        return pairs
+    if path.exists():
+        if config.pairs and not config.overwrite:
+            raise UserError(f"--pairs {path}: {why_not.split(' ', 1)[1]}; give another --pairs, or --overwrite to "
+                            "rebuild it")
+        print(f"note: {why_not}; rebuilding it")
+    reference = reference()
+    writer = for_generation(GPT(reference.config).to(runtime.device), runtime)
+    writer.load_state_dict(reference.state_dict())
+    pairs, counts = build_pairs(writer, tokenizer, titles, config.preference, config.samples_per_prompt, runtime,
+                                reference.config.block_size, config.pair_temperature, config.seed)
+    del writer
+    block_size = reference.config.block_size
+    pairs = [p for p in pairs if fits(tokenizer, p, block_size)]
+    counts.pairs = len(pairs)
+    print(f"pairs: {counts.summary()}")
+    if len(pairs) < 2:
+        raise no_pairs_error(counts, config.preference)
+    reference_logprobs(reference, tokenizer, pairs, runtime)
+    save_pairs(path, key, pairs, counts)
+    return pairs
+
+
+def split_pairs(pairs: list[Pair], val_share: float, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """A seeded shuffle, cut into train and held-out pairs (at least one of each)."""
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = min(len(pairs) - 1, max(1, round(len(pairs) * val_share)))
+    return [pairs[i] for i in order[n_val:]], [pairs[i] for i in order[:n_val]]
+
+
+@torch.no_grad()
+def pair_figures(model: GPT, tokenizer: Tokenizer, pairs: list[Pair], beta: float, batch_size: int,
+                 runtime: Runtime) -> dict:
+    """DPO loss, reward accuracy and margin, and the policy's mean log-probabilities, over pairs."""
+    was_training = model.training
+    model.eval()
+    chosen, rejected, ref_chosen, ref_rejected = [], [], [], []
+    for start in range(0, len(pairs), batch_size):
+        batch = pair_batch(tokenizer, pairs[start : start + batch_size])
+        with runtime.autocast():
+            logps = sequence_logprobs(model, batch.inputs.to(runtime.device), batch.labels.to(runtime.device)).cpu()
+        n = len(logps) // 2
+        chosen.append(logps[:n]), rejected.append(logps[n:])
+        ref_chosen.append(batch.reference_logps[:n]), ref_rejected.append(batch.reference_logps[n:])
+    model.train(was_training)
+    chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+    terms = dpo_loss(chosen, rejected, torch.cat(ref_chosen), torch.cat(ref_rejected), beta)
+    margins = terms.chosen_rewards - terms.rejected_rewards
+    return {"dpo_loss": float(terms.losses.mean()), "reward_accuracy": float((margins > 0).float().mean()),
+            "reward_margin": float(margins.mean()), "chosen_reward": float(terms.chosen_rewards.mean()),
+            "rejected_reward": float(terms.rejected_rewards.mean()), "chosen_logp": float(chosen.mean()),
+            "rejected_logp": float(rejected.mean())}
+
+
+def align_stage(config: AlignConfig, model: GPT, tokenizer: Tokenizer, batches: EpochBatches, val_pairs: list[Pair],
+                finetune_val_rows: list, titles: list[str], runtime: Runtime, rank: int, init_fingerprint: str
+                ) -> Stage:
+    device = runtime.device
+    train_pairs = batches.rows
+
+    def get_batch(step: int, micro: int):
+        batch = pair_batch(tokenizer, [train_pairs[i] for i in batches.indices(step, micro, rank)])
+        return type(batch)(*(t.to(device) for t in batch))
+
+    def evaluate(model: GPT) -> dict:
+        held_out = pair_figures(model, tokenizer, val_pairs, config.beta, config.batch_size, runtime)
+        seen = pair_figures(model, tokenizer, train_pairs[:256], config.beta, config.batch_size, runtime)
+        nll, count = labelled_nll(model, finetune_val_rows, tokenizer.eot_id, 2 * config.batch_size, runtime)
+        return {"eval_train_loss": seen["dpo_loss"], "val_loss": held_out["dpo_loss"],
+                **{k: v for k, v in held_out.items() if k != "dpo_loss"},
+                "finetune_val_loss": float(nll.sum() / count.sum())}
+
+    def sample(model: GPT, step: int) -> str:
+        answers = answer_titles(model, tokenizer, titles, runtime, config.sample_tokens, seed=config.seed)
+        return format_answers(answers, note=prosody_marks)
+
+    def describe_step(step: int) -> str:
+        return f"step {step} (epoch {step / batches.steps_per_epoch:.2g})"
+
+    return Stage(
+        get_batch=get_batch,
+        evaluate=evaluate,
+        sample=sample,
+        checkpoint_extra={"kind": "dpo", "tokenizer": tokenizer.to_dict(), "init": config.init,
+                          "init_fingerprint": init_fingerprint, "preference": config.preference, "beta": config.beta},
+        plot_title=f"preference tuning (DPO, {config.preference}): train = DPO + {config.sft_weight:g} x anchor",
+        plot_ylabel="loss per pair",
+        loss=lambda model, batch: preference_loss(model, batch, config.beta, config.sft_weight),
+        batch_weight=lambda batch: len(batch.inputs) // 2,  # a pair is the unit DPO averages over
+        batch_tokens=lambda batch: batch.inputs.numel(),
+        describe_step=describe_step,
+        sample_before_training=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run_cli(run, AlignConfig, argv, __doc__.splitlines()[0], epilog=resume_rule(RESUME_FIXED))
+
+
+def run(config: AlignConfig, explicit: set[str]) -> dict:
+    ckpt, source, notes = open_run(config, explicit, "dpo", RESUME_FIXED, init_example="ckpt_sft.pt")
+    if ckpt is None and source["kind"] == "pretrain":
+        raise UserError(f"--init {config.init} is a pretrained checkpoint: it continues text but does not answer "
+                        "the instruction prompt or stop, so its answers give no pairs. Tune it first (python "
+                        f"finetune.py --init {config.init}), then align that: --init ckpt_sft.pt")
+    dist_info, runtime = start_runtime(config)
+    master = dist_info.is_master
+    for note in notes if master else []:
+        print(note)
+    if master and ckpt is None and source["kind"] == "dpo":
+        print(f"note: --init {config.init} is already {KINDS['dpo']}; its answers are the new reference")
+
+    model, tokenizer = model_and_tokenizer(source)
+    # The reference is the --init model: the model itself before its first step, or (when a
+    # resumed run must rebuild its pair cache) the --init checkpoint read again.
+    init_fingerprint = model_fingerprint(model.state_dict()) if ckpt is None else ckpt["init_fingerprint"]
+    model.to(runtime.device)
+    block_size = model.config.block_size
+
+    def reference() -> GPT:
+        if ckpt is None:
+            return model
+        init = load_checkpoint(config.init, "--init (read again to rebuild the pair cache)")
+        if init["kind"] not in ("sft", "dpo") or model_fingerprint(init["model"]) != init_fingerprint:
+            raise UserError(f"--init {config.init} is no longer the checkpoint this run started from, and the pair "
+                            f"cache {config.pairs_path()} must be rebuilt from that one: restore it, or start anew")
+        return model_and_tokenizer(init)[0].to(runtime.device)
+
+    splits = load_corpus(config.poems or None, verbose=master)
+    titles = [p.title for p in splits["alignment"][: config.prompts]]
+    key = pair_key(config, init_fingerprint, tokenizer, runtime)
+    if master:  # one process samples the pairs and writes the cache; the others read it
+        pairs = obtain_pairs(config, reference, tokenizer, titles, key, runtime)
+    barrier(dist_info)
+    if not master:
+        pairs = load_pairs(config.pairs_path(), key)[0]
+    train_pairs, val_pairs = split_pairs(pairs, config.val_share, config.seed)
+    finetune_val = [poem_sample(p) for p in splits["finetune_val"] if is_regular_form(p.body)]
+    finetune_val_rows = [(row.inputs, row.response_labels) for row in encode_samples(tokenizer, finetune_val,
+                                                                                      block_size)[0]]
+    gallery = config.gallery_titles([s.input for s in finetune_val[:3]])
+
+    batches = EpochBatches(train_pairs, config.batch_size, config.grad_accum, dist_info.world_size, config.seed)
+    max_iters = config.total_steps(batches.steps_per_epoch)
+    if finished(ckpt, max_iters, config, master):
+        return {}
+    stage = align_stage(config, model, tokenizer, batches, val_pairs, finetune_val_rows, gallery, runtime,
+                        dist_info.rank, init_fingerprint)
+    if master:
+        print(f"device {runtime.describe()}; model {model.num_params():,} parameters from "
+              f"{config.out if config.resume else config.init}; preference {config.preference}, beta {config.beta:g}, "
+              f"anchor weight {config.sft_weight:g}")
+        print(f"pairs: train {len(train_pairs):,}, held out {len(val_pairs):,}; {batches.samples_per_step} pairs per "
+              f"step, {batches.steps_per_epoch} steps per epoch = {max_iters} steps")
+    figures = train(model, config, stage, runtime, max_iters, ckpt, dist_info)
+    if master and figures:
+        print(f"done: held-out reward accuracy {figures['reward_accuracy']:.1%}, margin {figures['reward_margin']:.3f}, "
+              f"finetune-val response loss {figures['finetune_val_loss']:.4f}; checkpoint {config.out}")
+    return figures
+
+
+if __name__ == "__main__":
+    main()

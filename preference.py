@@ -1,0 +1,208 @@
+"""Preference pairs (偏好对) for DPO: two of the tuned model's own answers to one prompt, one better.
+
+DPO learns from pairs (prompt, chosen answer, rejected answer). Here the prompts are the
+titles of the alignment split, poems no earlier stage trained on; for each one the tuned
+model writes `samples_per_prompt` answers, and a *preference* judges them with the
+prosody checks (prosody.py):
+
+- tonal (the default): both answers are 絕句/律詩-shaped (4 or 8 lines of 5 or 7
+  characters); the chosen keeps the tonal pattern (平仄), the rejected breaks it. About
+  half of the tuned model's shaped answers keep it (real poems: about 70 %): a skill it
+  has, unevenly, which preference tuning can make the rule.
+- shape: the chosen is 絕句/律詩-shaped, the rejected is not (both stopped).
+- rhyme: the chosen is written with the rhyme enforced (prosody.RhymeConstraint) and
+  rhymes; the rejected is a free answer, shaped, that does not. The model cannot write
+  the chosen answers by itself: this is the preference that shows what DPO cannot do.
+
+Both answers of a pair answer the same prompt and ended with <|endoftext|>; a prompt
+gives at most one pair (its first chosen and first rejected answer). The reference
+model's log-probability of each answer (the `init` model, before any preference tuning)
+is computed once, here, and stored with the pair: DPO needs no second model in memory.
+
+Building pairs means sampling thousands of answers, so they are cached in a JSON file
+(readable: look at what the model is taught to prefer) together with the key they were
+built under: the model's fingerprint and every setting that changes them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from cli import UserError
+from data.instruct import INSTRUCTION, EncodedSample, Sample, encode_sample, pad_batch
+from data.tokenizer import Tokenizer
+from device import Runtime
+from generation import Answer, answer_titles
+from losses import PreferenceBatch, labelled_nll
+from model import GPT
+from prosody import RhymeConstraint, keeps_tonal_pattern, load_table, regular_lines, rhymes
+
+PREFERENCES = ("tonal", "shape", "rhyme")
+
+
+@dataclass
+class Pair:
+    title: str
+    chosen: str
+    rejected: str
+    reference_chosen: float = 0.0  # log pi_ref(chosen | prompt), response and end-of-text, in nats
+    reference_rejected: float = 0.0
+
+
+def judge(preference: str, answer: Answer) -> str | None:
+    """'chosen', 'rejected' or None (neither: the answer takes no part in a pair)."""
+    if preference not in PREFERENCES:
+        raise ValueError(f"unknown preference {preference!r}; choose from {', '.join(PREFERENCES)}")
+    if not answer.stopped:
+        return None  # every answer in a pair ends with end-of-text
+    lines = regular_lines(answer.poem)
+    if preference == "shape":
+        return "chosen" if lines is not None else "rejected"
+    if lines is None:
+        return None  # tonal and rhyme compare shaped answers only: the pair differs in one thing
+    good = keeps_tonal_pattern(lines, load_table()) if preference == "tonal" else rhymes(lines, load_table())
+    return "chosen" if good else "rejected"
+
+
+@dataclass
+class PairCounts:
+    """What sampling found, for the summary line and for the error when no pair is found."""
+
+    prompts: int
+    answers: int
+    chosen: int  # answers judged chosen
+    rejected: int
+    pairs: int
+
+    def summary(self) -> str:
+        return (f"{self.prompts:,} prompts, {self.answers:,} answers: {self.chosen:,} could be chosen, "
+                f"{self.rejected:,} rejected -> {self.pairs:,} pairs")
+
+
+def build_pairs(model: GPT, tokenizer: Tokenizer, titles: list[str], preference: str, samples_per_prompt: int,
+                runtime: Runtime, max_new_tokens: int, temperature: float, seed: int, batch_size: int = 64
+                ) -> tuple[list[Pair], PairCounts]:
+    """Sample answers for every title and pair them by the preference (see the module doc).
+
+    `model` is the generation copy (see generation.for_generation). With the rhyme
+    preference the chosen candidates come from a second pass with the rhyme enforced.
+    """
+    def sample(allowed: Callable | None, pass_seed: int, label: str) -> list[list[Answer]]:
+        answers: list[Answer] = []
+        chunk = max(1, batch_size // samples_per_prompt) * samples_per_prompt
+        repeated = [t for t in titles for _ in range(samples_per_prompt)]
+        for start in tqdm(range(0, len(repeated), chunk), desc=label, unit="batch", dynamic_ncols=True):
+            # each chunk its own seed: the answers do not depend on how many came before
+            answers += answer_titles(model, tokenizer, repeated[start : start + chunk], runtime, max_new_tokens,
+                                     temperature=temperature, seed=pass_seed + start, batch_size=chunk,
+                                     allowed=allowed)
+        return [answers[i : i + samples_per_prompt] for i in range(0, len(answers), samples_per_prompt)]
+
+    free = sample(None, seed, "sampling answers")
+    verdicts = [[judge(preference, a) for a in group] for group in free]
+    if preference == "rhyme":  # the chosen side: the same model, with the sampler enforcing the rhyme
+        enforced = sample(RhymeConstraint(tokenizer), seed + 1_000_003, "sampling rhymed answers")
+        chosen_side = [[a for a in group if judge("rhyme", a) == "chosen"] for group in enforced]
+        rejected_side = [[a for a, v in zip(group, vs) if v == "rejected"] for group, vs in zip(free, verdicts)]
+        answers = 2 * len(titles) * samples_per_prompt
+    else:
+        chosen_side = [[a for a, v in zip(group, vs) if v == "chosen"] for group, vs in zip(free, verdicts)]
+        rejected_side = [[a for a, v in zip(group, vs) if v == "rejected"] for group, vs in zip(free, verdicts)]
+        answers = len(titles) * samples_per_prompt
+    pairs = []
+    for title, chosen, rejected in zip(titles, chosen_side, rejected_side):
+        better = next((a for a in chosen if all(a.poem != r.poem for r in rejected)), None)
+        if better is not None and rejected:
+            pairs.append(Pair(title, better.poem, rejected[0].poem))
+    counts = PairCounts(len(titles), answers, sum(map(len, chosen_side)), sum(map(len, rejected_side)), len(pairs))
+    return pairs, counts
+
+
+# -----------------------------------------------------------------------------
+# Pairs as training rows
+
+
+def encode_pair(tokenizer: Tokenizer, pair: Pair) -> tuple[EncodedSample, EncodedSample]:
+    """The chosen and the rejected sample, each prompt + answer + end-of-text, labelled on the answer."""
+    return tuple(encode_sample(tokenizer, Sample(INSTRUCTION, pair.title, answer), "response")
+                 for answer in (pair.chosen, pair.rejected))
+
+
+def fits(tokenizer: Tokenizer, pair: Pair, block_size: int) -> bool:
+    return all(len(sample.inputs) <= block_size for sample in encode_pair(tokenizer, pair))
+
+
+def reference_logprobs(model: GPT, tokenizer: Tokenizer, pairs: list[Pair], runtime: Runtime,
+                       batch_size: int = 64) -> None:
+    """Fill in each pair's reference log-probabilities: -NLL of its answers under `model`,
+    computed as training computes the policy's (fp32 weights, the runtime's autocast)."""
+    rows = [(sample.inputs, sample.labels) for pair in pairs for sample in encode_pair(tokenizer, pair)]
+    nll, _ = labelled_nll(model, rows, tokenizer.eot_id, batch_size, runtime)
+    for i, pair in enumerate(pairs):
+        pair.reference_chosen, pair.reference_rejected = -float(nll[2 * i]), -float(nll[2 * i + 1])
+
+
+def pair_batch(tokenizer: Tokenizer, pairs: list[Pair]) -> PreferenceBatch:
+    """Pairs -> one padded batch: the chosen answers, then the rejected ones (see losses.PreferenceBatch)."""
+    encoded = [encode_pair(tokenizer, pair) for pair in pairs]
+    rows = [e[0] for e in encoded] + [e[1] for e in encoded]
+    inputs, labels = pad_batch([(row.inputs, row.labels) for row in rows], tokenizer.eot_id)
+    reference = torch.tensor([p.reference_chosen for p in pairs] + [p.reference_rejected for p in pairs])
+    return PreferenceBatch(inputs, labels, reference)
+
+
+# -----------------------------------------------------------------------------
+# The cache
+
+
+def model_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
+    """A short hash of a model's weights: the same weights give the same fingerprint."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().to("cpu", torch.float32).contiguous()
+        digest.update(name.encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def load_pairs(path: str | Path, key: dict) -> tuple[list[Pair] | None, str]:
+    """The cached pairs at `path` if they were built under `key`, else (None, why not)."""
+    path = Path(path)
+    if not path.exists():
+        return None, "no cache yet"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        saved_key, pairs = data["key"], [Pair(**p) for p in data["pairs"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return None, f"{path} is not a pair cache ({type(e).__name__})"
+    differs = sorted(k for k in set(key) | set(saved_key) if key.get(k) != saved_key.get(k))
+    if differs:
+        return None, f"{path} was built with " + ", ".join(f"{k} {saved_key.get(k)!r}, not {key.get(k)!r}"
+                                                          for k in differs)
+    return pairs, ""
+
+
+def save_pairs(path: str | Path, key: dict, pairs: list[Pair], counts: PairCounts) -> None:
+    """Write atomically (temporary file, then rename), like a checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    data = {"key": key, "counts": asdict(counts), "pairs": [asdict(p) for p in pairs]}
+    try:
+        tmp.write_text(json.dumps(data, ensure_ascii=False, indent=0), encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def no_pairs_error(counts: PairCounts, preference: str) -> UserError:
+    return UserError(f"no preference pair found ({preference}): {counts.summary()}; a pair needs a prompt with "
+                     "both kinds of answer: try more --samples-per-prompt or --prompts, or another --preference")

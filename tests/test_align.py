@@ -1,0 +1,213 @@
+"""Preference tuning: the DPO loss by hand, pairs from one prompt, a frozen reference, exact
+resume, and one clear line for each kind of bad input (align.py, preference.py, losses.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import align
+import preference
+from checkpoint import load_model
+from device import setup_runtime
+from data.instruct import IGNORE
+from generation import Answer
+from losses import PreferenceBatch, dpo_loss, preference_loss, sequence_logprobs
+from model import GPT, GPTConfig
+from preference import Pair, build_pairs, judge, load_pairs, pair_batch, reference_logprobs
+from tests.test_prosody import CHUN_XIAO, CHUN_YE_XI_YU, DENG_GUAN_QUE_LOU, JING_YE_SI
+
+KEEPS_TONES = [DENG_GUAN_QUE_LOU, CHUN_YE_XI_YU]
+BREAKS_TONES = [JING_YE_SI, CHUN_XIAO]
+RUNTIME_FLAGS = ["--no-compile", "--dtype", "float32", "--device", "cpu"]
+
+
+def test_dpo_loss_matches_a_hand_computation():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8))
+    # Two pairs; the prompt is the first two tokens, so labels start at position 1.
+    inputs = torch.tensor([[1, 2, 3, 4, 5], [1, 6, 7, 8, 0], [1, 2, 9, 9, 9], [1, 6, 5, 0, 0]])
+    labels = torch.tensor([[IGNORE, 3, 4, 5, 10], [IGNORE, 7, 8, 10, IGNORE], [IGNORE, 9, 9, 9, 10],
+                           [IGNORE, 5, 10, IGNORE, IGNORE]])
+    reference = torch.tensor([-9.0, -7.5, -11.0, -6.0])
+    beta = 0.5
+
+    logits, _ = model(inputs)
+    logps = []
+    for row in range(4):  # by hand: sum of log-softmax at each labelled position
+        total = 0.0
+        for t in range(5):
+            if labels[row, t] != IGNORE:
+                p = torch.softmax(logits[row, t].detach().double(), dim=-1)[labels[row, t]]
+                total += math.log(float(p))
+        logps.append(total)
+    expected = []
+    for i in range(2):
+        margin = beta * ((logps[i] - reference[i].item()) - (logps[i + 2] - reference[i + 2].item()))
+        expected.append(-math.log(1 / (1 + math.exp(-margin))))
+
+    assert sequence_logprobs(model, inputs, labels).tolist() == pytest.approx(logps, abs=1e-5)
+    batch = PreferenceBatch(inputs, labels, reference)
+    pure = preference_loss(model, batch, beta, sft_weight=0.0)
+    assert pure.item() == pytest.approx(sum(expected) / 2, abs=1e-5)
+    anchored = preference_loss(model, batch, beta, sft_weight=2.0)
+    chosen_tokens = 4 + 3
+    assert anchored.item() == pytest.approx(sum(expected) / 2 - 2.0 * (logps[0] + logps[1]) / chosen_tokens, abs=1e-5)
+    # At the start (policy = reference) every pair's loss is log 2 and both rewards 0.
+    same = dpo_loss(torch.tensor([-3.0]), torch.tensor([-5.0]), torch.tensor([-3.0]), torch.tensor([-5.0]), 0.1)
+    assert same.losses.item() == pytest.approx(math.log(2))
+
+
+def test_judging_known_poems():
+    answer = lambda poem, stopped=True: Answer("題", poem, stopped)  # noqa: E731
+    assert [judge("tonal", answer(p)) for p in KEEPS_TONES + BREAKS_TONES] == ["chosen"] * 2 + ["rejected"] * 2
+    assert judge("tonal", answer("一二三四五六")) is None  # not shaped: tonal pairs compare shaped answers only
+    assert judge("shape", answer("一二三四五六")) == "rejected" and judge("shape", answer(JING_YE_SI)) == "chosen"
+    assert judge("tonal", answer(DENG_GUAN_QUE_LOU, stopped=False)) is None  # every answer in a pair stopped
+    not_rhyming = "白日依山盡，黃河入海流。\n欲窮千里目，更上一層天。"
+    assert judge("rhyme", answer(JING_YE_SI)) == "chosen" and judge("rhyme", answer(not_rhyming)) == "rejected"
+
+
+@pytest.fixture
+def scripted_answers(monkeypatch):
+    """Replace the sampler: the k-th answer to each title cycles through known poems, starting at a
+    title-dependent place, so every title gets both kinds and a pair can be traced to its title."""
+    asked: dict[str, list[str]] = {}
+
+    def fake_answer_titles(model, tokenizer, titles, runtime, max_new_tokens, **kwargs):
+        pool = KEEPS_TONES + BREAKS_TONES
+        answers = []
+        for title in titles:
+            seen = asked.setdefault(title, [])
+            poem = pool[(len(title) + len(seen)) % len(pool)]
+            seen.append(poem)
+            answers.append(Answer(title, poem, True))
+        return answers
+
+    monkeypatch.setattr(preference, "answer_titles", fake_answer_titles)
+    return asked
+
+
+def test_a_pairs_answers_share_one_prompt(scripted_answers, char_tokenizer):
+    titles = ["春", "夏日", "秋夜長", "冬至日作"]
+    pairs, counts = build_pairs(None, char_tokenizer, titles, "tonal", 4, None, 96, 0.8, seed=0)
+    assert counts.pairs == len(pairs) == 4 and counts.answers == 16
+    for pair in pairs:
+        assert pair.chosen in KEEPS_TONES and pair.rejected in BREAKS_TONES
+        assert {pair.chosen, pair.rejected} <= set(scripted_answers[pair.title])
+    batch = pair_batch(char_tokenizer, pairs)
+    n = len(pairs)
+    for i in range(n):  # the chosen row and the rejected row start with the same prompt, up to <RES>
+        prompt_length = int((batch.labels[i] != IGNORE).nonzero()[0])  # the first labelled position is <RES>
+        assert torch.equal(batch.inputs[i, : prompt_length + 1], batch.inputs[n + i, : prompt_length + 1])
+        assert char_tokenizer.decode(batch.inputs[i, : prompt_length + 1].tolist()).endswith("<RES>")
+
+
+def align_args(tmp_path: Path, poems: Path, init: Path | None, *extra: str, out: str = "dpo.pt") -> list[str]:
+    head = ["--init", str(init)] if init else []
+    return [*head, "--poems", str(poems), "--out", str(tmp_path / out), *RUNTIME_FLAGS, "--prompts", "6",
+            "--val-share", "0.34", "--batch-size", "2", "--warmup-iters", "2", "--lr", "1e-3", "--eval-interval", "2",
+            "--sample-tokens", "8", *extra]
+
+
+def run_error(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        align.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    line = err.splitlines()[-1]  # after the progress bars of any sampling
+    assert line.startswith("error: ") and "Traceback" not in err
+    return line
+
+
+def file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_align_trains_the_policy_against_a_frozen_reference_and_resumes_exactly(
+        tmp_path, small_poems, tiny_tuned, scripted_answers, capsys):
+    init_hash = file_hash(tiny_tuned)
+    figures = align.main(align_args(tmp_path, small_poems, tiny_tuned, "--max-iters", "6", out="straight.pt"))
+    for key in ("val_loss", "reward_accuracy", "reward_margin", "chosen_logp", "rejected_logp", "finetune_val_loss"):
+        assert math.isfinite(figures[key])
+    assert file_hash(tiny_tuned) == init_hash  # the reference checkpoint is never written
+
+    # The cached reference log-probabilities are the --init model's, and the policy moved away from it.
+    cache = json.loads((tmp_path / "straight.pairs.json").read_text(encoding="utf-8"))
+    pairs = [Pair(**p) for p in cache["pairs"]]
+    init_model, tokenizer, _ = load_model(tiny_tuned)
+    runtime = setup_runtime("cpu", "float32")
+    fresh = [Pair(p.title, p.chosen, p.rejected) for p in pairs]
+    reference_logprobs(init_model, tokenizer, fresh, runtime)
+    assert [p.reference_chosen for p in fresh] == pytest.approx([p.reference_chosen for p in pairs], abs=1e-4)
+    policy, _, kind = load_model(tmp_path / "straight.pt")
+    assert kind == "dpo"
+    assert any(not torch.equal(a, b) for a, b in zip(policy.state_dict().values(), init_model.state_dict().values()))
+    log = [json.loads(line) for line in (tmp_path / "straight.log.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["step"] for r in log if "reward_accuracy" in r] == [2, 4, 6]
+    gallery = (tmp_path / "straight.samples.txt").read_text(encoding="utf-8")
+    assert gallery.count("[ended with") + gallery.count("[no end-of-text") == gallery.count("絕句/律詩-shaped]") \
+        + gallery.count("tonal pattern]")  # every poem of the gallery carries its prosody marks
+
+    # Stopped at step 3, then resumed with no flags but --resume: the same weights as straight through.
+    align.main(align_args(tmp_path, small_poems, tiny_tuned, "--max-iters", "3", out="split.pt"))
+    capsys.readouterr()
+    align.main(["--resume", "--out", str(tmp_path / "split.pt"), "--max-iters", "6", *RUNTIME_FLAGS])
+    assert f"pairs: {len(pairs)} from" in capsys.readouterr().out  # the cache, not a second sampling
+    resumed, _, _ = load_model(tmp_path / "split.pt")
+    for (name, a), b in zip(policy.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_init_from_a_pretrained_checkpoint_is_refused(tmp_path, small_poems, tiny_pretrained, capsys):
+    err = run_error(align_args(tmp_path, small_poems, tiny_pretrained), capsys)
+    assert "is a pretrained checkpoint" in err and "finetune.py --init" in err
+    assert not list(tmp_path.iterdir())  # refused before any work: nothing written
+
+
+def test_no_pair_found_says_how_many_answers_of_each_kind(tmp_path, small_poems, tiny_tuned, monkeypatch, capsys):
+    monkeypatch.setattr(preference, "answer_titles", lambda model, tokenizer, titles, *a, **k:
+                        [Answer(t, JING_YE_SI, True) for t in titles])  # every answer breaks the tones
+    err = run_error(align_args(tmp_path, small_poems, tiny_tuned), capsys)
+    assert "no preference pair found (tonal): 6 prompts, 24 answers: 0 could be chosen, 24 rejected -> 0 pairs" in err
+
+
+def test_a_pair_cache_from_other_settings(tmp_path, small_poems, tiny_tuned, scripted_answers, capsys):
+    """This run's own cache (beside --out) is rebuilt, with a note; a cache named by --pairs is refused."""
+    align.main(align_args(tmp_path, small_poems, tiny_tuned, "--max-iters", "1"))
+    key_before = load_pairs(tmp_path / "dpo.pairs.json", {})[1]
+    assert "was built with" in key_before
+    capsys.readouterr()
+    align.main(align_args(tmp_path, small_poems, tiny_tuned, "--max-iters", "1", "--prompts", "4", "--overwrite"))
+    out = capsys.readouterr().out
+    assert "was built with prompts 6, not 4; rebuilding it" in out
+    assert json.loads((tmp_path / "dpo.pairs.json").read_text(encoding="utf-8"))["key"]["prompts"] == 4
+    err = run_error(align_args(tmp_path, small_poems, tiny_tuned, "--pairs", str(tmp_path / "dpo.pairs.json"),
+                               out="other.pt"), capsys)
+    assert "--pairs" in err and "was built with prompts 4, not 6" in err and "--overwrite" in err
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--beta", "0"], "--beta must be positive"),
+    (["--samples-per-prompt", "1"], "--samples-per-prompt at least 2"),
+    (["--val-share", "1"], "--val-share must be in (0, 1)"),
+    (["--pair-temperature", "0"], "--pair-temperature must be positive"),
+    (["--preference", "beauty"], "invalid choice: 'beauty'"),
+])
+def test_bad_flags_are_one_line(tmp_path, small_poems, tiny_tuned, capsys, args, expected):
+    assert expected in run_error(align_args(tmp_path, small_poems, tiny_tuned, *args), capsys)
+
+
+def test_help_documents_every_flag_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        align.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--preference", "--beta", "--sft-weight", "--pairs", "--samples-per-prompt", "--val-share",
+                 "--resume", "--overwrite"):
+        assert flag in text
+    assert "(default: tonal)" in text and "(default: 0.1)" in text

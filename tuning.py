@@ -1,0 +1,86 @@
+"""What the stages that tune a checkpoint share (finetune.py, align.py): their common flags,
+and starting a run from --init or continuing one with --resume.
+
+Both stages start from a checkpoint another stage wrote, count their length in epochs
+(optionally cut by --max-iters), evaluate once per epoch unless told otherwise, and show
+a gallery of poems for a few titles at each evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from checkpoint import KINDS, load_checkpoint
+from cli import UserError, flag, flag_name, require_positive, restore_run_flags
+from run_files import RunFiles
+from training import TrainConfig
+
+
+@dataclass
+class TuneConfig(TrainConfig):
+    init: str = flag("", "the checkpoint to tune; not needed with --resume")
+    epochs: int = flag(2, "passes over the training samples")
+    max_iters: int = flag(0, "stop after this many steps (0 = run all --epochs); the schedule ends there")
+    eval_interval: int = flag(0, "evaluate, sample and checkpoint every this many steps (0 = once per epoch)")
+    sample_titles: str = flag("", "comma-separated titles to write poems for at each evaluation "
+                                  "(default: 春夜喜雨 and three finetune-val titles)")
+    sample_tokens: int = flag(200, "length limit of each sampled poem, in tokens")
+
+    def validate(self) -> None:
+        require_positive(self, ("epochs", "sample_tokens"))
+        for name in ("eval_interval", "max_iters"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{flag_name(name)} must not be negative, got {getattr(self, name)}")
+        # The shared checks, where --eval-interval 0 means "once per epoch", a positive number.
+        TrainConfig.validate(replace(self, eval_interval=self.eval_interval or 1))
+
+    def gallery_titles(self, defaults: list[str]) -> list[str]:
+        """--sample-titles, or 春夜喜雨 and the given titles."""
+        return [t.strip() for t in self.sample_titles.split(",") if t.strip()] or ["春夜喜雨"] + defaults
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """The run's length: --epochs, cut by --max-iters; and, for --eval-interval 0, once per epoch."""
+        max_iters = self.epochs * steps_per_epoch
+        if self.max_iters:
+            max_iters = min(max_iters, self.max_iters)
+        if self.eval_interval == 0:
+            self.eval_interval = min(steps_per_epoch, max_iters)
+        return max_iters
+
+
+def open_run(config: TuneConfig, explicit: set[str], kind: str, fixed: set[str], init_example: str
+             ) -> tuple[dict | None, dict, list[str]]:
+    """Check the flags and --out before any work; return (the checkpoint to resume or None,
+    the checkpoint to start from, notes to print).
+
+    With --resume, the run at --out must be a `kind` run, and continues with its own
+    settings (cli.restore_run_flags; `fixed` are the flags it never changes).
+    """
+    ckpt, notes = None, []
+    if config.resume:  # the run's own settings first, then check them like any others
+        ckpt = load_checkpoint(config.out, "--resume", resume=True)
+        if ckpt["kind"] != kind:
+            raise UserError(f"--resume: {config.out} is a {ckpt['kind']} checkpoint "
+                            f"({KINDS.get(ckpt['kind'], 'unknown')}), not a {kind} run ({KINDS[kind]}) to continue")
+        notes += restore_run_flags(config, explicit, ckpt["train_config"], fixed, config.out)
+    config.validate()
+    if not config.resume:
+        if not config.init:
+            raise UserError(f"--init: give the checkpoint to tune, e.g. --init {init_example}")
+        if Path(config.init).resolve() == Path(config.out).resolve():
+            raise UserError(f"--out {config.out} is the --init checkpoint: the tuned model would replace the "
+                            "one it started from; give another --out")
+    source = ckpt if ckpt is not None else load_checkpoint(config.init, "--init")
+    notes += RunFiles(config.out).prepare(config.resume, config.overwrite)
+    return ckpt, source, notes
+
+
+def finished(ckpt: dict | None, max_iters: int, config: TuneConfig, master: bool = True) -> bool:
+    """A resumed run already at its last step: say so (there is nothing to do)."""
+    if ckpt is None or ckpt["step"] < max_iters:
+        return False
+    if master:
+        print(f"nothing to do: the run at {config.out} finished at step {ckpt['step']:,} of {max_iters:,}; give "
+              "more --epochs (or a larger --max-iters) to train it further")
+    return True
