@@ -29,24 +29,24 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
 from checkpoint import KINDS, load_checkpoint, model_and_tokenizer
 from cli import UserError, flag, resume_rule, run_cli
-from data.corpus import load_corpus
-from data.instruct import EpochBatches, encode_samples, poem_sample
+from data.corpus import Poem, load_corpus
+from data.instruct import IGNORE, EpochBatches, encode_sample, encode_samples, pad_batch, poem_sample, title_prompt_ids
 from data.tokenizer import Tokenizer
 from device import Runtime
 from distributed import barrier
 from generation import answer_titles, for_generation, format_answers
-from losses import dpo_loss, labelled_nll, preference_loss, sequence_logprobs
+from losses import PreferenceBatch, dpo_loss, labelled_nll, preference_loss, rhyme_group_loss, sequence_logprobs
 from metrics import is_regular_form
 from model import GPT
 from preference import (PREFERENCES, Pair, build_pairs, fits, load_pairs, model_fingerprint, no_pairs_error,
                         pair_batch, reference_logprobs, save_pairs)
-from prosody import prosody_marks
+from prosody import RhymeConstraint, prosody_marks, rhyme_positions
 from training import Stage, start_runtime, train
 from tuning import TuneConfig, finished, open_run
 
@@ -57,7 +57,8 @@ class AlignConfig(TuneConfig):
     out: str = flag("ckpt_dpo.pt", "checkpoint path; the log, loss plot and samples are written beside it")
     preference: str = flag("tonal", "which answer is better: tonal (shaped answers that keep the tonal pattern over "
                                     "those that break it), shape (絕句/律詩-shaped over not), rhyme (rhyme-enforced "
-                                    "answers over free ones that do not rhyme); see preference.py",
+                                    "answers over free ones that do not rhyme), real (the title's real poem over the "
+                                    "model's answer); see preference.py",
                            choices=list(PREFERENCES))
     prompts: int = flag(1024, "alignment-split titles to sample answers for (at most one pair each)")
     samples_per_prompt: int = flag(4, "answers sampled per title, to find a chosen and a rejected one among")
@@ -67,6 +68,9 @@ class AlignConfig(TuneConfig):
     val_share: float = flag(0.1, "share of the pairs held out to evaluate on")
     beta: float = flag(0.1, "DPO's beta: how strongly the policy is held to the reference (higher = closer)")
     sft_weight: float = flag(1.0, "weight of the anchor: the chosen answers' cross-entropy per token (0 = pure DPO)")
+    rhyme_weight: float = flag(3.0, "weight of the rhyme loss on real poems of the alignment split: at each rhyme "
+                                    "position, -log p(any character of the rhyme group) (0 = off; char tokenizer)")
+    rhyme_batch_size: int = flag(16, "real rhyming poems per micro-batch for the rhyme loss")
     epochs: int = flag(3, "passes over the training pairs")
     batch_size: int = flag(16, "pairs per micro-batch (each pair is two sequences)")
     lr: float = flag(3e-5, "peak learning rate (a nudge: DPO moves far with little)")
@@ -85,6 +89,9 @@ class AlignConfig(TuneConfig):
                             f"got {self.pair_temperature}")
         if not 0 < self.val_share < 1:
             raise UserError(f"--val-share must be in (0, 1), got {self.val_share}")
+        if self.rhyme_weight < 0 or self.rhyme_batch_size < 1:
+            raise UserError(f"--rhyme-weight must not be negative and --rhyme-batch-size must be positive, got "
+                            f"{self.rhyme_weight} and {self.rhyme_batch_size}")
         if self.beta <= 0 or self.sft_weight < 0:
             raise UserError(f"--beta must be positive and --sft-weight not negative, got {self.beta} and "
                             f"{self.sft_weight}")
@@ -95,7 +102,7 @@ class AlignConfig(TuneConfig):
 
 # What --resume never changes: these decide the pairs, their order and the loss.
 RESUME_FIXED = {"seed", "batch_size", "grad_accum", "init", "preference", "prompts", "samples_per_prompt",
-                "pair_temperature", "pairs", "val_share", "beta", "sft_weight"}
+                "pair_temperature", "pairs", "val_share", "beta", "sft_weight", "rhyme_weight", "rhyme_batch_size"}
 
 
 def pair_key(config: AlignConfig, init_fingerprint: str, tokenizer: Tokenizer, runtime: Runtime) -> dict:
@@ -105,7 +112,7 @@ def pair_key(config: AlignConfig, init_fingerprint: str, tokenizer: Tokenizer, r
             "pair_temperature": config.pair_temperature, "seed": config.seed, "precision": str(runtime.dtype)}
 
 
-def obtain_pairs(config: AlignConfig, reference: Callable[[], GPT], tokenizer: Tokenizer, titles: list[str],
+def obtain_pairs(config: AlignConfig, reference: Callable[[], GPT], tokenizer: Tokenizer, poems: list[Poem],
                  key: dict, runtime: Runtime) -> list[Pair]:
     """The cached pairs if they match `key`; otherwise sample them from the reference model
     (`reference()` gives it: the --init model), score them under it, and cache them. An
@@ -122,10 +129,14 @@ def obtain_pairs(config: AlignConfig, reference: Callable[[], GPT], tokenizer: T
                             "rebuild it")
         print(f"note: {why_not}; rebuilding it")
     reference = reference()
+    titles = [p.title for p in poems]
     writer = for_generation(GPT(reference.config).to(runtime.device), runtime)
     writer.load_state_dict(reference.state_dict())
+    # Answers as long as fit the block after the longest prompt (a longer one would not fit a pair).
+    room = reference.config.block_size - max(len(title_prompt_ids(tokenizer, t)) for t in titles)
     pairs, counts = build_pairs(writer, tokenizer, titles, config.preference, config.samples_per_prompt, runtime,
-                                reference.config.block_size, config.pair_temperature, config.seed)
+                                max(room, 1), config.pair_temperature, config.seed,
+                                real_poems=[p.body for p in poems])
     del writer
     block_size = reference.config.block_size
     pairs = [p for p in pairs if fits(tokenizer, p, block_size)]
@@ -143,6 +154,42 @@ def split_pairs(pairs: list[Pair], val_share: float, seed: int) -> tuple[list[Pa
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
     n_val = min(len(pairs) - 1, max(1, round(len(pairs) * val_share)))
     return [pairs[i] for i in order[n_val:]], [pairs[i] for i in order[:n_val]]
+
+
+class RhymeRow(NamedTuple):
+    inputs: list[int]  # a real poem's instruction sample
+    labels: list[int]  # at each rhyme position the index of its rhyme set (a row of the masks), else IGNORE
+
+
+def rhyme_rows(tokenizer: Tokenizer, poems: list[Poem], block_size: int) -> tuple[list[RhymeRow], torch.Tensor]:
+    """The rhyming 絕句/律詩 among `poems` as rows for losses.rhyme_group_loss, and the masks of
+    their rhyme sets ((sets, vocab) bool: the characters that rhyme at such a position)."""
+    try:
+        constraint = RhymeConstraint(tokenizer)
+    except ValueError as e:
+        raise UserError(f"--rhyme-weight: {e}; give --rhyme-weight 0") from None
+    sets: dict[tuple[str, ...], int] = {}
+    rows = []
+    for poem in poems:
+        targets = [(i, groups) for i, groups in rhyme_positions(poem.body) if constraint.mask(groups, "cpu").any()]
+        sample = encode_sample(tokenizer, poem_sample(poem))
+        if not targets or len(sample.inputs) > block_size:
+            continue
+        # The label at position p predicts token p + 1; the response's character j (one token
+        # each, char tokenizer) is predicted at position (prompt length - 1) + j.
+        first = sample.response_labels.index(next(l for l in sample.response_labels if l != IGNORE))
+        labels = [IGNORE] * len(sample.inputs)
+        for char_index, groups in targets:
+            labels[first + char_index] = sets.setdefault(groups, len(sets))
+        rows.append(RhymeRow(sample.inputs, labels))
+    masks = torch.stack([constraint.mask(groups, "cpu") for groups in sets]) if sets else torch.zeros(0, 1).bool()
+    return rows, masks
+
+
+class AlignBatch(NamedTuple):
+    pairs: PreferenceBatch
+    rhyme_inputs: torch.Tensor | None  # real rhyming poems (None with --rhyme-weight 0)
+    rhyme_labels: torch.Tensor | None
 
 
 @torch.no_grad()
@@ -169,23 +216,51 @@ def pair_figures(model: GPT, tokenizer: Tokenizer, pairs: list[Pair], beta: floa
             "rejected_logp": float(rejected.mean())}
 
 
-def align_stage(config: AlignConfig, model: GPT, tokenizer: Tokenizer, batches: EpochBatches, val_pairs: list[Pair],
+def align_stage(config: AlignConfig, model: GPT, tokenizer: Tokenizer, batches: EpochBatches,
+                rhymes: EpochBatches | None, group_masks: torch.Tensor, val_pairs: list[Pair],
                 finetune_val_rows: list, titles: list[str], runtime: Runtime, rank: int, init_fingerprint: str
                 ) -> Stage:
     device = runtime.device
     train_pairs = batches.rows
+    group_masks = group_masks.to(device)
 
-    def get_batch(step: int, micro: int):
-        batch = pair_batch(tokenizer, [train_pairs[i] for i in batches.indices(step, micro, rank)])
-        return type(batch)(*(t.to(device) for t in batch))
+    def get_batch(step: int, micro: int) -> AlignBatch:
+        pairs = pair_batch(tokenizer, [train_pairs[i] for i in batches.indices(step, micro, rank)])
+        pairs = PreferenceBatch(*(t.to(device) for t in pairs))
+        if rhymes is None:
+            return AlignBatch(pairs, None, None)
+        x, y = rhymes.batch(step, micro, rank)
+        return AlignBatch(pairs, x.to(device), y.to(device))
+
+    def loss(model: torch.nn.Module, batch: AlignBatch) -> torch.Tensor:
+        """DPO + the anchor on the pairs, + the rhyme loss on the real poems."""
+        total = preference_loss(model, batch.pairs, config.beta, config.sft_weight)
+        if batch.rhyme_inputs is not None:
+            logits, _ = model(batch.rhyme_inputs)
+            total = total + config.rhyme_weight * rhyme_group_loss(logits, batch.rhyme_labels, group_masks)
+        return total
+
+    def rhyme_loss(model: GPT) -> float | None:
+        if rhymes is None:
+            return None
+        was_training = model.training
+        model.eval()
+        x, y = pad_batch([(r.inputs, r.labels) for r in rhymes.rows[:256]], tokenizer.eot_id)
+        with torch.no_grad(), runtime.autocast():
+            value = float(rhyme_group_loss(model(x.to(device))[0], y.to(device), group_masks))
+        model.train(was_training)
+        return value
 
     def evaluate(model: GPT) -> dict:
         held_out = pair_figures(model, tokenizer, val_pairs, config.beta, config.batch_size, runtime)
         seen = pair_figures(model, tokenizer, train_pairs[:256], config.beta, config.batch_size, runtime)
         nll, count = labelled_nll(model, finetune_val_rows, tokenizer.eot_id, 2 * config.batch_size, runtime)
-        return {"eval_train_loss": seen["dpo_loss"], "val_loss": held_out["dpo_loss"],
-                **{k: v for k, v in held_out.items() if k != "dpo_loss"},
-                "finetune_val_loss": float(nll.sum() / count.sum())}
+        figures = {"eval_train_loss": seen["dpo_loss"], "val_loss": held_out["dpo_loss"],
+                   **{k: v for k, v in held_out.items() if k != "dpo_loss"},
+                   "finetune_val_loss": float(nll.sum() / count.sum())}
+        if rhymes is not None:  # the rhyme loss on (training) poems: exp(-loss) ~ the rhyme group's probability
+            figures["rhyme_loss"] = rhyme_loss(model)
+        return figures
 
     def sample(model: GPT, step: int) -> str:
         answers = answer_titles(model, tokenizer, titles, runtime, config.sample_tokens, seed=config.seed)
@@ -200,11 +275,12 @@ def align_stage(config: AlignConfig, model: GPT, tokenizer: Tokenizer, batches: 
         sample=sample,
         checkpoint_extra={"kind": "dpo", "tokenizer": tokenizer.to_dict(), "init": config.init,
                           "init_fingerprint": init_fingerprint, "preference": config.preference, "beta": config.beta},
-        plot_title=f"preference tuning (DPO, {config.preference}): train = DPO + {config.sft_weight:g} x anchor",
+        plot_title=f"preference tuning (DPO, {config.preference}): train = DPO + {config.sft_weight:g} x anchor"
+                   + (f" + {config.rhyme_weight:g} x rhyme" if rhymes is not None else ""),
         plot_ylabel="loss per pair",
-        loss=lambda model, batch: preference_loss(model, batch, config.beta, config.sft_weight),
-        batch_weight=lambda batch: len(batch.inputs) // 2,  # a pair is the unit DPO averages over
-        batch_tokens=lambda batch: batch.inputs.numel(),
+        loss=loss,
+        batch_weight=lambda batch: len(batch.pairs.inputs) // 2,  # a pair is the unit DPO averages over
+        batch_tokens=lambda batch: batch.pairs.inputs.numel() + (0 if rhymes is None else batch.rhyme_inputs.numel()),
         describe_step=describe_step,
         sample_before_training=True,
     )
@@ -244,10 +320,10 @@ def run(config: AlignConfig, explicit: set[str]) -> dict:
         return model_and_tokenizer(init)[0].to(runtime.device)
 
     splits = load_corpus(config.poems or None, verbose=master)
-    titles = [p.title for p in splits["alignment"][: config.prompts]]
+    prompts = splits["alignment"][: config.prompts]
     key = pair_key(config, init_fingerprint, tokenizer, runtime)
     if master:  # one process samples the pairs and writes the cache; the others read it
-        pairs = obtain_pairs(config, reference, tokenizer, titles, key, runtime)
+        pairs = obtain_pairs(config, reference, tokenizer, prompts, key, runtime)
     barrier(dist_info)
     if not master:
         pairs = load_pairs(config.pairs_path(), key)[0]
@@ -258,17 +334,28 @@ def run(config: AlignConfig, explicit: set[str]) -> dict:
     gallery = config.gallery_titles([s.input for s in finetune_val[:3]])
 
     batches = EpochBatches(train_pairs, config.batch_size, config.grad_accum, dist_info.world_size, config.seed)
+    rhymes, group_masks = None, torch.zeros(0, 1, dtype=torch.bool)
+    if config.rhyme_weight:
+        rows, group_masks = rhyme_rows(tokenizer, splits["alignment"], block_size)
+        if not rows:
+            raise UserError("--rhyme-weight: no rhyming 絕句/律詩 in the alignment split fits the block; give "
+                            "--rhyme-weight 0")
+        rhymes = EpochBatches(rows, config.rhyme_batch_size, config.grad_accum, dist_info.world_size, config.seed,
+                              pad_id=tokenizer.eot_id)
     max_iters = config.total_steps(batches.steps_per_epoch)
     if finished(ckpt, max_iters, config, master):
         return {}
-    stage = align_stage(config, model, tokenizer, batches, val_pairs, finetune_val_rows, gallery, runtime,
-                        dist_info.rank, init_fingerprint)
+    stage = align_stage(config, model, tokenizer, batches, rhymes, group_masks, val_pairs, finetune_val_rows, gallery,
+                        runtime, dist_info.rank, init_fingerprint)
     if master:
         print(f"device {runtime.describe()}; model {model.num_params():,} parameters from "
               f"{config.out if config.resume else config.init}; preference {config.preference}, beta {config.beta:g}, "
               f"anchor weight {config.sft_weight:g}")
         print(f"pairs: train {len(train_pairs):,}, held out {len(val_pairs):,}; {batches.samples_per_step} pairs per "
               f"step, {batches.steps_per_epoch} steps per epoch = {max_iters} steps")
+        if rhymes is not None:
+            print(f"rhyme loss: {len(rhymes.rows):,} rhyming poems of the alignment split, "
+                  f"{rhymes.samples_per_step} per step, weight {config.rhyme_weight:g}")
     figures = train(model, config, stage, runtime, max_iters, ckpt, dist_info)
     if master and figures:
         print(f"done: held-out reward accuracy {figures['reward_accuracy']:.1%}, margin {figures['reward_margin']:.3f}, "

@@ -188,3 +188,18 @@ def preference_loss(model: torch.nn.Module, batch: PreferenceBatch, beta: float,
         chosen_tokens = (batch.labels[:pairs] != IGNORE).sum()
         loss = loss + sft_weight * -logps[:pairs].sum() / chosen_tokens
     return loss
+
+
+def rhyme_group_loss(logits: torch.Tensor, rhyme_labels: torch.Tensor, group_masks: torch.Tensor) -> torch.Tensor:
+    """At each rhyme position, -log of the probability the model gives to the whole rhyme group.
+
+    rhyme_labels holds, at the position that predicts a rhyme character, the index of the
+    set of characters that rhyme there (a row of group_masks, (sets, vocab) bool), and
+    IGNORE elsewhere. Cross-entropy would reward the one character the poem used; this
+    rewards any character of the group, the thing to learn: it costs nothing to rhyme on
+    霜 rather than 鄉, and everything to rhyme on neither.
+    """
+    at = rhyme_labels != IGNORE
+    logps = torch.log_softmax(logits[at].float(), dim=-1)  # (positions, vocab)
+    in_group = group_masks[rhyme_labels[at]]
+    return -torch.logsumexp(logps.masked_fill(~in_group, -math.inf), dim=-1).mean()

@@ -13,9 +13,13 @@ prosody checks (prosody.py):
 - rhyme: the chosen is written with the rhyme enforced (prosody.RhymeConstraint) and
   rhymes; the rejected is a free answer, shaped, that does not. The model cannot write
   the chosen answers by itself: this is the preference that shows what DPO cannot do.
+- real: the title's own poem from the corpus over the model's answer (as in SPIN, Chen et
+  al. 2024): another chosen answer the model did not write. Any answer can be the
+  rejected one, even one cut at the length limit, so even a barely trained model gets pairs.
 
-Both answers of a pair answer the same prompt and ended with <|endoftext|>; a prompt
-gives at most one pair (its first chosen and first rejected answer). The reference
+Both answers of a pair answer the same prompt and (but for `real`'s rejected answers)
+ended with <|endoftext|>; a prompt gives at most one pair (its first chosen and first
+rejected answer). The reference
 model's log-probability of each answer (the `init` model, before any preference tuning)
 is computed once, here, and stored with the pair: DPO needs no second model in memory.
 
@@ -44,7 +48,7 @@ from losses import PreferenceBatch, labelled_nll
 from model import GPT
 from prosody import RhymeConstraint, keeps_tonal_pattern, load_table, regular_lines, rhymes
 
-PREFERENCES = ("tonal", "shape", "rhyme")
+PREFERENCES = ("tonal", "shape", "rhyme", "real")
 
 
 @dataclass
@@ -60,6 +64,8 @@ def judge(preference: str, answer: Answer) -> str | None:
     """'chosen', 'rejected' or None (neither: the answer takes no part in a pair)."""
     if preference not in PREFERENCES:
         raise ValueError(f"unknown preference {preference!r}; choose from {', '.join(PREFERENCES)}")
+    if preference == "real":
+        return "rejected"  # the chosen answer is the corpus's poem, never the model's
     if not answer.stopped:
         return None  # every answer in a pair ends with end-of-text
     lines = regular_lines(answer.poem)
@@ -87,12 +93,13 @@ class PairCounts:
 
 
 def build_pairs(model: GPT, tokenizer: Tokenizer, titles: list[str], preference: str, samples_per_prompt: int,
-                runtime: Runtime, max_new_tokens: int, temperature: float, seed: int, batch_size: int = 64
-                ) -> tuple[list[Pair], PairCounts]:
+                runtime: Runtime, max_new_tokens: int, temperature: float, seed: int, batch_size: int = 64,
+                real_poems: list[str] | None = None) -> tuple[list[Pair], PairCounts]:
     """Sample answers for every title and pair them by the preference (see the module doc).
 
     `model` is the generation copy (see generation.for_generation). With the rhyme
-    preference the chosen candidates come from a second pass with the rhyme enforced.
+    preference the chosen candidates come from a second pass with the rhyme enforced;
+    with `real`, they are `real_poems`, the titles' own poems.
     """
     def sample(allowed: Callable | None, pass_seed: int, label: str) -> list[list[Answer]]:
         answers: list[Answer] = []
@@ -112,6 +119,10 @@ def build_pairs(model: GPT, tokenizer: Tokenizer, titles: list[str], preference:
         chosen_side = [[a for a in group if judge("rhyme", a) == "chosen"] for group in enforced]
         rejected_side = [[a for a, v in zip(group, vs) if v == "rejected"] for group, vs in zip(free, verdicts)]
         answers = 2 * len(titles) * samples_per_prompt
+    elif preference == "real":
+        chosen_side = [[Answer(title, poem, True)] for title, poem in zip(titles, real_poems)]
+        rejected_side = free
+        answers = len(titles) * samples_per_prompt
     else:
         chosen_side = [[a for a, v in zip(group, vs) if v == "chosen"] for group, vs in zip(free, verdicts)]
         rejected_side = [[a for a, v in zip(group, vs) if v == "rejected"] for group, vs in zip(free, verdicts)]
@@ -119,7 +130,7 @@ def build_pairs(model: GPT, tokenizer: Tokenizer, titles: list[str], preference:
     pairs = []
     for title, chosen, rejected in zip(titles, chosen_side, rejected_side):
         better = next((a for a in chosen if all(a.poem != r.poem for r in rejected)), None)
-        if better is not None and rejected:
+        if better is not None and rejected:  # (a real poem the model wrote word for word is no pair)
             pairs.append(Pair(title, better.poem, rejected[0].poem))
     counts = PairCounts(len(titles), answers, sum(map(len, chosen_side)), sum(map(len, rejected_side)), len(pairs))
     return pairs, counts

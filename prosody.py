@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -32,6 +33,8 @@ import torch
 
 from data.tokenizer import CharTokenizer, Tokenizer
 from metrics import CLAUSE_BREAK, clauses
+
+CLAUSE_TEXT = re.compile(CLAUSE_BREAK.pattern.replace("[", "[^", 1).rstrip("+") + "+")  # a line's characters
 
 LEVEL, OBLIQUE = "level", "oblique"
 
@@ -116,6 +119,19 @@ def keeps_tonal_pattern(lines: list[str], table: PingshuiTable | None = None) ->
         if ok:
             return True
     return False
+
+
+def rhyme_positions(poem: str, table: PingshuiTable | None = None) -> list[tuple[int, tuple[str, ...]]]:
+    """Where a rhyming 絕句/律詩 answers its earlier rhymes: for the last character of its 4th
+    (6th, 8th) line, (its index in the poem, the rhyme groups the earlier rhyme characters
+    share). Empty for a poem that is not shaped or does not rhyme. The targets of align.py's
+    rhyme loss: a character there should come from those groups."""
+    table = table or load_table()
+    lines = regular_lines(poem)
+    if lines is None or not rhymes(lines, table):
+        return []
+    ends = [m.end() - 1 for m in CLAUSE_TEXT.finditer(poem) if m.group().strip()]
+    return [(ends[k], tuple(sorted(shared_rhyme_groups(lines[:k], table)))) for k in range(3, len(lines), 2)]
 
 
 def prosody_marks(poem: str) -> str:

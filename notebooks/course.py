@@ -92,3 +92,17 @@ def tuned_checkpoint() -> Path:
              "--sample-tokens", "40", "--sample-titles", "春夜喜雨"] if FAST else ["--max-iters", "150"]
     return _checkpoint("ckpt_sft.pt", lambda out: finetune.main(
         ["--init", _shown(base_checkpoint()), "--poems", poems_dir(), "--out", _shown(out), *flags]))
+
+
+def aligned_checkpoint() -> Path:
+    """The preference-tuned checkpoint: ckpt_dpo.pt at the repository root (from `python align.py
+    --init ckpt_sft.pt`) when present (and not in fast mode), else a short run into notebooks/out/.
+    Fast mode's tiny model writes no poem worth judging, so its pairs are the titles' real poems
+    over its answers (--preference real)."""
+    import align
+
+    flags = ["--preference", "real", "--prompts", "12", "--samples-per-prompt", "2", "--max-iters", "4",
+             "--eval-interval", "2", "--batch-size", "4", "--no-compile", "--dtype", "float32", "--sample-tokens", "40",
+             "--sample-titles", "春夜喜雨"] if FAST else ["--prompts", "256"]
+    return _checkpoint("ckpt_dpo.pt", lambda out: align.main(
+        ["--init", _shown(tuned_checkpoint()), "--poems", poems_dir(), "--out", _shown(out), *flags]))

@@ -211,3 +211,40 @@ def test_help_documents_every_flag_with_its_default(capsys):
                  "--resume", "--overwrite"):
         assert flag in text
     assert "(default: tonal)" in text and "(default: 0.1)" in text
+
+
+def test_rhyme_positions_point_at_the_rhymes_that_answer_earlier_ones():
+    from prosody import rhyme_positions
+
+    positions = rhyme_positions(CHUN_YE_XI_YU)
+    assert [CHUN_YE_XI_YU[i] for i, _ in positions] == ["聲", "明", "城"]  # 生 is the first rhyme: nothing to answer
+    assert {groups for _, groups in positions} == {("下平聲八庚",)}
+    assert [JING_YE_SI[i] for i, _ in rhyme_positions(JING_YE_SI)] == ["鄉"]
+    assert rhyme_positions("白日依山盡，黃河入海流。\n欲窮千里目，更上一層天。") == []  # does not rhyme
+    assert rhyme_positions("一二三四五六") == []  # not shaped
+
+
+def test_rhyme_group_loss_is_minus_log_the_groups_probability():
+    from losses import rhyme_group_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 6)
+    labels = torch.full((2, 3), IGNORE)
+    labels[0, 1], labels[1, 2] = 0, 1
+    masks = torch.tensor([[1, 1, 0, 0, 0, 0], [0, 0, 0, 1, 0, 1]], dtype=torch.bool)
+    p = torch.softmax(logits, dim=-1)
+    by_hand = -(torch.log(p[0, 1, 0] + p[0, 1, 1]) + torch.log(p[1, 2, 3] + p[1, 2, 5])) / 2
+    assert rhyme_group_loss(logits, labels, masks).item() == pytest.approx(by_hand.item(), abs=1e-6)
+
+
+def test_rhyme_rows_label_the_rhyme_characters_with_their_group(char_tokenizer, splits):
+    rows, masks = align.rhyme_rows(char_tokenizer, splits["alignment"][:300], 128)
+    assert rows and len(rows) < 300  # only the rhyming 絕句/律詩 that fit
+    labelled = 0
+    for row in rows:
+        for position, set_index in enumerate(row.labels):
+            if set_index != IGNORE:  # the token predicted there is the poem's own rhyme, inside its set
+                assert masks[set_index, row.inputs[position + 1]]
+                assert char_tokenizer.decode([row.inputs[position + 2]]) in "，。？！；：、\n"
+                labelled += 1
+    assert labelled >= len(rows)
