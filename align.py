@@ -68,8 +68,9 @@ class AlignConfig(TuneConfig):
     val_share: float = flag(0.1, "share of the pairs held out to evaluate on")
     beta: float = flag(0.1, "DPO's beta: how strongly the policy is held to the reference (higher = closer)")
     sft_weight: float = flag(1.0, "weight of the anchor: the chosen answers' cross-entropy per token (0 = pure DPO)")
-    rhyme_weight: float = flag(3.0, "weight of the rhyme loss on real poems of the alignment split: at each rhyme "
-                                    "position, -log p(any character of the rhyme group) (0 = off; char tokenizer)")
+    rhyme_weight: float = flag(3.0, "weight of the rhyme loss on real rhyming poems of the alignment split: at each "
+                                    "rhyme position, -log p(any character of the rhyme group); those poems get the "
+                                    "anchor (--sft-weight) too (0 = off; char tokenizer)")
     rhyme_batch_size: int = flag(16, "real rhyming poems per micro-batch for the rhyme loss")
     epochs: int = flag(3, "passes over the training pairs")
     batch_size: int = flag(16, "pairs per micro-batch (each pair is two sequences)")
@@ -159,6 +160,7 @@ def split_pairs(pairs: list[Pair], val_share: float, seed: int) -> tuple[list[Pa
 class RhymeRow(NamedTuple):
     inputs: list[int]  # a real poem's instruction sample
     labels: list[int]  # at each rhyme position the index of its rhyme set (a row of the masks), else IGNORE
+    response_labels: list[int]  # the poem and end-of-text, for the anchor on real poems
 
 
 def rhyme_rows(tokenizer: Tokenizer, poems: list[Poem], block_size: int) -> tuple[list[RhymeRow], torch.Tensor]:
@@ -181,7 +183,7 @@ def rhyme_rows(tokenizer: Tokenizer, poems: list[Poem], block_size: int) -> tupl
         labels = [IGNORE] * len(sample.inputs)
         for char_index, groups in targets:
             labels[first + char_index] = sets.setdefault(groups, len(sets))
-        rows.append(RhymeRow(sample.inputs, labels))
+        rows.append(RhymeRow(sample.inputs, labels, sample.response_labels))
     masks = torch.stack([constraint.mask(groups, "cpu") for groups in sets]) if sets else torch.zeros(0, 1).bool()
     return rows, masks
 
@@ -189,7 +191,8 @@ def rhyme_rows(tokenizer: Tokenizer, poems: list[Poem], block_size: int) -> tupl
 class AlignBatch(NamedTuple):
     pairs: PreferenceBatch
     rhyme_inputs: torch.Tensor | None  # real rhyming poems (None with --rhyme-weight 0)
-    rhyme_labels: torch.Tensor | None
+    rhyme_labels: torch.Tensor | None  # their rhyme sets at the rhyme positions
+    poem_labels: torch.Tensor | None  # their response labels
 
 
 @torch.no_grad()
@@ -228,16 +231,20 @@ def align_stage(config: AlignConfig, model: GPT, tokenizer: Tokenizer, batches: 
         pairs = pair_batch(tokenizer, [train_pairs[i] for i in batches.indices(step, micro, rank)])
         pairs = PreferenceBatch(*(t.to(device) for t in pairs))
         if rhymes is None:
-            return AlignBatch(pairs, None, None)
-        x, y = rhymes.batch(step, micro, rank)
-        return AlignBatch(pairs, x.to(device), y.to(device))
+            return AlignBatch(pairs, None, None, None)
+        rows = [rhymes.rows[i] for i in rhymes.indices(step, micro, rank)]
+        x, rhyme_labels = pad_batch([(r.inputs, r.labels) for r in rows], tokenizer.eot_id)
+        _, poem_labels = pad_batch([(r.inputs, r.response_labels) for r in rows], tokenizer.eot_id)
+        return AlignBatch(pairs, x.to(device), rhyme_labels.to(device), poem_labels.to(device))
 
     def loss(model: torch.nn.Module, batch: AlignBatch) -> torch.Tensor:
-        """DPO + the anchor on the pairs, + the rhyme loss on the real poems."""
+        """DPO + the anchor on the pairs; with the rhyme loss, the real poems' rhyme loss, and
+        the anchor on them too: a rhyme learned at the rhyme positions, the rest held in place."""
         total = preference_loss(model, batch.pairs, config.beta, config.sft_weight)
         if batch.rhyme_inputs is not None:
-            logits, _ = model(batch.rhyme_inputs)
+            logits, poem_nll = model(batch.rhyme_inputs, batch.poem_labels)
             total = total + config.rhyme_weight * rhyme_group_loss(logits, batch.rhyme_labels, group_masks)
+            total = total + config.sft_weight * poem_nll
         return total
 
     def rhyme_loss(model: GPT) -> float | None:

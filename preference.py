@@ -129,9 +129,11 @@ def build_pairs(model: GPT, tokenizer: Tokenizer, titles: list[str], preference:
         answers = len(titles) * samples_per_prompt
     pairs = []
     for title, chosen, rejected in zip(titles, chosen_side, rejected_side):
-        better = next((a for a in chosen if all(a.poem != r.poem for r in rejected)), None)
-        if better is not None and rejected:  # (a real poem the model wrote word for word is no pair)
-            pairs.append(Pair(title, better.poem, rejected[0].poem))
+        for better in chosen:  # the first chosen answer with a rejected one that differs from it
+            worse = next((r for r in rejected if r.poem != better.poem), None)  # (a real poem, written word for word)
+            if worse is not None:
+                pairs.append(Pair(title, better.poem, worse.poem))
+                break
     counts = PairCounts(len(titles), answers, sum(map(len, chosen_side)), sum(map(len, rejected_side)), len(pairs))
     return pairs, counts
 

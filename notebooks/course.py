@@ -94,15 +94,25 @@ def tuned_checkpoint() -> Path:
         ["--init", _shown(base_checkpoint()), "--poems", poems_dir(), "--out", _shown(out), *flags]))
 
 
-def aligned_checkpoint() -> Path:
-    """The preference-tuned checkpoint: ckpt_dpo.pt at the repository root (from `python align.py
-    --init ckpt_sft.pt`) when present (and not in fast mode), else a short run into notebooks/out/.
-    Fast mode's tiny model writes no poem worth judging, so its pairs are the titles' real poems
-    over its answers (--preference real)."""
+def _align(name: str, default_flags: list[str]) -> Path:
+    """An align.py run from tuned_checkpoint(): REPO/name when present, else a short one into
+    notebooks/out/. Fast mode's tiny model writes no poem worth judging, so its pairs are
+    the titles' real poems over its answers (--preference real)."""
     import align
 
     flags = ["--preference", "real", "--prompts", "12", "--samples-per-prompt", "2", "--max-iters", "4",
              "--eval-interval", "2", "--batch-size", "4", "--no-compile", "--dtype", "float32", "--sample-tokens", "40",
-             "--sample-titles", "春夜喜雨"] if FAST else ["--prompts", "256"]
-    return _checkpoint("ckpt_dpo.pt", lambda out: align.main(
+             "--sample-titles", "春夜喜雨"] if FAST else default_flags
+    return _checkpoint(name, lambda out: align.main(
         ["--init", _shown(tuned_checkpoint()), "--poems", poems_dir(), "--out", _shown(out), *flags]))
+
+
+def aligned_checkpoint() -> Path:
+    """The preference-tuned checkpoint: ckpt_dpo.pt (from `python align.py --init ckpt_sft.pt`)."""
+    return _align("ckpt_dpo.pt", ["--prompts", "256"])
+
+
+def rhyme_preference_checkpoint() -> Path:
+    """DPO toward rhyme alone, the run that fails: ckpt_dpo_rhyme.pt (from `python align.py --init
+    ckpt_sft.pt --preference rhyme --rhyme-weight 0 --out ckpt_dpo_rhyme.pt`)."""
+    return _align("ckpt_dpo_rhyme.pt", ["--prompts", "256", "--preference", "rhyme", "--rhyme-weight", "0"])

@@ -248,3 +248,13 @@ def test_rhyme_rows_label_the_rhyme_characters_with_their_group(char_tokenizer, 
                 assert char_tokenizer.decode([row.inputs[position + 2]]) in "，。？！；：、\n"
                 labelled += 1
     assert labelled >= len(rows)
+
+
+def test_real_preference_pairs_the_titles_poem_over_the_models_answer(scripted_answers, char_tokenizer):
+    titles, real = ["春", "夏日"], [CHUN_YE_XI_YU, DENG_GUAN_QUE_LOU]
+    pairs, counts = build_pairs(None, char_tokenizer, titles, "real", 2, None, 96, 0.8, seed=0, real_poems=real)
+    assert [(p.title, p.chosen) for p in pairs] == [("春", CHUN_YE_XI_YU), ("夏日", DENG_GUAN_QUE_LOU)]
+    assert all(p.rejected in scripted_answers[p.title] for p in pairs)
+    # 春's first answer is its real poem word for word: not a rejected answer, the next one is.
+    assert scripted_answers["春"][0] == CHUN_YE_XI_YU and pairs[0].rejected == scripted_answers["春"][1]
+    assert counts.chosen == 2 and counts.rejected == 4
