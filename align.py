@@ -36,7 +36,7 @@ import torch
 from checkpoint import KINDS, load_checkpoint, model_and_tokenizer
 from cli import UserError, flag, resume_rule, run_cli
 from data.corpus import Poem, load_corpus
-from data.instruct import IGNORE, EpochBatches, encode_sample, encode_samples, pad_batch, poem_sample, title_prompt_ids
+from data.instruct import IGNORE, EpochBatches, encode_sample, encode_samples, pad_batch, poem_sample
 from data.tokenizer import Tokenizer
 from device import Runtime
 from distributed import barrier
@@ -67,17 +67,17 @@ class AlignConfig(TuneConfig):
                           "from the same model and settings")
     val_share: float = flag(0.1, "share of the pairs held out to evaluate on")
     beta: float = flag(0.1, "DPO's beta: how strongly the policy is held to the reference (higher = closer)")
-    sft_weight: float = flag(1.0, "weight of the anchor: the chosen answers' cross-entropy per token (0 = pure DPO)")
+    sft_weight: float = flag(2.0, "weight of the anchor: the chosen answers' cross-entropy per token (0 = pure DPO)")
     rhyme_weight: float = flag(3.0, "weight of the rhyme loss on real rhyming poems of the alignment split: at each "
                                     "rhyme position, -log p(any character of the rhyme group); those poems get the "
                                     "anchor (--sft-weight) too (0 = off; char tokenizer)")
-    rhyme_batch_size: int = flag(16, "real rhyming poems per micro-batch for the rhyme loss")
-    epochs: int = flag(3, "passes over the training pairs")
-    batch_size: int = flag(16, "pairs per micro-batch (each pair is two sequences)")
-    lr: float = flag(3e-5, "peak learning rate (a nudge: DPO moves far with little)")
-    min_lr: float = flag(3e-6, "learning rate at the end of the cosine decay")
+    rhyme_batch_size: int = flag(32, "real rhyming poems per micro-batch for the rhyme loss")
+    epochs: int = flag(4, "passes over the training pairs")
+    batch_size: int = flag(8, "pairs per micro-batch (each pair is two sequences)")
+    lr: float = flag(5e-4, "peak learning rate (DPO alone moves far with 3e-5; the rhyme loss needs more)")
+    min_lr: float = flag(5e-5, "learning rate at the end of the cosine decay")
     warmup_iters: int = flag(10, "steps of linear warmup")
-    eval_interval: int = flag(25, "evaluate, sample and checkpoint every this many steps (0 = once per epoch)")
+    eval_interval: int = flag(39, "evaluate, sample and checkpoint every this many steps (0 = once per epoch)")
     log_interval: int = flag(5, "write a train-loss record to the JSONL log every this many steps")
 
     def validate(self) -> None:
@@ -133,10 +133,8 @@ def obtain_pairs(config: AlignConfig, reference: Callable[[], GPT], tokenizer: T
     titles = [p.title for p in poems]
     writer = for_generation(GPT(reference.config).to(runtime.device), runtime)
     writer.load_state_dict(reference.state_dict())
-    # Answers as long as fit the block after the longest prompt (a longer one would not fit a pair).
-    room = reference.config.block_size - max(len(title_prompt_ids(tokenizer, t)) for t in titles)
     pairs, counts = build_pairs(writer, tokenizer, titles, config.preference, config.samples_per_prompt, runtime,
-                                max(room, 1), config.pair_temperature, config.seed,
+                                reference.config.block_size, config.pair_temperature, config.seed,
                                 real_poems=[p.body for p in poems])
     del writer
     block_size = reference.config.block_size

@@ -40,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 from cli import UserError
-from data.instruct import INSTRUCTION, EncodedSample, Sample, encode_sample, pad_batch
+from data.instruct import INSTRUCTION, EncodedSample, Sample, encode_sample, pad_batch, title_prompt_ids
 from data.tokenizer import Tokenizer
 from device import Runtime
 from generation import Answer, answer_titles
@@ -93,21 +93,24 @@ class PairCounts:
 
 
 def build_pairs(model: GPT, tokenizer: Tokenizer, titles: list[str], preference: str, samples_per_prompt: int,
-                runtime: Runtime, max_new_tokens: int, temperature: float, seed: int, batch_size: int = 64,
+                runtime: Runtime, block_size: int, temperature: float, seed: int, batch_size: int = 64,
                 real_poems: list[str] | None = None) -> tuple[list[Pair], PairCounts]:
     """Sample answers for every title and pair them by the preference (see the module doc).
 
     `model` is the generation copy (see generation.for_generation). With the rhyme
     preference the chosen candidates come from a second pass with the rhyme enforced;
-    with `real`, they are `real_poems`, the titles' own poems.
+    with `real`, they are `real_poems`, the titles' own poems. Each answer may be as long as
+    fits the block after its batch's longest prompt: a longer one could not be trained on.
     """
     def sample(allowed: Callable | None, pass_seed: int, label: str) -> list[list[Answer]]:
         answers: list[Answer] = []
         chunk = max(1, batch_size // samples_per_prompt) * samples_per_prompt
         repeated = [t for t in titles for _ in range(samples_per_prompt)]
         for start in tqdm(range(0, len(repeated), chunk), desc=label, unit="batch", dynamic_ncols=True):
+            batch = repeated[start : start + chunk]
+            room = block_size - max(len(title_prompt_ids(tokenizer, t)) for t in batch)
             # each chunk its own seed: the answers do not depend on how many came before
-            answers += answer_titles(model, tokenizer, repeated[start : start + chunk], runtime, max_new_tokens,
+            answers += answer_titles(model, tokenizer, batch, runtime, max(room, 1),
                                      temperature=temperature, seed=pass_seed + start, batch_size=chunk,
                                      allowed=allowed)
         return [answers[i : i + samples_per_prompt] for i in range(0, len(answers), samples_per_prompt)]

@@ -114,5 +114,6 @@ def aligned_checkpoint() -> Path:
 
 def rhyme_preference_checkpoint() -> Path:
     """DPO toward rhyme alone, the run that fails: ckpt_dpo_rhyme.pt (from `python align.py --init
-    ckpt_sft.pt --preference rhyme --rhyme-weight 0 --out ckpt_dpo_rhyme.pt`)."""
-    return _align("ckpt_dpo_rhyme.pt", ["--prompts", "256", "--preference", "rhyme", "--rhyme-weight", "0"])
+    ckpt_sft.pt --preference rhyme --rhyme-weight 0 --lr 3e-5 --min-lr 3e-6 --out ckpt_dpo_rhyme.pt`)."""
+    return _align("ckpt_dpo_rhyme.pt", ["--prompts", "256", "--preference", "rhyme", "--rhyme-weight", "0",
+                                        "--lr", "3e-5", "--min-lr", "3e-6"])
