@@ -168,10 +168,11 @@ def rhyme_rows(tokenizer: Tokenizer, poems: list[Poem], block_size: int) -> tupl
         constraint = RhymeConstraint(tokenizer)
     except ValueError as e:
         raise UserError(f"--rhyme-weight: {e}; give --rhyme-weight 0") from None
-    sets: dict[tuple[str, ...], int] = {}
+    sets: dict[tuple[tuple[str, ...], str], int] = {}  # (rhyme groups, rhyme characters already used) -> index
     rows = []
     for poem in poems:
-        targets = [(i, groups) for i, groups in rhyme_positions(poem.body) if constraint.mask(groups, "cpu").any()]
+        targets = [(i, (groups, used)) for i, groups, used in rhyme_positions(poem.body)
+                   if constraint.mask(groups, "cpu").any()]
         sample = encode_sample(tokenizer, poem_sample(poem))
         if not targets or len(sample.inputs) > block_size:
             continue
@@ -179,10 +180,13 @@ def rhyme_rows(tokenizer: Tokenizer, poems: list[Poem], block_size: int) -> tupl
         # each, char tokenizer) is predicted at position (prompt length - 1) + j.
         first = sample.response_labels.index(next(l for l in sample.response_labels if l != IGNORE))
         labels = [IGNORE] * len(sample.inputs)
-        for char_index, groups in targets:
-            labels[first + char_index] = sets.setdefault(groups, len(sets))
+        for char_index, target in targets:
+            labels[first + char_index] = sets.setdefault(target, len(sets))
         rows.append(RhymeRow(sample.inputs, labels, sample.response_labels))
-    masks = torch.stack([constraint.mask(groups, "cpu") for groups in sets]) if sets else torch.zeros(0, 1).bool()
+    masks = torch.zeros(max(len(sets), 1), tokenizer.vocab_size, dtype=torch.bool)
+    for (groups, used), index in sets.items():  # the group, less the characters that already rhymed
+        masks[index] = constraint.mask(groups, "cpu")
+        masks[index, [tokenizer.stoi[c] for c in used if c in tokenizer.stoi]] = False
     return rows, masks
 
 

@@ -115,6 +115,7 @@ ROWS = [  # (key, label, format)
     ("answer_loss", "answers' loss (nats/token)", "{:.3f}"),
     ("regular_shaped", "4/8 lines of 5/7 characters", "{}"),
     ("rhyme_rate", "  of these: rhyme (Pingshui)", "{:.1%}"),
+    ("distinct_rhyme_rate", "  rhyme, no rhyme char repeated", "{:.1%}"),
     ("level_rhyme_rate", "  rhyme in a level tone", "{:.1%}"),
     ("tonal_pattern_rate", "  keep the tonal pattern", "{:.1%}"),
     ("title_gain", "title gain (nats/poem)", None),

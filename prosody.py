@@ -121,17 +121,25 @@ def keeps_tonal_pattern(lines: list[str], table: PingshuiTable | None = None) ->
     return False
 
 
-def rhyme_positions(poem: str, table: PingshuiTable | None = None) -> list[tuple[int, tuple[str, ...]]]:
+def rhyme_positions(poem: str, table: PingshuiTable | None = None) -> list[tuple[int, tuple[str, ...], str]]:
     """Where a rhyming 絕句/律詩 answers its earlier rhymes: for the last character of its 4th
     (6th, 8th) line, (its index in the poem, the rhyme groups the earlier rhyme characters
-    share). Empty for a poem that is not shaped or does not rhyme. The targets of align.py's
-    rhyme loss: a character there should come from those groups."""
+    share, those characters). Empty for a poem that is not shaped or does not rhyme. The
+    targets of align.py's rhyme loss: a character there should come from those groups, and
+    not be one already used to rhyme (a repeated rhyme, 重韻, is a fault, and an easy way out)."""
     table = table or load_table()
     lines = regular_lines(poem)
     if lines is None or not rhymes(lines, table):
         return []
     ends = [m.end() - 1 for m in CLAUSE_TEXT.finditer(poem) if m.group().strip()]
-    return [(ends[k], tuple(sorted(shared_rhyme_groups(lines[:k], table)))) for k in range(3, len(lines), 2)]
+    return [(ends[k], tuple(sorted(shared_rhyme_groups(lines[:k], table))), "".join(l[-1] for l in lines[1:k:2]))
+            for k in range(3, len(lines), 2)]
+
+
+def rhymes_without_repeats(lines: list[str], table: PingshuiTable | None = None) -> bool:
+    """Rhymes, and no rhyme character is used twice (重韻): the real poems' way, not a copy."""
+    ends = [line[-1] for line in lines[1::2]]
+    return rhymes(lines, table) and len(set(ends)) == len(ends)
 
 
 def prosody_marks(poem: str) -> str:
@@ -165,7 +173,8 @@ def prosody_figures(poems: list[str]) -> dict:
     def share(check) -> float | None:
         return sum(check(lines, table) for lines in shaped) / len(shaped) if shaped else None
 
-    return {"regular_shaped": len(shaped), "rhyme_rate": share(rhymes), "level_rhyme_rate": share(rhymes_level),
+    return {"regular_shaped": len(shaped), "rhyme_rate": share(rhymes),
+            "distinct_rhyme_rate": share(rhymes_without_repeats), "level_rhyme_rate": share(rhymes_level),
             "tonal_pattern_rate": share(keeps_tonal_pattern), "unknown_chars": unknown_share(poems, table)}
 
 

@@ -217,9 +217,10 @@ def test_rhyme_positions_point_at_the_rhymes_that_answer_earlier_ones():
     from prosody import rhyme_positions
 
     positions = rhyme_positions(CHUN_YE_XI_YU)
-    assert [CHUN_YE_XI_YU[i] for i, _ in positions] == ["聲", "明", "城"]  # 生 is the first rhyme: nothing to answer
-    assert {groups for _, groups in positions} == {("下平聲八庚",)}
-    assert [JING_YE_SI[i] for i, _ in rhyme_positions(JING_YE_SI)] == ["鄉"]
+    assert [CHUN_YE_XI_YU[i] for i, _, _ in positions] == ["聲", "明", "城"]  # 生 is the first rhyme: nothing to answer
+    assert {groups for _, groups, _ in positions} == {("下平聲八庚",)}
+    assert [used for _, _, used in positions] == ["生", "生聲", "生聲明"]  # not to be repeated
+    assert [JING_YE_SI[i] for i, _, _ in rhyme_positions(JING_YE_SI)] == ["鄉"]
     assert rhyme_positions("白日依山盡，黃河入海流。\n欲窮千里目，更上一層天。") == []  # does not rhyme
     assert rhyme_positions("一二三四五六") == []  # not shaped
 
@@ -244,7 +245,8 @@ def test_rhyme_rows_label_the_rhyme_characters_with_their_group(char_tokenizer, 
     for row in rows:
         for position, set_index in enumerate(row.labels):
             if set_index != IGNORE:  # the token predicted there is the poem's own rhyme, inside its set
-                assert masks[set_index, row.inputs[position + 1]]
+                rhyme = row.inputs[position + 1]  # (unless the poet repeated an earlier rhyme: 重韻)
+                assert masks[set_index, rhyme] or rhyme in row.inputs[: position + 1]
                 assert char_tokenizer.decode([row.inputs[position + 2]]) in "，。？！；：、\n"
                 labelled += 1
     assert labelled >= len(rows)
@@ -258,3 +260,13 @@ def test_real_preference_pairs_the_titles_poem_over_the_models_answer(scripted_a
     # 春's first answer is its real poem word for word: not a rejected answer, the next one is.
     assert scripted_answers["春"][0] == CHUN_YE_XI_YU and pairs[0].rejected == scripted_answers["春"][1]
     assert counts.chosen == 2 and counts.rejected == 4
+
+
+def test_a_rhyme_already_used_is_not_a_target(char_tokenizer):
+    poem = type("P", (), {"title": "春夜喜雨", "body": CHUN_YE_XI_YU})()
+    rows, masks = align.rhyme_rows(char_tokenizer, [poem], 128)
+    sets = [label for label in rows[0].labels if label != IGNORE]
+    stoi = char_tokenizer.stoi
+    assert masks[sets[0], stoi["聲"]] and not masks[sets[0], stoi["生"]]  # 4th line: any 八庚 character but 生
+    assert masks[sets[2], stoi["城"]] and not any(masks[sets[2], stoi[c]] for c in "生聲明")
+    assert masks[sets[2], stoi["情"]]  # another 八庚 character is still a rhyme

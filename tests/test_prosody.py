@@ -70,6 +70,10 @@ def test_figures_count_only_regular_shapes():
     assert figures["rhyme_rate"] == 1.0 and figures["level_rhyme_rate"] == pytest.approx(2 / 3)
     # 靜夜思 and 春曉 are old-style quatrains (古絕): 疑是地上霜 has 是 and 上 both oblique.
     assert figures["tonal_pattern_rate"] == pytest.approx(1 / 3)
+    assert figures["distinct_rhyme_rate"] == 1.0
+    # A rhyme made by repeating the rhyme character (重韻) rhymes, but not without repeats.
+    repeated = prosody_figures(["床前明月光，疑是地上霜。\n舉頭望明月，低頭思故霜。", JING_YE_SI])
+    assert repeated["rhyme_rate"] == 1.0 and repeated["distinct_rhyme_rate"] == 0.5
     assert prosody_figures(["一二三，四五六。"])["rhyme_rate"] is None  # no 絕句/律詩 to measure
     assert unknown_share(["東東", "😀"]) == 0.0 and unknown_share(["東\U00020000"]) == 0.5
 
