@@ -199,7 +199,9 @@ def rhyme_group_loss(logits: torch.Tensor, rhyme_labels: torch.Tensor, group_mas
     rewards any character of the group, the thing to learn: it costs nothing to rhyme on
     霜 rather than 鄉, and everything to rhyme on neither.
     """
-    at = rhyme_labels != IGNORE
-    logps = torch.log_softmax(logits[at].float(), dim=-1)  # (positions, vocab)
-    in_group = group_masks[rhyme_labels[at]]
+    at = (rhyme_labels.flatten() != IGNORE).nonzero().squeeze(1)
+    # index_select, not logits[mask]: its backward (index_add) sums in a fixed order on the CPU,
+    # so a resumed run repeats an uninterrupted one bit for bit.
+    logps = torch.log_softmax(logits.flatten(0, 1).index_select(0, at).float(), dim=-1)  # (positions, vocab)
+    in_group = group_masks[rhyme_labels.flatten()[at]]
     return -torch.logsumexp(logps.masked_fill(~in_group, -math.inf), dim=-1).mean()
