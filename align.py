@@ -26,14 +26,14 @@ the way it did. The gallery marks each poem's shape, rhyme and tones.
 
 from __future__ import annotations
 
-import math
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
 
-from checkpoint import KINDS, load_checkpoint, model_and_tokenizer
+from checkpoint import KINDS, answers_prompts, load_checkpoint, model_and_tokenizer, model_fingerprint
 from cli import UserError, flag, resume_rule, run_cli
 from data.corpus import Poem, load_corpus
 from data.instruct import IGNORE, EpochBatches, encode_sample, encode_samples, pad_batch, poem_sample
@@ -41,10 +41,10 @@ from data.tokenizer import Tokenizer
 from device import Runtime
 from distributed import barrier
 from generation import answer_titles, for_generation, format_answers
-from losses import PreferenceBatch, dpo_loss, labelled_nll, preference_loss, rhyme_group_loss, sequence_logprobs
+from losses import PreferenceBatch, dpo_loss, labelled_nll, preference_loss, rhyme_group_loss
 from metrics import is_regular_form
 from model import GPT
-from preference import (PREFERENCES, Pair, build_pairs, fits, load_pairs, model_fingerprint, no_pairs_error,
+from preference import (PREFERENCES, Pair, answer_logprobs, build_pairs, fits, load_pairs, no_pairs_error,
                         pair_batch, reference_logprobs, save_pairs)
 from prosody import RhymeConstraint, prosody_marks, rhyme_positions
 from training import Stage, start_runtime, train
@@ -131,8 +131,7 @@ def obtain_pairs(config: AlignConfig, reference: Callable[[], GPT], tokenizer: T
         print(f"note: {why_not}; rebuilding it")
     reference = reference()
     titles = [p.title for p in poems]
-    writer = for_generation(GPT(reference.config).to(runtime.device), runtime)
-    writer.load_state_dict(reference.state_dict())
+    writer = for_generation(copy.deepcopy(reference), runtime)  # a copy: the reference stays fp32 for scoring
     pairs, counts = build_pairs(writer, tokenizer, titles, config.preference, config.samples_per_prompt, runtime,
                                 reference.config.block_size, config.pair_temperature, config.seed,
                                 real_poems=[p.body for p in poems])
@@ -178,7 +177,7 @@ def rhyme_rows(tokenizer: Tokenizer, poems: list[Poem], block_size: int) -> tupl
             continue
         # The label at position p predicts token p + 1; the response's character j (one token
         # each, char tokenizer) is predicted at position (prompt length - 1) + j.
-        first = sample.response_labels.index(next(l for l in sample.response_labels if l != IGNORE))
+        first = next(p for p, label in enumerate(sample.response_labels) if label != IGNORE)
         labels = [IGNORE] * len(sample.inputs)
         for char_index, target in targets:
             labels[first + char_index] = sets.setdefault(target, len(sets))
@@ -197,23 +196,12 @@ class AlignBatch(NamedTuple):
     poem_labels: torch.Tensor | None  # their response labels
 
 
-@torch.no_grad()
 def pair_figures(model: GPT, tokenizer: Tokenizer, pairs: list[Pair], beta: float, batch_size: int,
                  runtime: Runtime) -> dict:
     """DPO loss, reward accuracy and margin, and the policy's mean log-probabilities, over pairs."""
-    was_training = model.training
-    model.eval()
-    chosen, rejected, ref_chosen, ref_rejected = [], [], [], []
-    for start in range(0, len(pairs), batch_size):
-        batch = pair_batch(tokenizer, pairs[start : start + batch_size])
-        with runtime.autocast():
-            logps = sequence_logprobs(model, batch.inputs.to(runtime.device), batch.labels.to(runtime.device)).cpu()
-        n = len(logps) // 2
-        chosen.append(logps[:n]), rejected.append(logps[n:])
-        ref_chosen.append(batch.reference_logps[:n]), ref_rejected.append(batch.reference_logps[n:])
-    model.train(was_training)
-    chosen, rejected = torch.cat(chosen), torch.cat(rejected)
-    terms = dpo_loss(chosen, rejected, torch.cat(ref_chosen), torch.cat(ref_rejected), beta)
+    chosen, rejected = answer_logprobs(model, tokenizer, pairs, runtime, batch_size)
+    terms = dpo_loss(chosen, rejected, torch.tensor([p.reference_chosen for p in pairs]),
+                     torch.tensor([p.reference_rejected for p in pairs]), beta)
     margins = terms.chosen_rewards - terms.rejected_rewards
     return {"dpo_loss": float(terms.losses.mean()), "reward_accuracy": float((margins > 0).float().mean()),
             "reward_margin": float(margins.mean()), "chosen_reward": float(terms.chosen_rewards.mean()),
@@ -323,7 +311,7 @@ def run(config: AlignConfig, explicit: set[str]) -> dict:
         if ckpt is None:
             return model
         init = load_checkpoint(config.init, "--init (read again to rebuild the pair cache)")
-        if init["kind"] not in ("sft", "dpo") or model_fingerprint(init["model"]) != init_fingerprint:
+        if not answers_prompts(init["kind"]) or model_fingerprint(init["model"]) != init_fingerprint:
             raise UserError(f"--init {config.init} is no longer the checkpoint this run started from, and the pair "
                             f"cache {config.pairs_path()} must be rebuilt from that one: restore it, or start anew")
         return model_and_tokenizer(init)[0].to(runtime.device)

@@ -14,10 +14,12 @@ arbitrary objects, so a checkpoint from a stranger cannot run code on your machi
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import textwrap
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import torch
 
@@ -36,23 +38,28 @@ class CheckpointError(UserError):
     """A missing, unreadable or foreign checkpoint; the message names the flag and the file."""
 
 
-def save_checkpoint(path: str | Path, payload: dict) -> None:
-    """Write to a temporary file beside `path`, then rename over it.
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call write(file) on a temporary file beside `path`, flush it to disk, then rename it over `path`.
 
-    A rename within one folder is atomic: a crash mid-save leaves the previous
-    checkpoint intact and at worst a stray temporary file.
+    A rename within one folder is atomic: a crash mid-write leaves the previous file
+    intact and at worst a stray temporary file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(payload, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(path: str | Path, payload: dict) -> None:
+    """torch.save, atomically (see atomic_write)."""
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: str | Path, flag_name: str = "--resume", resume: bool = False) -> dict:
@@ -95,6 +102,15 @@ def load_model(path: str | Path, flag_name: str = "--ckpt") -> tuple[GPT, Tokeni
     ckpt = load_checkpoint(path, flag_name)
     model, tokenizer = model_and_tokenizer(ckpt)
     return model, tokenizer, ckpt["kind"]
+
+
+def model_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
+    """A short hash of a model's weights: the same weights give the same fingerprint."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        digest.update(name.encode())
+        digest.update(state_dict[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def rng_state() -> dict:

@@ -31,7 +31,6 @@ built under: the model's fingerprint and every setting that changes them.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -39,6 +38,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from checkpoint import atomic_write
 from cli import UserError
 from data.instruct import INSTRUCTION, EncodedSample, Sample, encode_sample, pad_batch, title_prompt_ids
 from data.tokenizer import Tokenizer
@@ -155,14 +155,21 @@ def fits(tokenizer: Tokenizer, pair: Pair, block_size: int) -> bool:
     return all(len(sample.inputs) <= block_size for sample in encode_pair(tokenizer, pair))
 
 
-def reference_logprobs(model: GPT, tokenizer: Tokenizer, pairs: list[Pair], runtime: Runtime,
-                       batch_size: int = 64) -> None:
-    """Fill in each pair's reference log-probabilities: -NLL of its answers under `model`,
-    computed as training computes the policy's (fp32 weights, the runtime's autocast)."""
+def answer_logprobs(model: GPT, tokenizer: Tokenizer, pairs: list[Pair], runtime: Runtime,
+                    batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(chosen | prompt) and log p(rejected | prompt) of each pair under `model` (eval
+    mode, the runtime's autocast, as training computes them): minus the answers' summed NLL."""
     rows = [(sample.inputs, sample.labels) for pair in pairs for sample in encode_pair(tokenizer, pair)]
     nll, _ = labelled_nll(model, rows, tokenizer.eot_id, batch_size, runtime)
-    for i, pair in enumerate(pairs):
-        pair.reference_chosen, pair.reference_rejected = -float(nll[2 * i]), -float(nll[2 * i + 1])
+    return -nll[0::2], -nll[1::2]
+
+
+def reference_logprobs(model: GPT, tokenizer: Tokenizer, pairs: list[Pair], runtime: Runtime,
+                       batch_size: int = 64) -> None:
+    """Fill in each pair's reference log-probabilities: its answers' under `model`, the reference."""
+    chosen, rejected = answer_logprobs(model, tokenizer, pairs, runtime, batch_size)
+    for pair, c, r in zip(pairs, chosen.tolist(), rejected.tolist()):
+        pair.reference_chosen, pair.reference_rejected = c, r
 
 
 def pair_batch(tokenizer: Tokenizer, pairs: list[Pair]) -> PreferenceBatch:
@@ -176,18 +183,6 @@ def pair_batch(tokenizer: Tokenizer, pairs: list[Pair]) -> PreferenceBatch:
 
 # -----------------------------------------------------------------------------
 # The cache
-
-
-def model_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
-    """A short hash of a model's weights: the same weights give the same fingerprint."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name in sorted(state_dict):
-        tensor = state_dict[name].detach().to("cpu", torch.float32).contiguous()
-        digest.update(name.encode())
-        digest.update(tensor.numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def load_pairs(path: str | Path, key: dict) -> tuple[list[Pair] | None, str]:
@@ -208,15 +203,9 @@ def load_pairs(path: str | Path, key: dict) -> tuple[list[Pair] | None, str]:
 
 
 def save_pairs(path: str | Path, key: dict, pairs: list[Pair], counts: PairCounts) -> None:
-    """Write atomically (temporary file, then rename), like a checkpoint."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """Write atomically, like a checkpoint."""
     data = {"key": key, "counts": asdict(counts), "pairs": [asdict(p) for p in pairs]}
-    try:
-        tmp.write_text(json.dumps(data, ensure_ascii=False, indent=0), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda f: f.write(json.dumps(data, ensure_ascii=False, indent=0).encode("utf-8")))
 
 
 def no_pairs_error(counts: PairCounts, preference: str) -> UserError:
