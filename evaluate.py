@@ -17,7 +17,14 @@ One column per checkpoint:
   sampler's choices, --rhyme's among them, cost in the model's eyes);
 - title-conditioning gain: log-likelihood of each finetune-val poem under its own title
   minus under another poem's title, in nats per poem, with its standard error.
-  Positive means the model reads the title; about 0 means it ignores it.
+  Positive means the model reads the title; about 0 means it ignores it;
+- for a tuned checkpoint, instruction following (data/tasks.py), each task asked with its
+  training phrasings and again with its held-out phrasing, on --task-prompts unseen
+  inputs: title -> poem (stop, regular form); form control (the share in the form asked
+  for, per form); acrostic (every clause opens with its head character, and per clause)
+  on heads of finetune-val poems and on 20 common heads such as 春夏秋冬; continuation
+  (stops, keeps the given lines' length, repeats no given line); titling a poem (the true
+  title's log-likelihood given its poem minus given another poem, nats).
 """
 
 from __future__ import annotations
@@ -27,15 +34,17 @@ import json
 import time
 from dataclasses import asdict, dataclass
 
-from checkpoint import load_checkpoint, model_and_tokenizer
+from checkpoint import answers_prompts, load_checkpoint, model_and_tokenizer
 from cli import UserError, flag, require_positive, run_cli
 from data.corpus import Poem, clean_poems, load_corpus, load_poems, pretrain_text
 from data.instruct import INSTRUCTION, Sample, response_rows
+from data.tasks import TASKS, task_instruction
 from data.tokenizer import Tokenizer
 from device import Runtime, setup_runtime
-from generation import SamplingConfig, answer_titles, for_generation
-from losses import bits_per_char, labelled_nll, stream_loss, title_swap_nll
-from metrics import generation_figures, mean_and_standard_error
+from generation import SamplingConfig, answer_requests, answer_titles, for_generation
+from losses import bits_per_char, input_swap_nll, labelled_nll, stream_loss, title_swap_nll
+from metrics import (FORMS, acrostic_head, acrostic_hits, clauses, follows_acrostic, form_name, generation_figures,
+                     is_regular_form, mean_and_standard_error)
 from model import GPT
 from prosody import prosody_figures
 
@@ -48,6 +57,8 @@ class EvaluateConfig(SamplingConfig):
     eval_poems: str = flag("", "folder of poem JSON files (the same schema): write poems for the titles of every "
                                "poem in it, all treated as unseen, instead of finetune-val titles")
     num_titles: int = flag(200, "finetune-val titles to write poems for (without --eval-poems)")
+    task_prompts: int = flag(50, "prompts per task, per form and per phrasing kind (seen, held-out) for the "
+                                 "instruction-following figures of a tuned checkpoint (0 = skip them)")
     batch_size: int = flag(50, "titles generated together, and rows per forward pass for the losses")
     json: bool = flag(False, "print the figures as one JSON object instead of the table")
 
@@ -97,7 +108,64 @@ def evaluate_checkpoint(ckpt: dict, config: EvaluateConfig, splits: dict[str, li
     if rows:
         nll, count = labelled_nll(model, rows, tokenizer.eot_id, config.batch_size, runtime)
         figures["answer_loss"] = float(nll.sum() / count.sum())
+    if config.task_prompts and answers_prompts(ckpt["kind"]):  # a base model was never asked anything
+        figures["instructions"] = instruction_figures(model, writer, tokenizer, splits["finetune_val"], config,
+                                                      runtime)
     figures["seconds"] = time.perf_counter() - start
+    return figures
+
+
+# Acrostic heads a user might ask for: four characters each, none taken from a poem's head.
+COMMON_HEADS = ("春夏秋冬", "風花雪月", "琴棋書畫", "梅蘭竹菊", "江山如畫", "天長地久", "山高水長", "花好月圓",
+                "一帆風順", "萬事如意", "福壽安康", "金玉滿堂", "青山綠水", "日月星辰", "詩酒年華", "鳥語花香",
+                "雲淡風輕", "明月清風", "春華秋實", "千山萬水")
+
+
+def instruction_figures(model: GPT, writer: GPT, tokenizer: Tokenizer, poems: list[Poem], config: EvaluateConfig,
+                        runtime: Runtime) -> dict[str, dict]:
+    """Does the model follow each task's instruction? {"seen": figures, "held_out": figures}.
+
+    The same inputs are asked twice: with the training phrasings (taking turns) and with
+    the held-out phrasing no training sample used. `poems` are unseen (finetune-val) ones.
+    """
+    n = config.task_prompts
+    regular = [p for p in poems if is_regular_form(p.body)][:n]
+    openings = [p for p in poems if TASKS["continue"].sample(p, "") is not None][:n]
+
+    def share(flags) -> float:
+        flags = list(flags)
+        return sum(flags) / len(flags)
+
+    figures = {}
+    for kind in ("seen", "held_out"):
+        def ask(task: str, inputs: list[str], form: str = "") -> list:
+            requests = [(task_instruction(task, form, kind == "held_out", phrasing=i), text)
+                        for i, text in enumerate(inputs)]
+            return answer_requests(writer, tokenizer, requests, runtime, config.max_new_tokens, seed=config.seed,
+                                   batch_size=config.batch_size, **config.generate_kwargs())
+
+        f = {}
+        answers = ask("poem", [p.title for p in poems[:n]])
+        f["poem_stop"] = share(a.stopped for a in answers)
+        f["poem_regular"] = share(is_regular_form(a.poem) for a in answers)
+        for form in FORMS:
+            f[f"form {form}"] = share(form_name(a.poem) == form for a in ask("form", [p.title for p in poems[:n]], form))
+        for name, heads in (("unseen", [acrostic_head(p.body) for p in regular]), ("common", list(COMMON_HEADS[:n]))):
+            answers = ask("acrostic", heads)
+            f[f"acrostic_{name}"] = share(follows_acrostic(a.poem, h) for a, h in zip(answers, heads))
+            f[f"acrostic_{name}_lines"] = sum(acrostic_hits(a.poem, h) for a, h in zip(answers, heads)) / sum(
+                map(len, heads))
+        answers = ask("continue", [p.lines[0] for p in openings])
+        given = [clauses(p.lines[0]) for p in openings]
+        f["continue_stop"] = share(a.stopped for a in answers)
+        f["continue_length"] = share(bool(clauses(a.poem)) and {len(c) for c in clauses(a.poem)} == {len(g[0])}
+                                     for a, g in zip(answers, given))
+        f["continue_no_repeat"] = share(not set(g) & set(clauses(a.poem)) for a, g in zip(answers, given))
+        samples = [Sample(task_instruction("title", held_out=kind == "held_out", phrasing=i), p.body, p.title)
+                   for i, p in enumerate(poems[:n])]
+        swap = input_swap_nll(model, tokenizer, samples, config.batch_size, runtime, config.seed)
+        f["title_task_gain"], f["title_task_gain_se"] = mean_and_standard_error(swap.gains.tolist())
+        figures[kind] = f
     return figures
 
 
@@ -141,6 +209,35 @@ def format_table(columns: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+INSTRUCTION_ROWS = [  # (key, label, format), per phrasing kind
+    ("poem_stop", "title -> poem: stop", "{:.0%}"),
+    ("poem_regular", "  regular form", "{:.0%}"),
+    *((f"form {form}", f"form: {form}", "{:.0%}") for form in FORMS),
+    ("acrostic_unseen", "acrostic, unseen heads: all", "{:.0%}"),
+    ("acrostic_unseen_lines", "  per line", "{:.0%}"),
+    ("acrostic_common", "acrostic, common heads: all", "{:.0%}"),
+    ("acrostic_common_lines", "  per line", "{:.0%}"),
+    ("continue_stop", "continue: stop", "{:.0%}"),
+    ("continue_length", "  keeps the line length", "{:.0%}"),
+    ("continue_no_repeat", "  repeats no given line", "{:.0%}"),
+    ("title_task_gain", "title a poem: gain (nats)", "{:.2f}"),
+]
+
+
+def format_instruction_table(columns: dict[str, dict]) -> str:
+    """Per task, seen and held-out phrasings side by side, for each checkpoint measured."""
+    columns = {name: f["instructions"] for name, f in columns.items() if f.get("instructions")}
+    if not columns:
+        return ""
+    width = max(16, *(len(n) + 2 for n in columns))
+    lines = [f"{'instruction following':32s}" + "".join(f"{n:>{2 * width}s}" for n in columns),
+             f"{'':32s}" + f"{'seen':>{width}s}{'held-out':>{width}s}" * len(columns)]
+    for key, label, fmt in INSTRUCTION_ROWS:
+        cells = [fmt.format(f[kind][key]) for f in columns.values() for kind in ("seen", "held_out")]
+        lines.append(f"{label:32s}" + "".join(f"{c:>{width}s}" for c in cells))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     return run_cli(run, EvaluateConfig, argv, __doc__.splitlines()[0])
 
@@ -148,6 +245,8 @@ def main(argv: list[str] | None = None) -> dict:
 def run(config: EvaluateConfig, explicit: set[str]) -> dict:
     config.validate()
     require_positive(config, ("num_titles", "batch_size"))
+    if config.task_prompts < 0:
+        raise UserError(f"--task-prompts must not be negative (0 = skip), got {config.task_prompts}")
     runtime = setup_runtime(config.device, config.dtype)
     # Both checkpoints first: a bad --compare should fail now, not after the first column.
     checkpoints = {path: load_checkpoint(path, flag_name)
@@ -175,6 +274,9 @@ def run(config: EvaluateConfig, explicit: set[str]) -> dict:
         return columns
     print(f"device {runtime.describe()}; {len(titles)} unseen titles ({source}); {config.describe()}")
     print(format_table({**columns, "real poems": reference}))
+    if any(f.get("instructions") for f in columns.values()):
+        print(f"\n{format_instruction_table(columns)}\n({config.task_prompts} prompts per task and form; seen: the "
+              "training phrasings in turn; held-out: a phrasing no training sample used)")
     return columns
 
 

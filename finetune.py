@@ -1,17 +1,21 @@
-"""Instruction tuning (指令微调): teach the pretrained model to answer a title and stop.
+"""Instruction tuning (指令微调): teach the pretrained model to follow an instruction and stop.
 
     python finetune.py --init ckpt.pt                  # tune the pretrained checkpoint -> ckpt_sft.pt
+    python finetune.py --init ckpt.pt --tasks book     # the book's run: title -> poem, one sentence
+    python finetune.py --init ckpt.pt --tasks poem,acrostic   # a mixture of some tasks
     python finetune.py --init ckpt.pt --loss-on all    # the book's variant: loss on the prompt too
     python finetune.py --init ckpt.pt --data my.jsonl  # add {"instruction","input","output"} records
     python finetune.py --resume                        # continue the run saved at --out
 
-Every finetune-train poem becomes one sample
+Every finetune-train poem becomes one sample per epoch, of a task drawn for it that epoch
+(data/tasks.py: title -> poem, form control, acrostic, continuation, titling a poem), e.g.
 
     <INS>請用以下題目寫一首詩<INP>{title}<RES>{poem lines joined by \\n}<|endoftext|>
 
 and the model is trained on the response and the end-of-text token. Before the first
-epoch and after each one, it writes poems for a fixed list of titles: the gallery shows
-the base model rambling on without stopping, and the tuned one answering and stopping.
+epoch and after each one, it answers a fixed list of prompts, a few titles and one prompt
+per other task: the gallery shows the base model rambling on without stopping, and the
+tuned one answering and stopping.
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ from dataclasses import dataclass
 
 from checkpoint import model_and_tokenizer
 from cli import UserError, flag, resume_rule, run_cli
-from data.corpus import load_corpus
-from data.instruct import EncodedSample, EpochBatches, Sample, encode_samples, load_instruction_jsonl, poem_sample
+from data.corpus import Poem, load_corpus
+from data.instruct import INSTRUCTION, EncodedSample, EpochBatches, encode_samples, load_instruction_jsonl, poem_sample
+from data.tasks import TaskMixture, parse_tasks, task_instruction
 from data.tokenizer import Tokenizer
 from device import Runtime
-from generation import answer_titles, format_answers
+from generation import answer_requests, format_answers
 from losses import labelled_nll
 from metrics import is_regular_form
 from model import GPT
@@ -45,30 +50,43 @@ class FinetuneConfig(TuneConfig):
                         choices=["response", "all"])
     forms: str = flag("regular", "regular: tune on poems of regular form only (all clauses 5 or all 7 characters, "
                                  "paired); all: every poem", choices=["regular", "all"])
+    tasks: str = flag("all", "the tasks to mix: all, book (title -> poem with the book's one sentence: the "
+                             "single-task run), or a comma-separated list of poem, form, acrostic, continue, title")
     data: str = flag("", "JSONL file of {\"instruction\", \"input\", \"output\"} records to tune on as well")
     data_mode: str = flag("mix", "mix: --data samples join the poem samples; replace: use --data alone",
                           choices=["mix", "replace"])
 
+    def validate(self) -> None:
+        super().validate()
+        parse_tasks(self.tasks)  # an unknown task fails before the corpus loads
+
 
 # What --resume never changes: these decide the samples, their order and the loss, so another
 # value would not continue the same run.
-RESUME_FIXED = {"seed", "batch_size", "grad_accum", "init", "loss_on", "forms", "data", "data_mode"}
+RESUME_FIXED = {"seed", "batch_size", "grad_accum", "init", "loss_on", "forms", "tasks", "data", "data_mode"}
 
 
-def build_samples(config: FinetuneConfig, poems: dict, extra: list[Sample]) -> tuple[list[Sample], list[Sample]]:
-    """Train and val samples from the finetune splits (and the --data samples), with the form filter applied."""
+def tuning_poems(config: FinetuneConfig, poems: dict) -> tuple[list[Poem], list[Poem]]:
+    """The finetune-train and finetune-val poems, with the --forms filter applied."""
     def keep(poem) -> bool:
         return config.forms == "all" or is_regular_form(poem.body)
 
-    train_samples = [poem_sample(p) for p in poems["finetune_train"] if keep(p)]
-    val_samples = [poem_sample(p) for p in poems["finetune_val"] if keep(p)]
-    if extra:
-        train_samples = extra if config.data_mode == "replace" else train_samples + extra
-    return train_samples, val_samples
+    return [p for p in poems["finetune_train"] if keep(p)], [p for p in poems["finetune_val"] if keep(p)]
+
+
+def gallery_requests(config: FinetuneConfig, tasks: dict, val_poems: list[Poem]) -> list[tuple[str, str]]:
+    """What the gallery asks at each evaluation: the titles (--sample-titles, or 春夜喜雨 and
+    three finetune-val titles), then one prompt for each other task in the mixture."""
+    titles = config.gallery_titles([p.title for p in val_poems[:3]])
+    requests = [(INSTRUCTION, title) for title in titles]
+    poem = val_poems[0]
+    inputs = {"form": titles[0], "acrostic": "春夏秋冬", "continue": poem.lines[0], "title": poem.body}
+    return requests + [(task_instruction(name, form="七言絕句"), inputs[name]) for name in tasks if name in inputs]
 
 
 def finetune_stage(config: FinetuneConfig, model: GPT, tokenizer: Tokenizer, batches: EpochBatches,
-                   val_rows: list[EncodedSample], titles: list[str], runtime: Runtime, rank: int) -> Stage:
+                   val_rows: list[EncodedSample], gallery: list[tuple[str, str]], runtime: Runtime,
+                   rank: int) -> Stage:
     device = runtime.device
     pad_id = batches.pad_id
 
@@ -86,7 +104,7 @@ def finetune_stage(config: FinetuneConfig, model: GPT, tokenizer: Tokenizer, bat
         return {"eval_train_loss": response_loss(model, batches.rows[:512]), "val_loss": response_loss(model, val_rows)}
 
     def sample(model: GPT, step: int) -> str:
-        answers = answer_titles(model, tokenizer, titles, runtime, config.sample_tokens, seed=config.seed)
+        answers = answer_requests(model, tokenizer, gallery, runtime, config.sample_tokens, seed=config.seed)
         return format_answers(answers)
 
     return Stage(
@@ -122,31 +140,37 @@ def run(config: FinetuneConfig, explicit: set[str]) -> dict:
     block_size = model.config.block_size
 
     splits = load_corpus(config.poems or None, verbose=master)
-    train_samples, val_samples = build_samples(config, splits, extra)
+    train_poems, val_poems = tuning_poems(config, splits)
     unknown: Counter = Counter()
-    train_rows, dropped_train = encode_samples(tokenizer, train_samples, block_size, config.loss_on, unknown)
-    val_rows, dropped_val = encode_samples(tokenizer, val_samples, block_size, config.loss_on, unknown)
-    if not train_rows:
-        raise UserError(f"the finetune-train split is empty ({len(train_samples)} samples before dropping "
+    mixture = TaskMixture([] if extra and config.data_mode == "replace" else train_poems, parse_tasks(config.tasks),
+                          tokenizer, block_size, config.loss_on, config.seed, extra, unknown)
+    # The val loss is always the book's task, title -> poem: comparable between runs of any --tasks.
+    val_rows, dropped_val = encode_samples(tokenizer, [poem_sample(p) for p in val_poems], block_size,
+                                           config.loss_on, unknown)
+    if not len(mixture):
+        raise UserError(f"the finetune-train split is empty ({len(train_poems)} poems before dropping "
                         f"those over block_size {block_size}); use more poems or --data")
     if not val_rows:
         raise UserError("the finetune-val split is empty; use a larger --poems folder")
-    titles = config.gallery_titles([s.input for s in val_samples[:3]])  # a poem sample's input is its title
+    gallery = gallery_requests(config, mixture.tasks, val_poems)
 
     # Padding comes after each row's end and carries no label, so any id works as pad_id.
-    batches = EpochBatches(train_rows, config.batch_size, config.grad_accum, dist_info.world_size, config.seed,
+    batches = EpochBatches(mixture.rows, config.batch_size, config.grad_accum, dist_info.world_size, config.seed,
                            pad_id=tokenizer.eot_id)
     steps_per_epoch, per_step = batches.steps_per_epoch, batches.samples_per_step
     max_iters = config.total_steps(steps_per_epoch)
     if finished(ckpt, max_iters, config, master):
         return {}
-    stage = finetune_stage(config, model, tokenizer, batches, val_rows, titles, runtime, dist_info.rank)
+    stage = finetune_stage(config, model, tokenizer, batches, val_rows, gallery, runtime, dist_info.rank)
     if master:
-        n_tokens = sum(len(row.inputs) for row in train_rows)
+        n_tokens = sum(len(row.inputs) for row in batches.rows)
         print(f"device {runtime.describe()}; model {model.num_params():,} parameters from "
               f"{config.out if config.resume else config.init}; tokenizer {tokenizer.name} ({tokenizer.vocab_size:,})")
-        print(f"samples: train {len(train_rows):,} ({n_tokens:,} tokens), val {len(val_rows):,}; forms {config.forms}; "
-              f"dropped {dropped_train + dropped_val} longer than block_size {block_size}")
+        counts = Counter(name for name, _ in mixture.draws(0))
+        print(f"samples: train {len(batches.rows):,} ({n_tokens:,} tokens in epoch 1), val {len(val_rows):,}; "
+              f"forms {config.forms}; dropped {mixture.dropped + dropped_val} longer than block_size {block_size}")
+        print(f"tasks {config.tasks}, drawn anew each epoch; epoch 1: "
+              + ", ".join(f"{name} {count:,}" for name, count in counts.most_common()))
         if unknown:
             print(f"{sum(unknown.values()):,} characters outside the vocabulary became <unk>: "
                   + "".join(c for c, _ in unknown.most_common(20)))

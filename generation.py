@@ -1,7 +1,8 @@
-"""Generation: asking a model for poems. The sampling flags, and titles in, (poem, stopped) out.
+"""Generation: asking a model for poems. The sampling flags, and requests in, (answer, stopped) out.
 
-Shared by sample.py, evaluate.py and finetune.py (the per-epoch gallery): each title is
-wrapped in the instruction prompt, titles are generated in batches with the KV cache,
+Shared by sample.py, evaluate.py and finetune.py (the per-epoch gallery): each request
+(an instruction and its input; for a title, the book's instruction) is wrapped in the
+instruction prompt, requests are generated in batches with the KV cache,
 and each answer runs until the end-of-text token or the length limit. The sampling
 itself (temperature, top-k, top-p, the KV cache) is GPT.generate's, in model.py.
 """
@@ -14,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from cli import RuntimeConfig, UserError, flag
-from data.instruct import title_prompt_ids
+from data.instruct import INSTRUCTION, prompt_ids
 from data.tokenizer import Tokenizer
 from device import Runtime
 from model import GPT
@@ -78,15 +79,21 @@ def for_generation(model: GPT, runtime: Runtime) -> GPT:
 
 @dataclass
 class Answer:
-    title: str
-    poem: str
+    input: str  # for the poem task, the title
+    poem: str  # the response (for the title task, a title)
     stopped: bool  # ended with <|endoftext|> within the limit
+    instruction: str = INSTRUCTION
+
+    @property
+    def title(self) -> str:
+        """The title a poem was written for (the input of the poem task)."""
+        return self.input
 
 
-def answer_titles(
+def answer_requests(
     model: GPT,
     tokenizer: Tokenizer,
-    titles: list[str],
+    requests: list[tuple[str, str]],
     runtime: Runtime,
     max_new_tokens: int = 200,
     temperature: float = 0.8,
@@ -96,29 +103,37 @@ def answer_titles(
     batch_size: int = 64,
     allowed: Callable | None = None,
 ) -> list[Answer]:
-    """Generate one poem per title, in batches, stopping each at end-of-text."""
+    """Answer each (instruction, input) request, in batches, stopping each at end-of-text."""
     generator = torch.Generator(device=runtime.device).manual_seed(seed)
     answers = []
-    for start in range(0, len(titles), batch_size):
-        chunk = titles[start : start + batch_size]
-        prompts = [title_prompt_ids(tokenizer, t) for t in chunk]
+    for start in range(0, len(requests), batch_size):
+        chunk = requests[start : start + batch_size]
+        prompts = [prompt_ids(tokenizer, instruction, input) for instruction, input in chunk]
         with runtime.autocast():
             outputs = model.generate(prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                      allowed=allowed,
                                      stop_ids=[tokenizer.eot_id], generator=generator)
-        for title, ids in zip(chunk, outputs):
+        for (instruction, input), ids in zip(chunk, outputs):
             stopped = bool(ids) and ids[-1] == tokenizer.eot_id
-            answers.append(Answer(title, tokenizer.decode(ids[:-1] if stopped else ids), stopped))
+            answers.append(Answer(input, tokenizer.decode(ids[:-1] if stopped else ids), stopped, instruction))
     return answers
 
 
+def answer_titles(model: GPT, tokenizer: Tokenizer, titles: list[str], runtime: Runtime, max_new_tokens: int = 200,
+                  **kwargs) -> list[Answer]:
+    """One poem per title, asked with the book's instruction (answer_requests' other arguments)."""
+    return answer_requests(model, tokenizer, [(INSTRUCTION, t) for t in titles], runtime, max_new_tokens, **kwargs)
+
+
 def format_answers(answers: list[Answer], note: Callable[[str], str] | None = None) -> str:
-    """The gallery: each title, its poem, whether the model stopped by itself, and the
-    `note` on the poem, if given (align.py marks rhymes and tones with prosody.prosody_marks)."""
+    """The gallery: each title (or, for another instruction, the instruction and its input),
+    the answer, whether the model stopped by itself, and the `note` on the poem, if given
+    (align.py marks rhymes and tones with prosody.prosody_marks)."""
     blocks = []
     for a in answers:
         ending = "[ended with <|endoftext|>]" if a.stopped else "[no end-of-text: cut at the length limit]"
         if note is not None:
             ending += f" [{note(a.poem)}]"
-        blocks.append(f"《{a.title}》\n{a.poem}\n{ending}")
+        asked = f"《{a.input}》" if a.instruction == INSTRUCTION else f"〔{a.instruction}〕\n{a.input}\n→"
+        blocks.append(f"{asked}\n{a.poem}\n{ending}")
     return "\n\n".join(blocks)

@@ -8,8 +8,9 @@
 - `stream_loss`: mean nats per token over a whole token stream.
 - `bits_per_char`: nats per token -> bits per character, a figure that compares
   tokenizers (a char token and a tiktoken token cover different amounts of text).
-- `title_swap_nll`: each poem's NLL under its own title and under another poem's title,
-  the measure of how much a model reads the title.
+- `input_swap_nll`: each response's NLL under its own input and under another sample's
+  input; `title_swap_nll`, the same for poems under their titles: how much a model reads
+  the title (or, for the title task, the poem).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from torch.nn import functional as F
 
 from data.corpus import Poem
-from data.instruct import IGNORE, INSTRUCTION, Sample, pad_batch, poem_sample, response_rows
+from data.instruct import IGNORE, Sample, pad_batch, poem_sample, response_rows
 from data.tokenizer import Tokenizer
 from device import Runtime
 from model import GPT
@@ -106,20 +107,27 @@ class TitleSwap:
         return self.nll_swapped - self.nll_own
 
 
-def title_swap_nll(model: GPT, tokenizer: Tokenizer, poems: list[Poem], batch_size: int, runtime: Runtime,
+def input_swap_nll(model: GPT, tokenizer: Tokenizer, samples: list[Sample], batch_size: int, runtime: Runtime,
                    seed: int) -> TitleSwap:
-    """Each poem under its own title, and under the title of another poem: a seeded shuffle
-    pairs each poem with the next one in it, so every title is used once as the "other"."""
-    order = torch.randperm(len(poems), generator=torch.Generator().manual_seed(seed)).tolist()
-    other_title = {i: poems[j].title for i, j in zip(order, order[1:] + order[:1])}
+    """Each sample's response under its own input, and under the input of another sample: a
+    seeded shuffle pairs each sample with the next one in it, so every input is used once as
+    the "other". For poem samples the input is the title; for the title task, the poem."""
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
+    other_input = {i: samples[j].input for i, j in zip(order, order[1:] + order[:1])}
     block_size = model.config.block_size
-    own = response_rows(tokenizer, [poem_sample(p) for p in poems], block_size)
-    swapped = response_rows(tokenizer, [Sample(INSTRUCTION, other_title[i], p.body) for i, p in enumerate(poems)],
-                            block_size)
-    fits = [i for i in range(len(poems)) if own[i] is not None and swapped[i] is not None]
+    own = response_rows(tokenizer, samples, block_size)
+    swapped = response_rows(tokenizer, [Sample(s.instruction, other_input[i], s.response)
+                                        for i, s in enumerate(samples)], block_size)
+    fits = [i for i in range(len(samples)) if own[i] is not None and swapped[i] is not None]
     nll_own, count = labelled_nll(model, [own[i] for i in fits], tokenizer.eot_id, batch_size, runtime)
     nll_swapped, _ = labelled_nll(model, [swapped[i] for i in fits], tokenizer.eot_id, batch_size, runtime)
     return TitleSwap(fits, nll_own, nll_swapped, count)
+
+
+def title_swap_nll(model: GPT, tokenizer: Tokenizer, poems: list[Poem], batch_size: int, runtime: Runtime,
+                   seed: int) -> TitleSwap:
+    """Each poem under its own title, and under the title of another poem (input_swap_nll)."""
+    return input_swap_nll(model, tokenizer, [poem_sample(p) for p in poems], batch_size, runtime, seed)
 
 
 # -----------------------------------------------------------------------------

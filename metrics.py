@@ -1,5 +1,5 @@
-"""What a generated poem is measured by: did it stop, does it have a regular form, is it
-varied, is it copied.
+"""What a generated poem is measured by: did it stop, does it have a regular form (or the
+form asked for), is it varied, is it copied, does it hide the acrostic it was asked for.
 
 Regular form is the shape of the classical 絕句 and 律詩: every clause 5 characters, or
 every clause 7, and an even number of clauses (clauses pair into couplets). Clauses are
@@ -28,6 +28,33 @@ def is_regular_form(poem: str) -> bool:
         return False
     lengths = {len(c) for c in parts}
     return lengths == {5} or lengths == {7}
+
+
+# The four forms of regulated verse, by clause length and count.
+FORMS = {"五言絕句": (5, 4), "七言絕句": (7, 4), "五言律詩": (5, 8), "七言律詩": (7, 8)}
+
+
+def form_name(poem: str) -> str | None:
+    """五言絕句, 七言絕句, 五言律詩 or 七言律詩 when the poem has that shape (4 or 8 clauses, all
+    5 or all 7 characters), else None."""
+    parts = clauses(poem)
+    shape = (len(parts[0]), len(parts)) if parts and len({len(c) for c in parts}) == 1 else None
+    return next((name for name, form in FORMS.items() if form == shape), None)
+
+
+def acrostic_head(poem: str) -> str:
+    """The first character of each clause: what a 藏頭詩 (acrostic) hides in its lines."""
+    return "".join(c[0] for c in clauses(poem))
+
+
+def acrostic_hits(poem: str, head: str) -> int:
+    """How many of the head's characters open their clause: the i-th clause starts with head[i]."""
+    return sum(a == b for a, b in zip(acrostic_head(poem), head))
+
+
+def follows_acrostic(poem: str, head: str) -> bool:
+    """Every clause starts with its character of the head, and there are exactly len(head) clauses."""
+    return acrostic_head(poem) == head
 
 
 def distinct_n(texts: list[str], n: int = 2) -> float:

@@ -24,7 +24,7 @@ from checkpoint import load_checkpoint, model_and_tokenizer
 from cli import UserError, flag, flag_name, require_positive, restore_run_flags, resume_rule, run_cli
 from data import all_poems, build_tokenizer, load_corpus, pretrain_text
 from data.batches import random_windows
-from data.instruct import tokenizer_texts
+from data.tasks import tokenizer_texts
 from data.tokenizer import check_tokenizer_name
 from device import Runtime, release_freed_memory
 from losses import bits_per_char

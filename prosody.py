@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from data.tokenizer import CharTokenizer, Tokenizer
-from metrics import CLAUSE_BREAK, clauses
+from metrics import CLAUSE_BREAK, clauses, form_name
 
 CLAUSE_TEXT = re.compile(CLAUSE_BREAK.pattern.replace("[", "[^", 1).rstrip("+") + "+")  # a line's characters
 
@@ -74,10 +74,7 @@ def load_table() -> PingshuiTable:
 
 def regular_lines(poem: str) -> list[str] | None:
     """The lines of a 絕句 or 律詩 (4 or 8 lines, all 5 or all 7 characters), else None."""
-    lines = clauses(poem)
-    if len(lines) not in (4, 8) or len({len(line) for line in lines}) != 1 or len(lines[0]) not in (5, 7):
-        return None
-    return lines
+    return clauses(poem) if form_name(poem) else None
 
 
 def shared_rhyme_groups(lines: list[str], table: PingshuiTable | None = None) -> frozenset[str]:
@@ -149,7 +146,7 @@ def prosody_marks(poem: str) -> str:
     if lines is None:
         return "not 絕句/律詩-shaped"
     table = load_table()
-    form = ("五" if len(lines[0]) == 5 else "七") + ("言絕句" if len(lines) == 4 else "言律詩")
+    form = form_name(poem)
     ends = "".join(line[-1] for line in lines[1::2])
     groups = shared_rhyme_groups(lines, table)
     rhyme = f"rhymes {ends} ({'/'.join(sorted(groups))})" if groups else f"{ends} do not rhyme"

@@ -5,10 +5,18 @@
     python sample.py --ckpt ckpt.pt --prompt '春夜喜雨\\n'                 # a base model continues raw text
     python sample.py --ckpt ckpt_sft.pt                                   # interactive: type titles, empty line quits
     python sample.py --ckpt ckpt_sft.pt --title 春夜喜雨 --rhyme          # the even lines' last characters rhyme
+    python sample.py --ckpt ckpt_sft.pt --title 春夜喜雨 --form 七言絕句   # a poem of the form asked for
+    python sample.py --ckpt ckpt_sft.pt --acrostic 春夏秋冬               # 藏頭詩: the lines open with these
+    python sample.py --ckpt ckpt_sft.pt --task continue --input '床前明月光，疑是地上霜。'
+    python sample.py --ckpt ckpt_sft.pt --instruction 請為這首詩擬一個題目 --input '...'   # any instruction
+    python sample.py --ckpt ckpt_sft.pt --task acrostic                   # interactive: each typed line a head
 
 The checkpoint says what it is. A tuned one (finetune.py, kind "sft"; align.py, "dpo") gets
 each title wrapped in the instruction prompt <INS>請用以下題目寫一首詩<INP>{title}<RES>
-and stops at <|endoftext|>. A base one (pretrain.py, kind "pretrain") only ever saw
+and stops at <|endoftext|>; --form, --acrostic and --task ask one of the other tasks of
+data/tasks.py in its first training phrasing, --instruction asks anything. Interactive
+mode asks the same of each typed line: a title, or with --task/--form/--instruction the
+input of that request. A base one (pretrain.py, kind "pretrain") only ever saw
 poems as "title\\nlines..." run together, so in interactive mode each typed title
 becomes the prompt "title\\n"; it never learned to stop and runs to --max-new-tokens.
 
@@ -31,10 +39,12 @@ import torch
 
 from checkpoint import KINDS, answers_prompts, load_model
 from cli import UserError, flag, require_positive, run_cli
-from data.instruct import title_prompt_ids
+from data.instruct import prompt_ids
+from data.tasks import TASKS, task_instruction
 from data.tokenizer import Tokenizer
 from device import Runtime, setup_runtime
 from generation import SamplingConfig, for_generation
+from metrics import CLAUSE_BREAK, FORMS
 from model import GPT
 
 
@@ -45,16 +55,47 @@ class SampleConfig(SamplingConfig):
     ckpt: str = flag("ckpt_sft.pt", "checkpoint to sample from: ckpt_sft.pt (finetune.py) or ckpt.pt (pretrain.py)")
     title: str = flag("", "write a poem for this title, wrapped in the instruction prompt")
     prompt: str = flag("", r"raw text to continue instead of a title; \n in it is a newline, e.g. '春夜喜雨\n'")
+    form: str = flag("", "with --title: ask for a poem of this form (the form task)", choices=list(FORMS))
+    acrostic: str = flag("", "write an acrostic (藏頭詩) whose lines open with these characters, e.g. 春夏秋冬")
+    task: str = flag("", "ask this task of data/tasks.py, in its first training phrasing, of --input (or of each "
+                         "typed line)", choices=list(TASKS))
+    instruction: str = flag("", "ask this instruction of --input (or of each typed line) instead of a task's")
+    input: str = flag("", "the input of --task or --instruction: a title, a head, a first couplet or a poem "
+                          r"(\n in it is a newline)")
     num_samples: int = flag(1, "samples of the same title or prompt, one after another")
 
     def validate(self, explicit: Collection[str] = ()) -> None:
         super().validate()
         require_positive(self, ("num_samples",))
-        if self.title and self.prompt:
-            raise UserError("give --title or --prompt, not both")
-        for name in ("title", "prompt"):  # typed but empty: an unfinished command line, not "interactive"
+        given = [f"--{name}" for name in ("title", "prompt", "acrostic", "input") if getattr(self, name)]
+        if len(given) > 1:
+            raise UserError(f"give one of --title, --prompt, --acrostic and --input, not {' and '.join(given)}")
+        asks = [f"--{name}" for name in ("form", "acrostic", "task", "instruction") if getattr(self, name)]
+        if len(asks) > 1:
+            raise UserError(f"give one of --form, --acrostic, --task and --instruction, not {' and '.join(asks)}")
+        if self.prompt and asks:
+            raise UserError(f"--prompt is raw text for a base model; {asks[0]} asks a tuned model instead")
+        if self.input and not (self.task or self.instruction):
+            raise UserError("--input is the input of --task or --instruction; give one of them (or use --title)")
+        if self.title and (self.task or self.instruction):
+            raise UserError("--title is for the poem and form tasks; with --task or --instruction give --input")
+        if self.task == "form" and not self.form:
+            raise UserError("--task form needs --form, e.g. --form 七言絕句 (or give --title with --form)")
+        for name in ("title", "prompt", "acrostic", "instruction", "input"):
+            # typed but empty: an unfinished command line, not "interactive"
             if name in explicit and not getattr(self, name).strip():
                 raise UserError(f"--{name} is empty")
+
+    def instruction_text(self) -> str:
+        """The instruction each title or input is asked with."""
+        if self.instruction:
+            return self.instruction
+        task = "form" if self.form else "acrostic" if self.acrostic else self.task or "poem"
+        return task_instruction(task, form=self.form)  # the poem task's first phrasing is the book's sentence
+
+    def given_input(self) -> str:
+        """The title, head or input given on the command line ("" = interactive)."""
+        return self.title or self.acrostic or unescape(self.input)
 
 
 def unescape(text: str) -> str:
@@ -88,11 +129,27 @@ class TextStream:
         return text
 
 
-def encode_prompt(tokenizer: Tokenizer, text: str, as_title: bool) -> list[int]:
-    """The ids to continue: a title inside the instruction prompt, or raw text as it is.
-    Say on stderr which characters the tokenizer does not know."""
+def check_head(tokenizer: Tokenizer, head: str) -> None:
+    """An acrostic head is characters the model can write at a line's start: known ones, no punctuation."""
+    head = head.strip()
+    if not head:
+        raise UserError("--acrostic: the head is empty; give the characters the lines should open with")
+    odd = [c for c in head if CLAUSE_BREAK.match(c) or c.isspace()]
+    if odd:
+        raise UserError(f"--acrostic {head}: {''.join(odd)!r} cannot open a line; give only the characters, "
+                        "e.g. 春夏秋冬")
+    unknown = [c for c in head if tokenizer.encode(c) == [tokenizer.unk_id]]
+    if unknown:
+        raise UserError(f"--acrostic {head}: {' '.join(unknown)} not in the tokenizer's vocabulary, so no line can "
+                        "open with it")
+
+
+def encode_prompt(tokenizer: Tokenizer, text: str, instruction: str | None) -> list[int]:
+    """The ids to continue: `text` as the input of `instruction`'s prompt, or (None) raw text
+    as it is. Say on stderr which characters the tokenizer does not know."""
     unknown: Counter = Counter()
-    ids = title_prompt_ids(tokenizer, text, unknown) if as_title else tokenizer.encode(text, unknown)
+    ids = prompt_ids(tokenizer, instruction, text, unknown) if instruction is not None \
+        else tokenizer.encode(text, unknown)
     if unknown:
         how = "replaced by <unk>" if tokenizer.unk_id in ids else "spelled out as bytes the model rarely saw"
         print(f"note: not in the tokenizer's vocabulary, {how}: {' '.join(unknown)}", file=sys.stderr)
@@ -121,17 +178,18 @@ def write_samples(model: GPT, tokenizer: Tokenizer, ids: list[int], config: Samp
             print(f"[no end-of-text: cut at --max-new-tokens {config.max_new_tokens}]", file=sys.stderr)
 
 
-def interactive(answer: Callable[[str, bool], None], is_sft: bool) -> None:
-    """Read a title per line and answer it; an empty line, Ctrl-D or Ctrl-C at the prompt quits."""
+def interactive(answer: Callable[[str], None], what: str, label: str = "title") -> None:
+    """Read a line at a time (a title, or `what` the request takes) and answer it; an empty
+    line, Ctrl-D or Ctrl-C at the prompt quits. A bad line (a head with an unknown
+    character) is said and skipped."""
     if sys.stdin.isatty():
         try:
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
-    what = "a title" if is_sft else "a title (the base model continues 'title\\n')"
     print(f"Type {what} and press Enter; an empty line or Ctrl-D quits, Ctrl-C stops a poem.", file=sys.stderr)
     while True:
-        print("title> ", end="", file=sys.stderr, flush=True)
+        print(f"{label}> ", end="", file=sys.stderr, flush=True)
         try:
             line = input().strip()
         except (EOFError, KeyboardInterrupt):
@@ -140,7 +198,9 @@ def interactive(answer: Callable[[str, bool], None], is_sft: bool) -> None:
         if not line:
             return
         try:
-            answer(line, True) if is_sft else answer(line + "\n", False)
+            answer(line)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
         except KeyboardInterrupt:  # stop this poem only
             print(flush=True)  # end the cut poem's line, so the next one starts on its own
             print("[stopped]", file=sys.stderr)
@@ -150,6 +210,9 @@ def run(config: SampleConfig, explicit: set[str]) -> None:
     config.validate(explicit)
     runtime = setup_runtime(config.device, config.dtype)
     model, tokenizer, kind = load_model(config.ckpt, "--ckpt")
+    acrostic = config.acrostic or config.task == "acrostic"
+    if config.acrostic:  # before any sampling: one line if a head cannot be written
+        check_head(tokenizer, config.acrostic)
     model = for_generation(model, runtime)
     is_sft = answers_prompts(kind)
     print(f"{config.ckpt}: {KINDS.get(kind, kind)} model ({kind}), "
@@ -157,22 +220,33 @@ def run(config: SampleConfig, explicit: set[str]) -> None:
     if not is_sft:
         print(f"note: a base model continues text and will not stop by itself; each sample runs to "
               f"--max-new-tokens ({config.max_new_tokens})", file=sys.stderr)
-        if config.title:
-            print("note: --title uses the instruction prompt, which a base model was not trained on; "
-                  "try --prompt 'TITLE\\n'", file=sys.stderr)
+        if not config.prompt:
+            print("note: a base model was not trained on the instruction prompt; try --prompt 'TITLE\\n'"
+                  if config.given_input() else "note: each typed title becomes the prompt 'title\\n'",
+                  file=sys.stderr)
     generator = torch.Generator(device=runtime.device).manual_seed(config.seed)
     allowed = config.constraint(tokenizer)  # --rhyme; a tokenizer it cannot work with fails here
+    instruction = config.instruction_text()
 
-    def answer(text: str, as_title: bool) -> None:
-        ids = encode_prompt(tokenizer, text, as_title)
+    def answer(text: str, raw: bool = False) -> None:
+        if acrostic:
+            check_head(tokenizer, text)
+        ids = encode_prompt(tokenizer, text, None if raw else instruction)
         write_samples(model, tokenizer, ids, config, runtime, generator, warn_cut=is_sft, allowed=allowed)
 
-    if config.title:
-        answer(config.title, True)
-    elif config.prompt:
-        answer(unescape(config.prompt), False)
+    if config.prompt:
+        answer(unescape(config.prompt), raw=True)
+    elif config.given_input():
+        answer(config.given_input())
+    elif not is_sft and not (config.task or config.instruction or config.form):
+        interactive(lambda title: answer(title + "\n", raw=True), "a title (the base model continues 'title\\n')")
     else:
-        interactive(answer, is_sft)
+        if acrostic:
+            interactive(answer, "a head (the characters the lines open with)", "head")
+        elif (config.task or "poem") in ("poem", "form") and not config.instruction:
+            interactive(answer, "a title")
+        else:
+            interactive(answer, "an input (a first couplet, a poem, or what --instruction asks for)", "input")
 
 
 def main(argv: list[str] | None = None) -> None:

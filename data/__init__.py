@@ -1,5 +1,6 @@
 """Data: the poem corpus (corpus.py), tokenizers (tokenizer.py), pretraining batches
-(batches.py) and the instruction format with its samples and batches (instruct.py)."""
+(batches.py), the instruction format with its samples and batches (instruct.py) and the
+poetry tasks instruction tuning mixes (tasks.py)."""
 
 from data.batches import random_windows
 from data.corpus import (
@@ -28,8 +29,8 @@ from data.instruct import (
     prompt_ids,
     prompt_text,
     title_prompt_ids,
-    tokenizer_texts,
 )
+from data.tasks import TASKS, Task, TaskMixture, parse_tasks, task_instruction, tokenizer_texts
 from data.tokenizer import (
     EOT,
     INP,

@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from data.corpus import CorpusError, SplitConfig, all_poems, load_corpus, pretrain_text
-from data.instruct import tokenizer_texts
+from data.tasks import tokenizer_texts
 from data.tokenizer import TiktokenTokenizer, TokenizerError, build_tokenizer
 
 

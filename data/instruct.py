@@ -28,12 +28,12 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
 from cli import UserError
-from data.corpus import Poem, pretrain_text
+from data.corpus import Poem
 from data.tokenizer import EOT, INP, INS, RES, SPECIALS, Tokenizer
 
 # The instruction every poem sample starts with ("write a poem on this title").
@@ -55,15 +55,6 @@ class Sample:
 def poem_sample(poem: Poem) -> Sample:
     """A poem as an instruction sample: its title in, its lines out."""
     return Sample(INSTRUCTION, poem.title, poem.body)
-
-
-def tokenizer_texts(poems: list[Poem]) -> list[str]:
-    """The texts a tokenizer is fitted to: every poem as pretraining renders it, plus the instruction.
-
-    The vocabulary covers the whole cleaned corpus, not just the training split, so a
-    validation title never turns into <unk> merely because it was held out.
-    """
-    return [pretrain_text(poems), INSTRUCTION]
 
 
 # -----------------------------------------------------------------------------
@@ -168,24 +159,30 @@ class EpochBatches:
     to see every sample once (the last step wraps around to the epoch's start). A batch
     is a pure function of (step, micro-step, rank): the epoch's order comes from the
     seed and the epoch number alone, so a run resumed mid-epoch continues it exactly.
+
+    `rows` is the list of samples, or a function epoch -> that epoch's samples, as many
+    every epoch (data/tasks.py's TaskMixture draws each poem's task anew each epoch).
     """
 
-    def __init__(self, rows: list, batch_size: int, grad_accum: int = 1, world_size: int = 1,
-                 seed: int = 0, pad_id: int = 0):
-        self.rows, self.batch_size, self.grad_accum, self.world_size = rows, batch_size, grad_accum, world_size
+    def __init__(self, rows: list | Callable[[int], list], batch_size: int, grad_accum: int = 1,
+                 world_size: int = 1, seed: int = 0, pad_id: int = 0):
+        self.rows_of = rows if callable(rows) else lambda epoch: rows
+        self.rows = self.rows_of(0)  # the first epoch's
+        self.batch_size, self.grad_accum, self.world_size = batch_size, grad_accum, world_size
         self.seed, self.pad_id = seed, pad_id
         self.samples_per_step = batch_size * grad_accum * world_size
-        self.steps_per_epoch = math.ceil(len(rows) / self.samples_per_step)
+        self.steps_per_epoch = math.ceil(len(self.rows) / self.samples_per_step)
 
     def indices(self, step: int, micro: int = 0, rank: int = 0) -> list[int]:
-        """Which rows make up the micro-batch (indices into `rows`)."""
+        """Which rows make up the micro-batch (indices into the epoch's rows)."""
         epoch, position = divmod(step, self.steps_per_epoch)
         order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed + epoch))
         first = position * self.samples_per_step + (micro * self.world_size + rank) * self.batch_size
         return [int(order[(first + i) % len(self.rows)]) for i in range(self.batch_size)]
 
     def batch(self, step: int, micro: int = 0, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = [self.rows[i] for i in self.indices(step, micro, rank)]
+        epoch_rows = self.rows_of(step // self.steps_per_epoch)
+        rows = [epoch_rows[i] for i in self.indices(step, micro, rank)]
         return pad_batch([(row.inputs, row.labels) for row in rows], self.pad_id)
 
 

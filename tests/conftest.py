@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from data.corpus import DEFAULT_POEMS_DIR, all_poems, load_corpus
-from data.instruct import tokenizer_texts
+from data.tasks import tokenizer_texts
 from data.tokenizer import build_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

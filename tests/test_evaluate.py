@@ -13,10 +13,13 @@ import evaluate
 from checkpoint import load_checkpoint, model_and_tokenizer
 from data.corpus import Poem
 from data.instruct import INSTRUCTION, Sample, encode_sample, poem_sample, response_rows
+from data.tasks import TASKS, instructions
 from device import setup_runtime
+from generation import Answer
+from metrics import FORMS, clauses
 from losses import labelled_nll, stream_loss, title_swap_nll
 
-FAST = ["--num-titles", "6", "--max-new-tokens", "12", "--batch-size", "16", "--dtype", "float32"]
+FAST = ["--num-titles", "6", "--max-new-tokens", "12", "--batch-size", "16", "--dtype", "float32", "--task-prompts", "3"]
 
 
 def run_json(capsys, *argv) -> dict:
@@ -55,6 +58,64 @@ def test_one_column_per_checkpoint_with_every_figure(report, tiny_tuned, tiny_pr
         else:  # nothing of that shape: no rate, shown as "–"
             assert figures["rhyme_rate"] is None
     assert report["settings"]["temperature"] == 0.8 and report["settings"]["max_new_tokens"] == 12
+
+
+def test_a_tuned_column_measures_each_task_with_seen_and_held_out_phrasings(report, tiny_tuned, tiny_pretrained):
+    tuned = report["checkpoints"][str(tiny_tuned)]["instructions"]
+    assert list(tuned) == ["seen", "held_out"]
+    for figures in tuned.values():
+        for key, _, _ in evaluate.INSTRUCTION_ROWS:
+            assert key == "title_task_gain" or 0.0 <= figures[key] <= 1.0
+    assert "instructions" not in report["checkpoints"][str(tiny_pretrained)]  # a base model is asked nothing
+
+
+def scripted_answers(monkeypatch, answer) -> list:
+    """Make evaluate's instruction-following answers answer(task, instruction, input); return the requests."""
+    task_of = {text: name for name, task in TASKS.items() for held in (False, True)
+               for text in instructions(task, held)}
+    asked = []
+
+    def fake(model, tokenizer, requests, runtime, *args, **kwargs):
+        asked.extend(requests)
+        return [Answer(text, answer(task_of[instruction], instruction, text), True, instruction)
+                for instruction, text in requests]
+
+    monkeypatch.setattr(evaluate, "answer_requests", fake)
+    return asked
+
+
+def perfect(task: str, instruction: str, text: str) -> str:
+    if task == "form":
+        length, count = next(FORMS[f] for f in FORMS if f in instruction)
+        return "\n".join("一" * length + "，" + "二" * length + "。" for _ in range(count // 2))
+    if task == "acrostic":  # heads of regular poems and the common heads have an even length
+        return "\n".join(f"{a}四五六七，{b}四五六七。" for a, b in zip(text[::2], text[1::2]))
+    if task == "continue":
+        n = len(clauses(text)[0])
+        return "三" * n + "，" + "四" * n + "。"
+    return "床前明月光，疑是地上霜。"
+
+
+def test_instruction_figures_count_what_was_asked(monkeypatch, small_poems, tiny_tuned, capsys):
+    asked = scripted_answers(monkeypatch, perfect)
+    figures = run_json(capsys, "--ckpt", str(tiny_tuned), "--poems", str(small_poems),
+                       "--task-prompts", "4")["checkpoints"][str(tiny_tuned)]["instructions"]
+    for kind in ("seen", "held_out"):
+        assert all(figures[kind][key] == 1.0 for key, _, _ in evaluate.INSTRUCTION_ROWS if key != "title_task_gain")
+    held_out = {text for task in TASKS.values() for text in instructions(task, held_out=True)}
+    seen_inputs = [text for instruction, text in asked if instruction not in held_out]
+    assert seen_inputs == [text for instruction, text in asked if instruction in held_out]  # the same inputs twice
+    assert "春夏秋冬" in seen_inputs and len(asked) == 2 * 4 * 8  # poem, 4 forms, 2 head sets, continue: 4 each
+
+    def wrong(task: str, instruction: str, text: str) -> str:
+        return {"continue": text, "acrostic": text[0] + "風。"}.get(task, "春風。")
+
+    scripted_answers(monkeypatch, wrong)
+    figures = run_json(capsys, "--ckpt", str(tiny_tuned), "--poems", str(small_poems),
+                       "--task-prompts", "4")["checkpoints"][str(tiny_tuned)]["instructions"]["held_out"]
+    assert figures["form 五言絕句"] == figures["acrostic_common"] == figures["poem_regular"] == 0.0
+    assert figures["acrostic_common_lines"] == 0.25  # one clause, opened by the first of four head characters
+    assert figures["continue_no_repeat"] == 0.0 and figures["continue_length"] == 1.0  # it repeated the couplet
 
 
 def test_bits_per_character_follow_from_the_loss(report):

@@ -23,6 +23,7 @@ from data.instruct import (
     prompt_ids,
     prompt_text,
 )
+from data.tasks import TASKS, task_instruction
 from data.tokenizer import EOT, RES
 from model import GPT, GPTConfig
 
@@ -170,6 +171,28 @@ def test_finetune_writes_checkpoint_log_and_gallery(tmp_path, small_poems, tiny_
     assert gallery.index("=== epoch 0 (before training)") < gallery.index("=== epoch 1\n") < gallery.index("=== epoch 2\n")
     assert gallery.count("《春夜喜雨》") == 3 and gallery.count("《秋思》") == 3
     assert (tmp_path / "sft.loss.png").exists()
+
+
+def test_the_default_mixes_the_tasks_and_the_gallery_asks_each(tmp_path, small_poems, tiny_pretrained, capsys):
+    finetune.main(tune(tmp_path, small_poems, tiny_pretrained, "--max-iters", "2"))
+    out = capsys.readouterr().out
+    mixture = next(line for line in out.splitlines() if line.startswith("tasks all, drawn anew each epoch"))
+    assert all(f" {task} " in mixture for task in TASKS)
+    gallery = (tmp_path / "sft.samples.txt").read_text(encoding="utf-8")
+    assert f"〔{task_instruction('acrostic')}〕\n春夏秋冬\n→" in gallery
+    assert f"〔{task_instruction('form', '七言絕句')}〕\n春夜喜雨\n→" in gallery
+
+
+def test_tasks_book_is_the_single_task_run(tmp_path, small_poems, tiny_pretrained, capsys):
+    finetune.main(tune(tmp_path, small_poems, tiny_pretrained, "--max-iters", "2", "--tasks", "book"))
+    out = capsys.readouterr().out
+    assert "tasks book, drawn anew each epoch; epoch 1: poem " in out
+    assert "〔" not in (tmp_path / "sft.samples.txt").read_text(encoding="utf-8")  # titles only
+
+
+def test_unknown_task_is_refused_before_the_corpus_loads(tmp_path, tiny_pretrained, capsys):
+    line = run_error(tune(tmp_path, tmp_path / "no-poems", tiny_pretrained, "--tasks", "poem,rhyme"), capsys)
+    assert "--tasks: unknown task rhyme" in line
 
 
 def test_loss_on_all_still_reports_response_loss(tmp_path, small_poems, tiny_pretrained):

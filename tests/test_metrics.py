@@ -7,7 +7,11 @@ import math
 import pytest
 
 from metrics import (
+    acrostic_head,
+    acrostic_hits,
     clauses,
+    follows_acrostic,
+    form_name,
     distinct_n,
     generation_figures,
     is_regular_form,
@@ -18,6 +22,30 @@ from metrics import (
 QUATRAIN_5 = "床前明月光，疑是地上霜。\n舉頭望明月，低頭思故鄉。"
 QUATRAIN_7 = "朝辭白帝彩雲間，千里江陵一日還。\n兩岸猿聲啼不住，輕舟已過萬重山。"
 MIXED = "床前明月光，疑是地上霜。\n兩岸猿聲啼不住，輕舟已過萬重山。"
+
+
+LUSHI_5 = "好雨知時節，當春乃發生。\n隨風潛入夜，潤物細無聲。\n野徑雲俱黑，江船火獨明。\n曉看紅濕處，花重錦官城。"
+LUSHI_7 = ("風急天高猿嘯哀，渚清沙白鳥飛回。\n無邊落木蕭蕭下，不盡長江滾滾來。\n"
+           "萬里悲秋常作客，百年多病獨登臺。\n艱難苦恨繁霜鬢，潦倒新停濁酒杯。")
+
+
+@pytest.mark.parametrize("poem, form", [
+    (QUATRAIN_5, "五言絕句"), (QUATRAIN_7, "七言絕句"), (LUSHI_5, "五言律詩"), (LUSHI_7, "七言律詩"),
+    (MIXED, None), (QUATRAIN_5 + "\n床前明月光，疑是地上霜。", None),  # six clauses: regular, but no form
+    ("床前明月光，疑是地上霜。", None), ("一二三四，一二三四。\n一二三四，一二三四。", None), ("", None)])
+def test_form_name(poem, form):
+    assert form_name(poem) == form
+
+
+def test_acrostic_checks():
+    assert acrostic_head(LUSHI_5) == "好當隨潤野江曉花"
+    assert follows_acrostic(QUATRAIN_5, "床疑舉低")
+    assert acrostic_hits(QUATRAIN_5, "床疑舉低") == 4
+    assert not follows_acrostic(QUATRAIN_5, "床疑舉高") and acrostic_hits(QUATRAIN_5, "床疑舉高") == 3
+    assert not follows_acrostic(QUATRAIN_5, "床疑舉低春")  # a clause short: not every head character opens a line
+    assert acrostic_hits(QUATRAIN_5, "床疑舉低春") == 4
+    assert not follows_acrostic(QUATRAIN_5 + "\n春風。", "床疑舉低")  # a clause too many
+    assert acrostic_hits("", "春夏") == 0
 
 
 def test_clauses_split_on_punctuation_and_lines():

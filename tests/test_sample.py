@@ -14,7 +14,8 @@ import torch
 
 import sample
 from checkpoint import load_checkpoint, model_and_tokenizer
-from data.instruct import title_prompt_ids
+from data.instruct import prompt_ids, title_prompt_ids
+from data.tasks import TASKS
 from data.tokenizer import TiktokenTokenizer, tokenizer_from_dict
 from model import GPT
 
@@ -66,7 +67,8 @@ def test_help_lists_every_flag(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     for flag in ("--ckpt", "--title", "--prompt", "--num-samples", "--max-new-tokens", "--temperature", "--top-k",
-                 "--top-p", "--seed", "--device", "--dtype", "--rhyme"):
+                 "--top-p", "--seed", "--device", "--dtype", "--rhyme", "--form", "--acrostic", "--task",
+                 "--instruction", "--input"):
         assert flag in out
 
 
@@ -188,7 +190,14 @@ def test_ctrl_c_in_one_shot_mode_exits_130(capsys, monkeypatch, tiny_tuned):
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--title", "春", "--prompt", "春"], "--title or --prompt, not both"),
+    (["--title", "春", "--prompt", "春"], "not --title and --prompt"),
+    (["--acrostic", ""], "--acrostic is empty"),
+    (["--form", "八言絕句", "--title", "春"], "argument --form: invalid choice: '八言絕句'"),
+    (["--task", "rhyme"], "argument --task: invalid choice: 'rhyme'"),
+    (["--task", "form", "--input", "春"], "--task form needs --form"),
+    (["--input", "春"], "--input is the input of --task or --instruction"),
+    (["--acrostic", "春", "--form", "七言絕句"], "not --form and --acrostic"),
+    (["--instruction", "寫詩", "--title", "春"], "with --task or --instruction give --input"),
     (["--temperature", "-1"], "--temperature"),
     (["--top-k", "-1"], "--top-k"),
     (["--top-p", "1.5"], "--top-p"),
@@ -203,6 +212,42 @@ def test_errors_are_one_line_with_exit_code_2(capsys, tmp_path, args, expected):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and expected in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("head, expected", [("春😀秋冬", "--acrostic 春😀秋冬: 😀 not in the tokenizer's vocabulary"),
+                                            ("春，夏", "'，' cannot open a line")])
+def test_a_head_no_line_can_open_with_is_one_line_error(capsys, tiny_tuned, prompts_seen, head, expected):
+    with pytest.raises(SystemExit) as exit_info:
+        run(capsys, "--ckpt", str(tiny_tuned), "--acrostic", head)
+    assert exit_info.value.code == 2 and not prompts_seen  # refused before any sampling
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expected in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("args, instruction, input", [
+    (["--acrostic", "春夏秋冬"], TASKS["acrostic"].phrasings[0], "春夏秋冬"),
+    (["--title", "春夜喜雨", "--form", "七言絕句"], "請用以下題目寫一首七言絕句", "春夜喜雨"),
+    (["--task", "continue", "--input", "床前明月光，疑是地上霜。"], TASKS["continue"].phrasings[0],
+     "床前明月光，疑是地上霜。"),
+    (["--instruction", "請為這首詩擬一個題目", "--input", r"床前明月光，疑是地上霜。\n舉頭望明月，低頭思故鄉。"],
+     "請為這首詩擬一個題目", "床前明月光，疑是地上霜。\n舉頭望明月，低頭思故鄉。"),
+])
+def test_tasks_and_any_instruction_are_asked_in_the_instruction_format(capsys, tiny_tuned, prompts_seen, args,
+                                                                       instruction, input):
+    out, _ = run(capsys, "--ckpt", str(tiny_tuned), *args, "--temperature", "0", "--max-new-tokens", "10")
+    _, tokenizer = load(tiny_tuned)
+    expected = prompt_ids(tokenizer, instruction, input)
+    assert prompts_seen == [expected]
+    assert out == greedy(tiny_tuned, expected, 10) + "\n"
+
+
+def test_interactive_task_takes_each_line_as_its_input_and_skips_a_bad_head(capsys, monkeypatch, tiny_tuned,
+                                                                            prompts_seen):
+    monkeypatch.setattr("sys.stdin", io.StringIO("春夏秋冬\n春😀\n風花雪月\n\n"))
+    _, err = run(capsys, "--ckpt", str(tiny_tuned), "--task", "acrostic", "--max-new-tokens", "5")
+    _, tokenizer = load(tiny_tuned)
+    assert prompts_seen == [prompt_ids(tokenizer, TASKS["acrostic"].phrasings[0], head) for head in ("春夏秋冬", "風花雪月")]
+    assert err.count("head> ") == 4 and "error: --acrostic 春😀: 😀 not in the tokenizer's vocabulary" in err
 
 
 def test_corrupt_checkpoint_is_one_line_error(capsys, tmp_path):
