@@ -37,12 +37,12 @@ from checkpoint import KINDS, answers_prompts, load_checkpoint, model_and_tokeni
 from cli import UserError, flag, resume_rule, run_cli
 from data.corpus import Poem, load_corpus
 from data.instruct import IGNORE, EpochBatches, encode_sample, encode_samples, pad_batch, poem_sample
+from data.tasks import tuning_poems
 from data.tokenizer import Tokenizer
 from device import Runtime
 from distributed import barrier
 from generation import answer_titles, for_generation, format_answers
 from losses import PreferenceBatch, dpo_loss, labelled_nll, preference_loss, rhyme_group_loss
-from metrics import is_regular_form
 from model import GPT
 from preference import (PREFERENCES, Pair, answer_logprobs, build_pairs, fits, load_pairs, no_pairs_error,
                         pair_batch, reference_logprobs, save_pairs)
@@ -325,7 +325,7 @@ def run(config: AlignConfig, explicit: set[str]) -> dict:
     if not master:
         pairs = load_pairs(config.pairs_path(), key)[0]
     train_pairs, val_pairs = split_pairs(pairs, config.val_share, config.seed)
-    finetune_val = [poem_sample(p) for p in splits["finetune_val"] if is_regular_form(p.body)]
+    finetune_val = [poem_sample(p) for p in tuning_poems(splits)[1]]  # the val samples finetune.py reports
     finetune_val_rows = [(row.inputs, row.response_labels) for row in encode_samples(tokenizer, finetune_val,
                                                                                       block_size)[0]]
     gallery = config.gallery_titles([s.input for s in finetune_val[:3]])

@@ -38,7 +38,7 @@ from checkpoint import answers_prompts, load_checkpoint, model_and_tokenizer
 from cli import UserError, flag, require_positive, run_cli
 from data.corpus import Poem, clean_poems, load_corpus, load_poems, pretrain_text
 from data.instruct import INSTRUCTION, Sample, response_rows
-from data.tasks import TASKS, task_instruction
+from data.tasks import TASKS, instructions, task_instruction
 from data.tokenizer import Tokenizer
 from device import Runtime, setup_runtime
 from generation import SamplingConfig, answer_requests, answer_titles, for_generation
@@ -131,6 +131,10 @@ def instruction_figures(model: GPT, writer: GPT, tokenizer: Tokenizer, poems: li
     n = config.task_prompts
     regular = [p for p in poems if is_regular_form(p.body)][:n]
     openings = [p for p in poems if TASKS["continue"].sample(p, "") is not None][:n]
+    longest = max(len(tokenizer.encode(t)) for held in (False, True) for t in instructions(TASKS["title"], held))
+    titled = [p for p in poems  # poems whose title-task sample fits the block, in every phrasing
+              if 3 + longest + len(tokenizer.encode(p.body)) + len(tokenizer.encode(p.title)) <= model.config.block_size]
+    titled = titled[:n]
 
     def share(flags) -> float:
         flags = list(flags)
@@ -162,9 +166,11 @@ def instruction_figures(model: GPT, writer: GPT, tokenizer: Tokenizer, poems: li
                                      for a, g in zip(answers, given))
         f["continue_no_repeat"] = share(not set(g) & set(clauses(a.poem)) for a, g in zip(answers, given))
         samples = [Sample(task_instruction("title", held_out=kind == "held_out", phrasing=i), p.body, p.title)
-                   for i, p in enumerate(poems[:n])]
+                   for i, p in enumerate(titled)]
         swap = input_swap_nll(model, tokenizer, samples, config.batch_size, runtime, config.seed)
-        f["title_task_gain"], f["title_task_gain_se"] = mean_and_standard_error(swap.gains.tolist())
+        # None where fewer than 2 poems fit the block (a tiny model's): nothing to compare
+        f["title_task_gain"], f["title_task_gain_se"] = (mean_and_standard_error(swap.gains.tolist())
+                                                         if len(swap.poems) >= 2 else (None, None))
         figures[kind] = f
     return figures
 
@@ -233,7 +239,8 @@ def format_instruction_table(columns: dict[str, dict]) -> str:
     lines = [f"{'instruction following':32s}" + "".join(f"{n:>{2 * width}s}" for n in columns),
              f"{'':32s}" + f"{'seen':>{width}s}{'held-out':>{width}s}" * len(columns)]
     for key, label, fmt in INSTRUCTION_ROWS:
-        cells = [fmt.format(f[kind][key]) for f in columns.values() for kind in ("seen", "held_out")]
+        cells = ["–" if f[kind][key] is None else fmt.format(f[kind][key])
+                 for f in columns.values() for kind in ("seen", "held_out")]
         lines.append(f"{label:32s}" + "".join(f"{c:>{width}s}" for c in cells))
     return "\n".join(lines)
 

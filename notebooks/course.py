@@ -83,15 +83,28 @@ def base_checkpoint() -> Path:
     return _checkpoint("ckpt.pt", lambda out: pretrain.main(["--poems", poems_dir(), "--out", _shown(out), *flags]))
 
 
-def tuned_checkpoint() -> Path:
-    """The instruction-tuned checkpoint: ckpt_sft.pt at the repository root when present
-    (and not in fast mode), else a short tuning run of base_checkpoint() into notebooks/out/."""
+def _tune(name: str, extra: list[str]) -> Path:
+    """A finetune.py run from base_checkpoint(): REPO/name when present, else a short one into notebooks/out/."""
     import finetune
 
     flags = ["--max-iters", "30", "--batch-size", "16", "--no-compile", "--dtype", "float32",
              "--sample-tokens", "40", "--sample-titles", "春夜喜雨"] if FAST else ["--max-iters", "150"]
-    return _checkpoint("ckpt_sft.pt", lambda out: finetune.main(
-        ["--init", _shown(base_checkpoint()), "--poems", poems_dir(), "--out", _shown(out), *flags]))
+    return _checkpoint(name, lambda out: finetune.main(
+        ["--init", _shown(base_checkpoint()), "--poems", poems_dir(), "--out", _shown(out), *flags, *extra]))
+
+
+def tuned_checkpoint() -> Path:
+    """The instruction-tuned checkpoint: ckpt_sft.pt at the repository root (from `python
+    finetune.py --init ckpt.pt`, five tasks mixed) when present (and not in fast mode), else a
+    short tuning run of base_checkpoint() into notebooks/out/."""
+    return _tune("ckpt_sft.pt", [])
+
+
+def book_checkpoint() -> Path:
+    """The book's single-task tuning, title -> poem in one sentence: ckpt_sft_book.pt (from
+    `python finetune.py --init ckpt.pt --tasks book --out ckpt_sft_book.pt`), the baseline
+    notebook 07 measures the task mixture against."""
+    return _tune("ckpt_sft_book.pt", ["--tasks", "book"])
 
 
 def _align(name: str, default_flags: list[str]) -> Path:

@@ -23,7 +23,7 @@ from data.instruct import (
     prompt_ids,
     prompt_text,
 )
-from data.tasks import TASKS, task_instruction
+from data.tasks import DEFAULT_TASKS, TASKS, task_instruction
 from data.tokenizer import EOT, RES
 from model import GPT, GPTConfig
 
@@ -176,7 +176,7 @@ def test_finetune_writes_checkpoint_log_and_gallery(tmp_path, small_poems, tiny_
 def test_the_default_mixes_the_tasks_and_the_gallery_asks_each(tmp_path, small_poems, tiny_pretrained, capsys):
     finetune.main(tune(tmp_path, small_poems, tiny_pretrained, "--max-iters", "2"))
     out = capsys.readouterr().out
-    mixture = next(line for line in out.splitlines() if line.startswith("tasks all, drawn anew each epoch"))
+    mixture = next(line for line in out.splitlines() if line.startswith(f"tasks {DEFAULT_TASKS}, drawn anew each epoch"))
     assert all(f" {task} " in mixture for task in TASKS)
     gallery = (tmp_path / "sft.samples.txt").read_text(encoding="utf-8")
     assert f"〔{task_instruction('acrostic')}〕\n春夏秋冬\n→" in gallery
@@ -188,6 +188,16 @@ def test_tasks_book_is_the_single_task_run(tmp_path, small_poems, tiny_pretraine
     out = capsys.readouterr().out
     assert "tasks book, drawn anew each epoch; epoch 1: poem " in out
     assert "〔" not in (tmp_path / "sft.samples.txt").read_text(encoding="utf-8")  # titles only
+
+
+def test_the_learning_rate_follows_the_job_unless_given():
+    mixture, book, given = (finetune.FinetuneConfig(), finetune.FinetuneConfig(tasks="book"),
+                            finetune.FinetuneConfig(tasks="book", lr=5e-4, min_lr=0.0))
+    for config in (mixture, book, given):
+        config.validate()
+    assert (mixture.lr, mixture.min_lr) == (1e-3, 1e-4)
+    assert (book.lr, book.min_lr) == (3e-4, 3e-5)  # the book's run as it always was
+    assert (given.lr, given.min_lr) == (5e-4, 5e-5)
 
 
 def test_unknown_task_is_refused_before_the_corpus_loads(tmp_path, tiny_pretrained, capsys):

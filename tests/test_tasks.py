@@ -3,13 +3,15 @@ training, the mixture as a pure function of (seed, step), and --tasks book as th
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 
 from cli import UserError
 from data.corpus import Poem, pretrain_text
 from data.instruct import IGNORE, INSTRUCTION, EpochBatches, encode_sample, encode_samples, poem_sample
-from data.tasks import TASKS, TaskMixture, instructions, parse_tasks, task_instruction
+from data.tasks import TASKS, MixedTask, TaskMixture, instructions, parse_tasks, task_instruction
 from metrics import is_regular_form
 
 # 杜甫《春夜喜雨》, a 五言律詩, stored a couplet per line as the corpus does.
@@ -52,7 +54,7 @@ def test_poems_a_task_cannot_use_are_left_out():
     assert TASKS["continue"].sample(Poem("t", ["一二三四五，一二三四五。"]), "x") is None  # nothing to continue
 
 
-def test_every_task_has_three_training_phrasings_and_a_held_out_one_it_never_trains_on(splits, char_tokenizer):
+def test_every_task_has_several_training_phrasings_and_a_held_out_one_it_never_trains_on(splits, char_tokenizer):
     held_out = {text for task in TASKS.values() for text in instructions(task, held_out=True)}
     trained = {text for task in TASKS.values() for text in instructions(task)}
     assert all(len(task.phrasings) >= 3 and task.held_out for task in TASKS.values())
@@ -102,17 +104,29 @@ def test_samples_that_do_not_fit_the_block_drop_the_task_not_the_poem(char_token
 
 
 def test_parse_tasks():
-    assert parse_tasks("book") == {"poem": (INSTRUCTION,)}
-    assert list(parse_tasks("all")) == list(TASKS)
-    assert list(parse_tasks("title, acrostic,title")) == ["title", "acrostic"]
+    assert parse_tasks("book") == {"poem": MixedTask(1.0, (INSTRUCTION,))}
+    assert parse_tasks("all") == {name: MixedTask(1.0, task.phrasings) for name, task in TASKS.items()}
+    assert {name: t.weight for name, t in parse_tasks("title, acrostic:2.5").items()} == {"title": 1, "acrostic": 2.5}
     with pytest.raises(UserError, match="--tasks: unknown task rhymes; give all, book, or"):
         parse_tasks("poem,rhymes")
-    with pytest.raises(UserError, match="--tasks"):
+    for bad in ("acrostic:0", "acrostic:x", "acrostic:-1", "acrostic:inf", "acrostic:nan"):
+        with pytest.raises(UserError, match="--tasks: the weight of acrostic must be a positive number"):
+            parse_tasks(bad)
+    with pytest.raises(UserError, match="--tasks: no task given"):
         parse_tasks(" , ")
+
+
+def test_weights_set_how_often_a_task_is_drawn(splits, char_tokenizer):
+    poems = [p for p in splits["finetune_val"] if is_regular_form(p.body)]
+    mixture = TaskMixture(poems, parse_tasks("poem,acrostic:3"), char_tokenizer, 128)
+    counts = Counter(name for name, _ in mixture.draws(0))
+    assert counts["poem"] + counts["acrostic"] == len(mixture)
+    assert 2.4 < counts["acrostic"] / counts["poem"] < 3.6
 
 
 def test_task_instruction_fills_the_form_and_picks_the_phrasing():
     assert task_instruction("poem") == INSTRUCTION
     assert task_instruction("form", "七言絕句") == "請用以下題目寫一首七言絕句"
     assert task_instruction("form", "七言絕句", held_out=True) == "試以此題賦七言絕句一首"
-    assert task_instruction("acrostic", phrasing=4) == TASKS["acrostic"].phrasings[1]  # phrasings taken in turn
+    count = len(TASKS["acrostic"].phrasings)
+    assert task_instruction("acrostic", phrasing=count + 1) == TASKS["acrostic"].phrasings[1]  # taken in turn

@@ -1,0 +1,146 @@
+"""LoRA (Hu et al. 2021): tune a frozen model through low-rank adapters.
+
+A linear layer computes y = x Wᵀ (+ b). Tuning it in full learns a new W, out × in numbers.
+LoRA keeps W frozen and learns the change as a product of two thin matrices,
+
+    y = x Wᵀ + (alpha / r) · dropout(x) Aᵀ Bᵀ,      A: r × in,  B: out × r,
+
+so the update ΔW = (alpha / r) · B A has rank at most r and costs r · (in + out) numbers
+instead of in · out. B starts at zero, so the adapted model starts exactly equal to the
+base; A starts random, so the first step's gradient on B is not zero. alpha / r keeps the
+update's scale the same when r changes: the same learning rate suits every rank.
+
+`add_adapters` wraps the chosen linear layers of a model (attention, MLP, or both) and
+freezes everything else: embeddings, norms, the output head. `merge_adapters` folds each
+B A into its W and puts plain linear layers back: the merged model is an ordinary one, as
+fast as the base. `adapters_disabled` switches the adapters off for a forward pass: the
+base model, without a second copy of its weights (the reference model of preference tuning).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+
+# Which linear layers --lora-targets names, by their attribute path inside a transformer block.
+TARGETS = {
+    "attention": ("attn.c_attn", "attn.c_proj"),
+    "mlp": ("mlp.c_fc", "mlp.c_proj"),
+    "all": ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+}
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update (alpha / rank) · B A."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"rank must be positive, got {rank}")
+        self.base = base
+        self.base.requires_grad_(False)
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        # A as nn.Linear's own init would draw it (kaiming-uniform); B zero: B A = 0 at the start.
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout)
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if not self.enabled:
+            return y
+        # x Aᵀ first: two thin matmuls (r columns) instead of forming the full out × in B A.
+        return y + (self.dropout(x) @ self.lora_A.to(x.dtype).t() @ self.lora_B.to(x.dtype).t()) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = (alpha / r) · B A, the update the adapter adds to the frozen weight."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def merged(self) -> nn.Linear:
+        """A plain linear layer with W + ΔW: the same function, without the adapter."""
+        merged = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
+                           device=self.base.weight.device, dtype=self.base.weight.dtype)
+        with torch.no_grad():
+            merged.weight.copy_(self.base.weight + self.delta_weight().to(self.base.weight.dtype))
+            if self.base.bias is not None:
+                merged.bias.copy_(self.base.bias)
+        return merged
+
+
+def _parent_and_name(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, name = path.rpartition(".")
+    return model.get_submodule(parent_path), name
+
+
+def add_adapters(model: nn.Module, rank: int, alpha: float, targets: str = "all", dropout: float = 0.0) -> list[str]:
+    """Freeze `model` and wrap its target linear layers in LoRALinear; return their paths.
+
+    Only the adapters' A and B are left trainable, so only they reach the optimizer
+    (training.configure_optimizer skips frozen parameters).
+    """
+    if targets not in TARGETS:
+        raise ValueError(f"targets must be one of {', '.join(TARGETS)}, got {targets!r}")
+    model.requires_grad_(False)
+    wrapped = []
+    for index, _ in enumerate(model.blocks):
+        for suffix in TARGETS[targets]:
+            path = f"blocks.{index}.{suffix}"
+            parent, name = _parent_and_name(model, path)
+            setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha, dropout))
+            wrapped.append(path)
+    return wrapped
+
+
+def adapter_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """The model's LoRALinear layers by path (empty for a model without adapters)."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the adapters' weights (A and B of each layer): what an adapter checkpoint stores."""
+    return {name: tensor for name, tensor in model.state_dict().items()
+            if name.endswith(".lora_A") or name.endswith(".lora_B")}
+
+
+def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load adapter weights into a model that has the same adapters (add_adapters first)."""
+    expected = set(adapter_state_dict(model))
+    if set(state) != expected:
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(f"adapter weights do not match the model's adapters (missing {missing[:2]}, "
+                         f"unexpected {unexpected[:2]})")
+    model.load_state_dict(state, strict=False)
+
+
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its layer (W + (alpha / r) B A) and put plain linear layers back. In place."""
+    for path, layer in adapter_layers(model).items():
+        parent, name = _parent_and_name(model, path)
+        setattr(parent, name, layer.merged())
+    return model
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, the model computes as its frozen base: every adapter switched off."""
+    layers = adapter_layers(model).values()
+    states = [layer.enabled for layer in layers]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer, state in zip(layers, states):
+            layer.enabled = state
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, each tensor counted once."""
+    params = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
