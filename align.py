@@ -2,6 +2,7 @@
 
     python align.py --init ckpt_sft.pt                      # -> ckpt_dpo.pt (pairs cached in ckpt_dpo.pairs.json)
     python align.py --init ckpt_sft.pt --preference rhyme   # an objective DPO cannot teach: watch it fail
+    python align.py --init ckpt_sft.pt --lora-rank 8 --out ckpt_dpo_lora.pt   # DPO through LoRA adapters
     python align.py --resume                                # continue the run saved at --out
 
 Three stages, three lessons: pretraining teaches the language, instruction tuning the
@@ -16,7 +17,9 @@ already write is the better one. It works in two steps:
 2. DPO (losses.dpo_loss) on the shared training loop: the policy, a copy of the
    reference, learns to raise the chosen answer's log-probability relative to the
    reference more than the rejected one's, plus an anchor (--sft-weight) that keeps the
-   chosen answers likely, so the distribution does not drift.
+   chosen answers likely, so the distribution does not drift. With --lora-rank the policy
+   is the reference plus adapters (lora.py), and the reference is the same network with
+   its adapters switched off: no second copy of the weights.
 
 Each evaluation logs, on held-out pairs (--val-share of the prompts): the DPO loss,
 reward accuracy and margin, and the policy's chosen and rejected log-probabilities;
@@ -48,7 +51,8 @@ from preference import (PREFERENCES, Pair, answer_logprobs, build_pairs, fits, l
                         pair_batch, reference_logprobs, save_pairs)
 from prosody import RhymeConstraint, prosody_marks, rhyme_positions
 from training import Stage, start_runtime, train
-from tuning import TuneConfig, finished, open_run
+from lora import adapters_disabled
+from tuning import LORA_FIXED, TuneConfig, describe_tuning, finished, open_run, tuned_model
 
 
 @dataclass
@@ -103,7 +107,8 @@ class AlignConfig(TuneConfig):
 
 # What --resume never changes: these decide the pairs, their order and the loss.
 RESUME_FIXED = {"seed", "batch_size", "grad_accum", "init", "preference", "prompts", "samples_per_prompt",
-                "pair_temperature", "pairs", "val_share", "beta", "sft_weight", "rhyme_weight", "rhyme_batch_size"}
+                "pair_temperature", "pairs", "val_share", "beta", "sft_weight", "rhyme_weight", "rhyme_batch_size",
+                *LORA_FIXED}
 
 
 def pair_key(config: AlignConfig, init_fingerprint: str, tokenizer: Tokenizer, runtime: Runtime) -> dict:
@@ -211,8 +216,8 @@ def pair_figures(model: GPT, tokenizer: Tokenizer, pairs: list[Pair], beta: floa
 
 def align_stage(config: AlignConfig, model: GPT, tokenizer: Tokenizer, batches: EpochBatches,
                 rhymes: EpochBatches | None, group_masks: torch.Tensor, val_pairs: list[Pair],
-                finetune_val_rows: list, titles: list[str], runtime: Runtime, rank: int, init_fingerprint: str
-                ) -> Stage:
+                finetune_val_rows: list, titles: list[str], runtime: Runtime, rank: int, init_fingerprint: str,
+                adapters: dict) -> Stage:
     device = runtime.device
     train_pairs = batches.rows
     group_masks = group_masks.to(device)
@@ -271,7 +276,8 @@ def align_stage(config: AlignConfig, model: GPT, tokenizer: Tokenizer, batches: 
         evaluate=evaluate,
         sample=sample,
         checkpoint_extra={"kind": "dpo", "tokenizer": tokenizer.to_dict(), "init": config.init,
-                          "init_fingerprint": init_fingerprint, "preference": config.preference, "beta": config.beta},
+                          "init_fingerprint": init_fingerprint, "preference": config.preference, "beta": config.beta,
+                          **adapters},
         plot_title=f"preference tuning (DPO, {config.preference}): train = DPO + {config.sft_weight:g} x anchor"
                    + (f" + {config.rhyme_weight:g} x rhyme" if rhymes is not None else ""),
         plot_ylabel="loss per pair",
@@ -300,27 +306,34 @@ def run(config: AlignConfig, explicit: set[str]) -> dict:
     if master and ckpt is None and source["kind"] == "dpo":
         print(f"note: --init {config.init} is already {KINDS['dpo']}; its answers are the new reference")
 
-    model, tokenizer = model_and_tokenizer(source)
-    # The reference is the --init model: the model itself before its first step, or (when a
-    # resumed run must rebuild its pair cache) the --init checkpoint read again.
-    init_fingerprint = model_fingerprint(model.state_dict()) if ckpt is None else ckpt["init_fingerprint"]
+    model, tokenizer, adapters = tuned_model(config, ckpt, source)
+    # The reference is the --init model: the model itself before its first step, or the same
+    # network with its adapters switched off (a LoRA run: pairs are built under
+    # adapters_disabled), or, when a resumed full run must rebuild its pair cache, the --init
+    # checkpoint read again.
+    init_fingerprint = ckpt["init_fingerprint"] if ckpt is not None else \
+        adapters["lora"]["base_fingerprint"] if adapters else model_fingerprint(model.state_dict())
     model.to(runtime.device)
     block_size = model.config.block_size
 
     def reference() -> GPT:
-        if ckpt is None:
+        if ckpt is None or adapters:
             return model
-        init = load_checkpoint(config.init, "--init (read again to rebuild the pair cache)")
-        if not answers_prompts(init["kind"]) or model_fingerprint(init["model"]) != init_fingerprint:
+        flag_name = "--init (read again to rebuild the pair cache)"
+        init = load_checkpoint(config.init, flag_name)
+        if answers_prompts(init["kind"]):
+            reference = model_and_tokenizer(init, config.init, flag_name=flag_name, base_flag="")[0]
+        if not answers_prompts(init["kind"]) or model_fingerprint(reference.state_dict()) != init_fingerprint:
             raise UserError(f"--init {config.init} is no longer the checkpoint this run started from, and the pair "
                             f"cache {config.pairs_path()} must be rebuilt from that one: restore it, or start anew")
-        return model_and_tokenizer(init)[0].to(runtime.device)
+        return reference.to(runtime.device)
 
     splits = load_corpus(config.poems or None, verbose=master)
     prompts = splits["alignment"][: config.prompts]
     key = pair_key(config, init_fingerprint, tokenizer, runtime)
     if master:  # one process samples the pairs and writes the cache; the others read it
-        pairs = obtain_pairs(config, reference, tokenizer, prompts, key, runtime)
+        with adapters_disabled(model):
+            pairs = obtain_pairs(config, reference, tokenizer, prompts, key, runtime)
     barrier(dist_info)
     if not master:
         pairs = load_pairs(config.pairs_path(), key)[0]
@@ -343,11 +356,12 @@ def run(config: AlignConfig, explicit: set[str]) -> dict:
     if finished(ckpt, max_iters, config, master):
         return {}
     stage = align_stage(config, model, tokenizer, batches, rhymes, group_masks, val_pairs, finetune_val_rows, gallery,
-                        runtime, dist_info.rank, init_fingerprint)
+                        runtime, dist_info.rank, init_fingerprint, adapters)
     if master:
         print(f"device {runtime.describe()}; model {model.num_params():,} parameters from "
               f"{config.out if config.resume else config.init}; preference {config.preference}, beta {config.beta:g}, "
               f"anchor weight {config.sft_weight:g}")
+        print(describe_tuning(model, adapters))
         print(f"pairs: train {len(train_pairs):,}, held out {len(val_pairs):,}; {batches.samples_per_step} pairs per "
               f"step, {batches.steps_per_epoch} steps per epoch = {max_iters} steps")
         if rhymes is not None:

@@ -7,6 +7,10 @@ A checkpoint is a dict of tensors, numbers, strings, lists and dicts:
     tokenizer     Tokenizer.to_dict(), so the exact tokenizer travels with the weights
     optimizer, step, tokens_seen, best_val_loss, max_iters, rng, train_config
                   what a run needs to resume exactly (training.py writes them)
+    lora          only in an adapter checkpoint (a run with --lora-rank): the adapters'
+                  rank, alpha, targets and dropout, the path of the base checkpoint and
+                  the fingerprint of its weights. "model" then holds the adapters alone;
+                  model_and_tokenizer puts them back on their base.
 
 Everything is loaded with torch.load(weights_only=True), which refuses to build
 arbitrary objects, so a checkpoint from a stranger cannot run code on your machine.
@@ -25,6 +29,7 @@ import torch
 
 from cli import UserError
 from data.tokenizer import Tokenizer, tokenizer_from_dict
+from lora import adapter_layers, adapter_state_dict, add_adapters, load_adapter_state_dict, merge_adapters
 from model import GPT, GPTConfig
 
 # What each stage's checkpoint is, in words. "sft" and "dpo" models answer the instruction
@@ -90,17 +95,57 @@ def answers_prompts(kind: str) -> bool:
     return kind in ("sft", "dpo")
 
 
-def model_and_tokenizer(ckpt: dict) -> tuple[GPT, Tokenizer]:
-    """The model (on the CPU, fp32) and the tokenizer stored in a loaded checkpoint."""
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model, tokenizer_from_dict(ckpt["tokenizer"])
+def model_and_tokenizer(ckpt: dict, path: str | Path = "", base: str = "", merge: bool = True,
+                        flag_name: str = "--ckpt", base_flag: str = "--base") -> tuple[GPT, Tokenizer]:
+    """The model (on the CPU, fp32) and the tokenizer stored in a loaded checkpoint.
+
+    An adapter checkpoint (read from `path`) is put back on its base checkpoint: `base` if
+    given (the script's `base_flag`; "" where it has none), else the recorded path, else a
+    file of the same name beside `path` (the two moved together); its weights must have the
+    fingerprint the adapters recorded. With merge, the adapters are folded into the weights:
+    an ordinary model, as fast as the base; without, they stay apart and trainable (a LoRA
+    run resuming).
+    """
+    if "lora" not in ckpt:
+        model = GPT(GPTConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+        return model, tokenizer_from_dict(ckpt["tokenizer"])
+    spec = ckpt["lora"]
+    model, tokenizer = base_model(spec, path, base, flag_name, base_flag)
+    add_adapters(model, spec["rank"], spec["alpha"], spec["targets"], spec["dropout"])
+    load_adapter_state_dict(model, ckpt["model"])
+    return (merge_adapters(model) if merge else model), tokenizer
 
 
-def load_model(path: str | Path, flag_name: str = "--ckpt") -> tuple[GPT, Tokenizer, str]:
-    """A checkpoint file -> its model (CPU, fp32, train mode), its tokenizer and its kind."""
+def base_model(spec: dict, path: str | Path, base: str, flag_name: str, base_flag: str) -> tuple[GPT, Tokenizer]:
+    """The base an adapter checkpoint was trained on (see model_and_tokenizer), checked by its fingerprint."""
+    recorded = Path(spec["base"])
+    fix = f"give the checkpoint they were trained on with {base_flag} PATH" if base_flag else \
+        f"put the checkpoint they were trained on back at {recorded}"
+    candidates = [Path(base)] if base else [recorded, Path(path).parent / recorded.name]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        where = f"{base_flag} {base} does not exist" if base else f"its base checkpoint {recorded} is not there (moved?)"
+        raise CheckpointError(f"{flag_name} {path} holds LoRA adapters, and {where}; {fix}")
+    base_name = base_flag or "the base checkpoint"
+    model, tokenizer = model_and_tokenizer(load_checkpoint(found, base_name), found, flag_name=base_name)
+    fingerprint = model_fingerprint(model.state_dict())
+    if fingerprint != spec["base_fingerprint"]:
+        raise CheckpointError(f"{flag_name} {path}: its adapters were trained on other weights than {found}'s "
+                              f"(fingerprint {spec['base_fingerprint']}, this one {fingerprint}); {fix}")
+    return model, tokenizer
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint stores of a model: its weights; for a model with LoRA adapters, the
+    adapters alone (the frozen rest is the base checkpoint's, recorded beside them)."""
+    return adapter_state_dict(model) if adapter_layers(model) else model.state_dict()
+
+
+def load_model(path: str | Path, flag_name: str = "--ckpt", base: str = "") -> tuple[GPT, Tokenizer, str]:
+    """A checkpoint file -> its model (CPU, fp32, train mode, adapters merged), its tokenizer and its kind."""
     ckpt = load_checkpoint(path, flag_name)
-    model, tokenizer = model_and_tokenizer(ckpt)
+    model, tokenizer = model_and_tokenizer(ckpt, path, base, flag_name=flag_name)
     return model, tokenizer, ckpt["kind"]
 
 

@@ -2,6 +2,7 @@
 
     python evaluate.py --ckpt ckpt_sft.pt --compare ckpt.pt     # tuned vs base, side by side
     python evaluate.py --ckpt ckpt_sft.pt --eval-poems my_poems/ --json
+    python evaluate.py --ckpt ckpt_sft_lora.pt --compare ckpt_sft.pt   # LoRA adapters vs full tuning
 
 One column per checkpoint:
 - loss (nats per token) and bits per character on the whole pretrain-val text, in
@@ -53,6 +54,8 @@ from prosody import prosody_figures
 class EvaluateConfig(SamplingConfig):
     ckpt: str = flag("ckpt_sft.pt", "checkpoint to evaluate")
     compare: str = flag("", "a second checkpoint, evaluated the same way in a second column (e.g. ckpt.pt)")
+    base: str = flag("", "for an adapter checkpoint (a --lora-rank run): its base checkpoint, when it is no longer "
+                         "at the path the adapters recorded")
     poems: str = flag("", "folder of poem JSON files (default: poems/, downloaded there if empty)")
     eval_poems: str = flag("", "folder of poem JSON files (the same schema): write poems for the titles of every "
                                "poem in it, all treated as unseen, instead of finetune-val titles")
@@ -85,13 +88,14 @@ def loss_figures(model: GPT, tokenizer: Tokenizer, splits: dict[str, list[Poem]]
     return figures
 
 
-def evaluate_checkpoint(ckpt: dict, config: EvaluateConfig, splits: dict[str, list[Poem]], titles: list[str],
-                        training_lines: set[str], runtime: Runtime) -> dict:
-    """Every figure of the table for one checkpoint."""
+def evaluate_checkpoint(ckpt: dict, model: GPT, tokenizer: Tokenizer, config: EvaluateConfig,
+                        splits: dict[str, list[Poem]], titles: list[str], training_lines: set[str],
+                        runtime: Runtime) -> dict:
+    """Every figure of the table for one checkpoint (its model and tokenizer, adapters merged)."""
     start = time.perf_counter()
-    model, tokenizer = model_and_tokenizer(ckpt)
     model = model.to(runtime.device).eval()
-    figures = {"kind": ckpt["kind"], "parameters": model.num_params()}
+    lora = f" + LoRA r{ckpt['lora']['rank']}" if "lora" in ckpt else ""
+    figures = {"kind": ckpt["kind"] + lora, "parameters": model.num_params()}
     figures.update(loss_figures(model, tokenizer, splits, config.batch_size, runtime, config.seed))
 
     writer = for_generation(copy.deepcopy(model), runtime)  # a copy: `model` stays fp32 for the answers' loss
@@ -255,9 +259,12 @@ def run(config: EvaluateConfig, explicit: set[str]) -> dict:
     if config.task_prompts < 0:
         raise UserError(f"--task-prompts must not be negative (0 = skip), got {config.task_prompts}")
     runtime = setup_runtime(config.device, config.dtype)
-    # Both checkpoints first: a bad --compare should fail now, not after the first column.
+    # Both checkpoints first (an adapter checkpoint with its base): a bad --compare should
+    # fail now, not after the first column.
     checkpoints = {path: load_checkpoint(path, flag_name)
                    for path, flag_name in ((config.ckpt, "--ckpt"), (config.compare, "--compare")) if path}
+    models = {path: model_and_tokenizer(ckpt, path, config.base, flag_name=flag_name)
+              for (path, ckpt), flag_name in zip(checkpoints.items(), ("--ckpt", "--compare"))}
     if config.eval_poems:  # read before the corpus, so a bad folder fails at once
         title_poems = clean_poems(load_poems(config.eval_poems, "--eval-poems"))[0]
         if not title_poems:
@@ -271,7 +278,7 @@ def run(config: EvaluateConfig, explicit: set[str]) -> dict:
     training_lines = {line.strip() for name in ("pretrain_train", "finetune_train") for p in splits[name]
                       for line in p.lines}
 
-    columns = {path: evaluate_checkpoint(ckpt, config, splits, titles, training_lines, runtime)
+    columns = {path: evaluate_checkpoint(ckpt, *models[path], config, splits, titles, training_lines, runtime)
                for path, ckpt in checkpoints.items()}
     # The ceiling: the real poems of the same titles, measured the same way.
     reference = {"kind": "real poems", **prosody_figures([p.body for p in title_poems])}

@@ -5,6 +5,7 @@
     python finetune.py --init ckpt.pt --tasks poem,acrostic   # a mixture of some tasks
     python finetune.py --init ckpt.pt --loss-on all    # the book's variant: loss on the prompt too
     python finetune.py --init ckpt.pt --data my.jsonl  # add {"instruction","input","output"} records
+    python finetune.py --init ckpt.pt --lora-rank 8 --out ckpt_sft_lora.pt   # LoRA: adapters on a frozen model
     python finetune.py --resume                        # continue the run saved at --out
 
 Every finetune-train poem becomes one sample per epoch, of a task drawn for it that epoch
@@ -24,7 +25,6 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
-from checkpoint import model_and_tokenizer
 from cli import UserError, flag, resume_rule, run_cli
 from data.corpus import Poem, load_corpus
 from data.instruct import INSTRUCTION, EncodedSample, EpochBatches, encode_samples, load_instruction_jsonl, poem_sample
@@ -35,7 +35,7 @@ from generation import answer_requests, format_answers
 from losses import labelled_nll
 from model import GPT
 from training import Stage, start_runtime, train
-from tuning import TuneConfig, finished, open_run
+from tuning import LORA_FIXED, TuneConfig, describe_tuning, finished, open_run, tuned_model
 
 
 @dataclass
@@ -73,7 +73,8 @@ class FinetuneConfig(TuneConfig):
 
 # What --resume never changes: these decide the samples, their order and the loss, so another
 # value would not continue the same run.
-RESUME_FIXED = {"seed", "batch_size", "grad_accum", "init", "loss_on", "forms", "tasks", "data", "data_mode"}
+RESUME_FIXED = {"seed", "batch_size", "grad_accum", "init", "loss_on", "forms", "tasks", "data", "data_mode",
+                *LORA_FIXED}
 
 
 def gallery_requests(config: FinetuneConfig, tasks: dict, val_poems: list[Poem]) -> list[tuple[str, str]]:
@@ -88,7 +89,7 @@ def gallery_requests(config: FinetuneConfig, tasks: dict, val_poems: list[Poem])
 
 def finetune_stage(config: FinetuneConfig, model: GPT, tokenizer: Tokenizer, batches: EpochBatches,
                    val_rows: list[EncodedSample], gallery: list[tuple[str, str]], runtime: Runtime,
-                   rank: int) -> Stage:
+                   rank: int, adapters: dict) -> Stage:
     device = runtime.device
     pad_id = batches.pad_id
 
@@ -114,7 +115,7 @@ def finetune_stage(config: FinetuneConfig, model: GPT, tokenizer: Tokenizer, bat
         evaluate=evaluate,
         sample=sample,
         checkpoint_extra={"kind": "sft", "tokenizer": tokenizer.to_dict(), "init": config.init,
-                          "loss_on": config.loss_on},
+                          "loss_on": config.loss_on, **adapters},
         plot_title=f"instruction tuning: loss on {config.loss_on} tokens, val on response tokens",
         describe_step=lambda step: f"epoch {step / batches.steps_per_epoch:g}",
         sample_before_training=True,
@@ -137,7 +138,7 @@ def run(config: FinetuneConfig, explicit: set[str]) -> dict:
         # Allowed on purpose: tuning a tuned model again (say on your own --data) is a real use.
         print(f"note: --init {config.init} is already instruction-tuned; tuning it further")
 
-    model, tokenizer = model_and_tokenizer(source)
+    model, tokenizer, adapters = tuned_model(config, ckpt, source)
     model.to(runtime.device)
     block_size = model.config.block_size
 
@@ -163,11 +164,12 @@ def run(config: FinetuneConfig, explicit: set[str]) -> dict:
     max_iters = config.total_steps(steps_per_epoch)
     if finished(ckpt, max_iters, config, master):
         return {}
-    stage = finetune_stage(config, model, tokenizer, batches, val_rows, gallery, runtime, dist_info.rank)
+    stage = finetune_stage(config, model, tokenizer, batches, val_rows, gallery, runtime, dist_info.rank, adapters)
     if master:
         n_tokens = sum(len(row.inputs) for row in batches.rows)
         print(f"device {runtime.describe()}; model {model.num_params():,} parameters from "
               f"{config.out if config.resume else config.init}; tokenizer {tokenizer.name} ({tokenizer.vocab_size:,})")
+        print(describe_tuning(model, adapters))
         counts = Counter(name for name, _ in mixture.draws(0))
         print(f"samples: train {len(batches.rows):,} ({n_tokens:,} tokens in epoch 1), val {len(val_rows):,}; "
               f"forms {config.forms}; dropped {mixture.dropped + dropped_val} longer than block_size {block_size}")

@@ -10,6 +10,7 @@
     python sample.py --ckpt ckpt_sft.pt --task continue --input '床前明月光，疑是地上霜。'
     python sample.py --ckpt ckpt_sft.pt --instruction 請為這首詩擬一個題目 --input '...'   # any instruction
     python sample.py --ckpt ckpt_sft.pt --task acrostic                   # interactive: each typed line a head
+    python sample.py --ckpt ckpt_sft_lora.pt --title 春夜喜雨              # LoRA adapters, on the base they recorded
 
 The checkpoint says what it is. A tuned one (finetune.py, kind "sft"; align.py, "dpo") gets
 each title wrapped in the instruction prompt <INS>請用以下題目寫一首詩<INP>{title}<RES>
@@ -52,7 +53,10 @@ from model import GPT
 class SampleConfig(SamplingConfig):
     """sample.py's flags: the shared sampling flags (generation.py), and what to sample."""
 
-    ckpt: str = flag("ckpt_sft.pt", "checkpoint to sample from: ckpt_sft.pt (finetune.py) or ckpt.pt (pretrain.py)")
+    ckpt: str = flag("ckpt_sft.pt", "checkpoint to sample from: ckpt_sft.pt (finetune.py) or ckpt.pt (pretrain.py), "
+                                    "or an adapter checkpoint of a --lora-rank run")
+    base: str = flag("", "for an adapter checkpoint: its base checkpoint, when it is no longer at the path the "
+                         "adapters recorded")
     title: str = flag("", "write a poem for this title, wrapped in the instruction prompt")
     prompt: str = flag("", r"raw text to continue instead of a title; \n in it is a newline, e.g. '春夜喜雨\n'")
     form: str = flag("", "with --title: ask for a poem of this form (the form task)", choices=list(FORMS))
@@ -209,7 +213,7 @@ def interactive(answer: Callable[[str], None], what: str, label: str = "title") 
 def run(config: SampleConfig, explicit: set[str]) -> None:
     config.validate(explicit)
     runtime = setup_runtime(config.device, config.dtype)
-    model, tokenizer, kind = load_model(config.ckpt, "--ckpt")
+    model, tokenizer, kind = load_model(config.ckpt, "--ckpt", config.base)
     acrostic = config.acrostic or config.task == "acrostic"
     if config.acrostic:  # before any sampling: one line if a head cannot be written
         check_head(tokenizer, config.acrostic)

@@ -24,7 +24,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from checkpoint import rng_state, save_checkpoint, set_rng_state
+from checkpoint import model_state, rng_state, save_checkpoint, set_rng_state
 from cli import RunInterrupted, RuntimeConfig, UserError, flag, require_positive
 from device import Runtime, release_freed_memory, setup_runtime
 from distributed import Distributed, barrier, init_distributed, sum_over_processes
@@ -265,7 +265,7 @@ def train(model: GPT, config: TrainConfig, stage: Stage, runtime: Runtime, max_i
         nonlocal saved_at
         check_weights(step)
         save_checkpoint(files.checkpoint, {
-            **stage.checkpoint_extra, "model": model.state_dict(), "model_config": asdict(model.config),
+            **stage.checkpoint_extra, "model": model_state(model), "model_config": asdict(model.config),
             "optimizer": optimizer.state_dict(), "train_config": asdict(config), "step": step, **progress,
             "max_iters": max_iters, "rng": rng_state(),
         })
@@ -306,7 +306,7 @@ def train(model: GPT, config: TrainConfig, stage: Stage, runtime: Runtime, max_i
 
     figures: dict = {}
     nonfinite = torch.zeros((), dtype=torch.bool, device=runtime.device)  # any step's loss so far, read when logging
-    window = {"start": time.perf_counter(), "tokens": 0}  # training throughput since the last report
+    window = {"start": time.perf_counter(), "tokens": 0, "steps": 0}  # training throughput since the last report
     bar = tqdm(total=max_iters, initial=start_step, disable=not master, dynamic_ncols=True, unit="step")
     with StopFlag() as stop, contextlib.closing(bar):
         for step in range(start_step, max_iters):
@@ -324,6 +324,7 @@ def train(model: GPT, config: TrainConfig, stage: Stage, runtime: Runtime, max_i
             step_tokens = sum(stage.batch_tokens(batch) for batch in batches) * dist_info.world_size
             progress["tokens_seen"] += step_tokens
             window["tokens"] += step_tokens
+            window["steps"] += 1
             bar.update(1)
 
             done = step + 1
@@ -334,15 +335,17 @@ def train(model: GPT, config: TrainConfig, stage: Stage, runtime: Runtime, max_i
             if done % config.log_interval == 0 or eval_now or stop.requested or done == start_step + 1:
                 if nonfinite.item():
                     raise diverged(f"step {done}: training loss is {loss.item()}")
-                tokens_per_s = window["tokens"] / max(time.perf_counter() - window["start"], 1e-9)
+                seconds = max(time.perf_counter() - window["start"], 1e-9)
+                tokens_per_s = window["tokens"] / seconds
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
                 if master and done % config.log_interval == 0:
                     files.append_log({"step": done, "tokens": progress["tokens_seen"], "train_loss": loss.item(),
-                                      "lr": lr, "tokens_per_s": round(tokens_per_s)})
-                window.update(start=time.perf_counter(), tokens=0)
+                                      "lr": lr, "tokens_per_s": round(tokens_per_s),
+                                      "seconds_per_step": round(seconds / window["steps"], 4)})
+                window.update(start=time.perf_counter(), tokens=0, steps=0)
             if master and eval_now:
                 figures = evaluate_and_save(done)
-                window.update(start=time.perf_counter(), tokens=0)  # don't count eval time as training
+                window.update(start=time.perf_counter(), tokens=0, steps=0)  # don't count eval time as training
             if stop.requested:
                 break
     if stop.requested and not (done == max_iters and saved_at == done):  # a signal during the final save: done

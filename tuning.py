@@ -3,7 +3,8 @@ and starting a run from --init or continuing one with --resume.
 
 Both stages start from a checkpoint another stage wrote, count their length in epochs
 (optionally cut by --max-iters), evaluate once per epoch unless told otherwise, and show
-a gallery of poems for a few titles at each evaluation.
+a gallery of poems for a few titles at each evaluation. Both tune every weight, or with
+--lora-rank only low-rank adapters on the frozen model (lora.py), saving the adapters alone.
 """
 
 from __future__ import annotations
@@ -11,10 +12,16 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from checkpoint import KINDS, load_checkpoint
+from checkpoint import KINDS, load_checkpoint, model_and_tokenizer, model_fingerprint
 from cli import UserError, flag, flag_name, require_positive, restore_run_flags
+from data.tokenizer import Tokenizer
+from lora import TARGETS, add_adapters, trainable_parameters
+from model import GPT
 from run_files import RunFiles
 from training import TrainConfig
+
+# The LoRA flags decide which model a run trains: a resumed run keeps them.
+LORA_FIXED = {"lora_rank", "lora_alpha", "lora_targets", "lora_dropout"}
 
 
 @dataclass
@@ -26,9 +33,19 @@ class TuneConfig(TrainConfig):
     sample_titles: str = flag("", "comma-separated titles to write poems for at each evaluation "
                                   "(default: 春夜喜雨 and three finetune-val titles)")
     sample_tokens: int = flag(200, "length limit of each sampled poem, in tokens")
+    lora_rank: int = flag(0, "tune low-rank adapters of this rank on the frozen model instead of every weight "
+                             "(LoRA, lora.py); checkpoints then hold the adapters alone. 0 = full tuning")
+    lora_alpha: float = flag(16.0, "LoRA's scale: the adapters' update B A is multiplied by alpha / rank")
+    lora_targets: str = flag("all", "the linear layers that get adapters: attention (qkv and output projections), "
+                                    "mlp (both layers) or all", choices=list(TARGETS))
+    lora_dropout: float = flag(0.0, "dropout on the adapters' input during training")
 
     def validate(self) -> None:
         require_positive(self, ("epochs", "sample_tokens"))
+        if self.lora_rank < 0 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
+            raise UserError(f"--lora-rank must not be negative (0 = full tuning), --lora-alpha must be positive and "
+                            f"--lora-dropout in [0, 1), got {self.lora_rank}, {self.lora_alpha:g}, "
+                            f"{self.lora_dropout:g}")
         for name in ("eval_interval", "max_iters"):
             if getattr(self, name) < 0:
                 raise UserError(f"{flag_name(name)} must not be negative, got {getattr(self, name)}")
@@ -74,6 +91,38 @@ def open_run(config: TuneConfig, explicit: set[str], kind: str, fixed: set[str],
     source = ckpt if ckpt is not None else load_checkpoint(config.init, "--init")
     notes += RunFiles(config.out).prepare(config.resume, config.overwrite)
     return ckpt, source, notes
+
+
+def tuned_model(config: TuneConfig, ckpt: dict | None, source: dict) -> tuple[GPT, Tokenizer, dict]:
+    """The model a run trains and its tokenizer, plus what its checkpoints store beside the
+    weights about adapters ({"lora": ...}, or {} for full tuning).
+
+    A new run starts from --init (an adapter checkpoint as --init is merged first: its
+    tuned weights are the new base); with --lora-rank the model is frozen and adapters are
+    added, and the base's path and fingerprint are recorded so the adapters can find it
+    again. A resumed LoRA run puts its saved adapters back on that base, unmerged.
+    """
+    if ckpt is not None:
+        model, tokenizer = model_and_tokenizer(ckpt, config.out, merge=False, flag_name="--resume", base_flag="")
+        return model, tokenizer, {"lora": ckpt["lora"]} if "lora" in ckpt else {}
+    model, tokenizer = model_and_tokenizer(source, config.init, flag_name="--init", base_flag="")
+    if not config.lora_rank:
+        return model, tokenizer, {}
+    spec = {"rank": config.lora_rank, "alpha": config.lora_alpha, "targets": config.lora_targets,
+            "dropout": config.lora_dropout, "base": str(Path(config.init).resolve()),
+            "base_fingerprint": model_fingerprint(model.state_dict())}
+    add_adapters(model, config.lora_rank, config.lora_alpha, config.lora_targets, config.lora_dropout)
+    return model, tokenizer, {"lora": spec}
+
+
+def describe_tuning(model: GPT, extra: dict) -> str:
+    """"full tuning: every weight", or the adapters' rank and their share of the weights."""
+    if "lora" not in extra:
+        return "full tuning: every weight trains"
+    spec = extra["lora"]
+    trainable, total = trainable_parameters(model)
+    return (f"LoRA rank {spec['rank']} on {spec['targets']} linear layers (alpha {spec['alpha']:g}): {trainable:,} "
+            f"trainable parameters, {trainable / total:.2%} of {total:,}; the rest frozen")
 
 
 def finished(ckpt: dict | None, max_iters: int, config: TuneConfig, master: bool = True) -> bool:

@@ -13,10 +13,11 @@ import torch
 
 import align
 import preference
-from checkpoint import load_model
+from checkpoint import load_checkpoint, load_model, model_and_tokenizer
 from device import setup_runtime
 from data.instruct import IGNORE
 from generation import Answer
+from lora import adapters_disabled
 from losses import PreferenceBatch, dpo_loss, preference_loss, sequence_logprobs
 from model import GPT, GPTConfig
 from preference import Pair, build_pairs, judge, load_pairs, pair_batch, reference_logprobs
@@ -272,3 +273,28 @@ def test_a_rhyme_already_used_is_not_a_target(char_tokenizer):
     assert masks[sets[0], stoi["聲"]] and not masks[sets[0], stoi["生"]]  # 4th line: any 八庚 character but 生
     assert masks[sets[2], stoi["城"]] and not any(masks[sets[2], stoi[c]] for c in "生聲明")
     assert masks[sets[2], stoi["情"]]  # another 八庚 character is still a rhyme
+
+
+def test_lora_alignment_tunes_adapters_against_the_same_network_with_them_off(
+        tmp_path, small_poems, tiny_tuned, scripted_answers, capsys):
+    align.main(align_args(tmp_path, small_poems, tiny_tuned, "--max-iters", "2", "--lora-rank", "4", out="lora.pt"))
+    ckpt = load_checkpoint(tmp_path / "lora.pt")
+    assert ckpt["kind"] == "dpo" and all(name.endswith((".lora_A", ".lora_B")) for name in ckpt["model"])
+    assert ckpt["lora"]["base_fingerprint"] == ckpt["init_fingerprint"]  # the reference is the adapters' base
+    policy, _ = model_and_tokenizer(ckpt, tmp_path / "lora.pt", merge=False)
+    init_model, _, _ = load_model(tiny_tuned)
+    x = torch.randint(0, 40, (2, 12), generator=torch.Generator().manual_seed(0))
+    with adapters_disabled(policy):
+        assert torch.equal(policy.eval()(x)[0], init_model.eval()(x)[0])
+    assert not torch.equal(policy(x)[0], init_model(x)[0])  # with them on: the policy has moved
+
+    # Resumed without its pair cache: the pairs are rebuilt, and scored by the network with its
+    # (now trained) adapters off, which gives the --init model's log-probabilities again.
+    cache = tmp_path / "lora.pairs.json"
+    before = json.loads(cache.read_text(encoding="utf-8"))["pairs"]
+    cache.unlink()
+    align.main(["--resume", "--out", str(tmp_path / "lora.pt"), "--max-iters", "4", *RUNTIME_FLAGS])
+    after = json.loads(cache.read_text(encoding="utf-8"))["pairs"]
+    assert [(p["chosen"], p["rejected"]) for p in after] == [(p["chosen"], p["rejected"]) for p in before]
+    assert [p["reference_chosen"] for p in after] == pytest.approx([p["reference_chosen"] for p in before], abs=1e-4)
+    assert load_checkpoint(tmp_path / "lora.pt")["step"] == 4

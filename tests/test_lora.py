@@ -1,12 +1,22 @@
-"""lora.py: the adapted model starts as the base, merges exactly, trains only its adapters."""
+"""lora.py: the adapted model starts as the base, merges exactly, trains only its adapters;
+and the runs: --lora-rank saves the adapters alone, they load back on their base (and on
+no other), merge into an ordinary checkpoint, and a LoRA run resumes exactly."""
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
+import evaluate
+import finetune
+import merge_lora
+import sample
+from checkpoint import load_checkpoint, load_model, model_and_tokenizer
 from lora import (LoRALinear, adapter_layers, adapter_state_dict, adapters_disabled, add_adapters,
                   load_adapter_state_dict, merge_adapters, trainable_parameters)
 from model import GPT, GPTConfig
@@ -107,3 +117,147 @@ def test_bad_arguments():
         add_adapters(tiny_model(), rank=4, alpha=8, targets="head")
     with pytest.raises(ValueError, match="rank must be positive"):
         LoRALinear(torch.nn.Linear(4, 4), rank=0, alpha=1)
+
+
+# -----------------------------------------------------------------------------
+# Runs: finetune.py --lora-rank, adapter checkpoints, merge_lora.py, sample.py and evaluate.py
+
+TUNE = ["--no-compile", "--dtype", "float32", "--device", "cpu", "--batch-size", "4", "--warmup-iters", "4",
+        "--eval-interval", "3", "--sample-tokens", "8", "--sample-titles", "春夜"]
+
+
+def tune(init: Path, poems: Path, out: Path, *extra: str) -> dict:
+    return finetune.main(["--init", str(init), "--poems", str(poems), "--out", str(out), *TUNE, *extra])
+
+
+def file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, small_poems, tiny_pretrained) -> Path:
+    """A folder holding base.pt (a copy of tiny_pretrained), lora.pt (rank-8 adapters tuned on
+    it for 6 steps) and full.pt (the same 6 steps tuning every weight)."""
+    folder = tmp_path_factory.mktemp("lora_runs")
+    shutil.copy(tiny_pretrained, folder / "base.pt")
+    before = file_hash(folder / "base.pt")
+    tune(folder / "base.pt", small_poems, folder / "lora.pt", "--max-iters", "6", "--lora-rank", "8")
+    tune(folder / "base.pt", small_poems, folder / "full.pt", "--max-iters", "6")
+    assert file_hash(folder / "base.pt") == before  # the base is read, never written
+    return folder
+
+
+def one_line_error(main, argv: list[str], capsys) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_an_adapter_checkpoint_holds_the_adapters_alone_and_loads_back_exactly(runs):
+    ckpt = load_checkpoint(runs / "lora.pt")
+    assert ckpt["kind"] == "sft" and ckpt["lora"]["rank"] == 8 and ckpt["lora"]["targets"] == "all"
+    assert ckpt["lora"]["base"] == str((runs / "base.pt").resolve())
+    assert ckpt["model"] and all(name.endswith((".lora_A", ".lora_B")) for name in ckpt["model"])
+    assert (runs / "lora.pt").stat().st_size <= 0.10 * (runs / "full.pt").stat().st_size
+
+    model, _ = model_and_tokenizer(ckpt, runs / "lora.pt", merge=False)
+    for name, tensor in adapter_state_dict(model).items():
+        assert torch.equal(tensor, ckpt["model"][name]), name
+    base, _, _ = load_model(runs / "base.pt")
+    for name, tensor in base.state_dict().items():  # the frozen rest is the base's, exactly
+        key = name.replace(".weight", ".base.weight").replace(".bias", ".base.bias")
+        assert torch.equal(model.state_dict().get(key, model.state_dict().get(name)), tensor), name
+    assert any(layer.lora_B.abs().max() > 0 for layer in adapter_layers(model).values())  # training moved B
+
+    merged, _, kind = load_model(runs / "lora.pt")  # what sample.py and evaluate.py load: adapters folded in
+    assert kind == "sft" and not adapter_layers(merged)
+    x = tokens() % 40
+    torch.testing.assert_close(merged.eval()(x)[0], model.eval()(x)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_merge_writes_an_ordinary_checkpoint_of_the_same_model(runs, tmp_path, capsys):
+    out = tmp_path / "merged.pt"
+    merge_lora.main(["--ckpt", str(runs / "lora.pt"), "--out", str(out)])
+    ckpt = load_checkpoint(out)
+    assert "lora" not in ckpt and ckpt["merged_from"]["rank"] == 8 and ckpt["kind"] == "sft"
+    merged, _, _ = load_model(out)
+    adapted, _, _ = load_model(runs / "lora.pt")
+    x = tokens() % 40
+    assert torch.equal(merged.eval()(x)[0], adapted.eval()(x)[0])
+    argv = ["--ckpt", str(runs / "lora.pt"), "--title", "春夜", "--max-new-tokens", "12", "--device", "cpu"]
+    capsys.readouterr()
+    sample.main(argv)
+    from_adapters = capsys.readouterr().out
+    sample.main([*argv[:1], str(out), *argv[2:]])
+    assert capsys.readouterr().out == from_adapters
+
+    assert "exists; give another --out, or --overwrite" in one_line_error(
+        merge_lora.main, ["--ckpt", str(runs / "lora.pt"), "--out", str(out)], capsys)
+    assert "holds no LoRA adapters" in one_line_error(
+        merge_lora.main, ["--ckpt", str(runs / "full.pt"), "--out", str(tmp_path / "x.pt")], capsys)
+
+
+def test_a_moved_base_is_found_beside_its_adapters_or_given_and_another_is_refused(runs, tmp_path, capsys):
+    ckpt = load_checkpoint(runs / "lora.pt")
+    ckpt["lora"]["base"] = str(tmp_path / "gone" / "base.pt")  # as if the two had been moved away together
+    adapters = tmp_path / "moved" / "lora.pt"
+    adapters.parent.mkdir()
+    torch.save(ckpt, adapters)
+    argv = ["--ckpt", str(adapters), "--title", "春夜", "--max-new-tokens", "4", "--device", "cpu"]
+    err = one_line_error(sample.main, argv, capsys)
+    assert f"holds LoRA adapters, and its base checkpoint {tmp_path / 'gone' / 'base.pt'} is not there" in err
+    assert "--base PATH" in err
+
+    sample.main([*argv, "--base", str(runs / "base.pt")])  # given where it is now
+    shutil.copy(runs / "base.pt", adapters.parent / "base.pt")  # or moved beside the adapters
+    sample.main(argv)
+    assert capsys.readouterr().out.strip()
+
+    err = one_line_error(sample.main, [*argv, "--base", str(runs / "full.pt")], capsys)
+    assert "its adapters were trained on other weights than" in err and "--base PATH" in err
+    err = one_line_error(evaluate.main, ["--ckpt", str(adapters), "--base", str(runs / "full.pt")], capsys)
+    assert "its adapters were trained on other weights than" in err
+
+
+def test_evaluate_reads_an_adapter_checkpoint_beside_a_full_one(runs, small_poems, capsys):
+    columns = evaluate.main(["--ckpt", str(runs / "lora.pt"), "--compare", str(runs / "full.pt"), "--poems",
+                             str(small_poems), "--num-titles", "2", "--task-prompts", "0", "--max-new-tokens", "8",
+                             "--device", "cpu", "--json"])
+    lora, full = columns[str(runs / "lora.pt")], columns[str(runs / "full.pt")]
+    assert lora["kind"] == "sft + LoRA r8" and full["kind"] == "sft"
+    assert lora["parameters"] == full["parameters"]  # merged: the base's shape
+
+
+def test_lora_rank_resumes_exactly_and_keeps_its_adapters(runs, small_poems, capsys):
+    split = runs / "split.pt"
+    tune(runs / "base.pt", small_poems, split, "--max-iters", "3", "--lora-rank", "8")
+    capsys.readouterr()
+    finetune.main(["--resume", "--out", str(split), "--max-iters", "6", "--device", "cpu"])
+    assert "LoRA rank 8 on all linear layers" in capsys.readouterr().out
+    straight, resumed = load_checkpoint(runs / "lora.pt")["model"], load_checkpoint(split)["model"]
+    assert set(straight) == set(resumed)
+    for name in straight:  # float rounding apart (kernels may add in another order), the same run
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6, msg=name)
+    err = one_line_error(finetune.main, ["--resume", "--out", str(split), "--max-iters", "8", "--lora-rank", "4"],
+                         capsys)
+    assert "--lora-rank 4: the run at" in err and "started with 8" in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lora-rank", "-1"], "--lora-rank must not be negative"),
+    (["--lora-rank", "4", "--lora-alpha", "0"], "--lora-alpha must be positive"),
+    (["--lora-rank", "4", "--lora-dropout", "1"], "--lora-dropout in [0, 1)"),
+    (["--lora-rank", "4", "--lora-targets", "head"], "invalid choice: 'head'"),
+])
+def test_bad_lora_flags_are_one_line(tmp_path, tiny_pretrained, capsys, flags, message):
+    argv = ["--init", str(tiny_pretrained), "--out", str(tmp_path / "x.pt"), *flags]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err

@@ -1,0 +1,63 @@
+"""Fold a LoRA adapter checkpoint into its base: an ordinary checkpoint, as fast as the base.
+
+    python merge_lora.py --ckpt ckpt_sft_lora.pt                      # -> ckpt_sft_lora_merged.pt
+    python merge_lora.py --ckpt ckpt_sft_lora.pt --out ckpt_sft_m.pt --base moved/ckpt.pt
+
+A run with --lora-rank saves its adapters alone (a few percent of the model), with the
+path and fingerprint of the base checkpoint they were trained on. sample.py and
+evaluate.py read such a checkpoint as it is, merging on the fly; this script does the
+merge once, W + (alpha / r) B A for every adapted layer (lora.merge_adapters), and writes
+a checkpoint that needs no base: to share the model, to tune it further with another
+--init, or to load it anywhere a full checkpoint goes. The merged model computes what
+the adapted one did, to float rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from checkpoint import load_checkpoint, model_and_tokenizer, save_checkpoint
+from cli import UserError, flag, run_cli
+
+
+@dataclass
+class MergeConfig:
+    ckpt: str = flag("", "the adapter checkpoint to merge (from finetune.py or align.py with --lora-rank)")
+    out: str = flag("", "where to write the merged checkpoint (default: --ckpt's name with _merged)")
+    base: str = flag("", "the base checkpoint, when it is no longer at the path the adapters recorded")
+    overwrite: bool = flag(False, "replace --out if it exists (without it, an existing file is refused)")
+
+    def output(self) -> Path:
+        return Path(self.out) if self.out else Path(self.ckpt).with_name(f"{Path(self.ckpt).stem}_merged.pt")
+
+
+def main(argv: list[str] | None = None) -> Path:
+    return run_cli(run, MergeConfig, argv, __doc__.splitlines()[0])
+
+
+def run(config: MergeConfig, explicit: set[str]) -> Path:
+    if not config.ckpt:
+        raise UserError("--ckpt: give the adapter checkpoint to merge, e.g. --ckpt ckpt_sft_lora.pt")
+    out = config.output()
+    if out.resolve() == Path(config.ckpt).resolve():
+        raise UserError(f"--out {out} is the adapter checkpoint itself; give another --out")
+    if out.exists() and not config.overwrite:
+        raise UserError(f"--out {out} exists; give another --out, or --overwrite to replace it")
+    ckpt = load_checkpoint(config.ckpt, "--ckpt")
+    if "lora" not in ckpt:
+        raise UserError(f"--ckpt {config.ckpt} holds no LoRA adapters (an ordinary checkpoint): nothing to merge")
+    model, tokenizer = model_and_tokenizer(ckpt, config.ckpt, config.base)
+    spec = ckpt["lora"]
+    # An ordinary checkpoint: what sample.py, evaluate.py and --init read. No training state:
+    # the merged model starts new runs, it does not continue the adapters' one.
+    save_checkpoint(out, {"kind": ckpt["kind"], "model": model.state_dict(), "model_config": asdict(model.config),
+                          "tokenizer": tokenizer.to_dict(),
+                          "merged_from": {"adapters": str(Path(config.ckpt).resolve()), **spec}})
+    print(f"merged LoRA rank {spec['rank']} ({spec['targets']} layers) of {config.ckpt} into its base "
+          f"{config.base or spec['base']}: {out} ({model.num_params():,} parameters, {out.stat().st_size / 2**20:.1f} MiB)")
+    return out
+
+
+if __name__ == "__main__":
+    main()
