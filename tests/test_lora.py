@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+import compare_lora
 import evaluate
 import finetune
 import merge_lora
@@ -261,3 +263,23 @@ def test_bad_lora_flags_are_one_line(tmp_path, tiny_pretrained, capsys, flags, m
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_compare_lora_measures_each_variant_once_and_tabulates(tmp_path, small_poems, tiny_pretrained, capsys):
+    argv = ["--init", str(tiny_pretrained), "--ranks", "0,4", "--max-iters", "2", "--num-titles", "2", "--poems",
+            str(small_poems), "--out-dir", str(tmp_path / "runs"), "--finetune-flags",
+            "--no-compile --dtype float32 --device cpu --batch-size 4 --sample-tokens 8 --warmup-iters 1"]
+    table = compare_lora.main(argv)
+    full, lora = (json.loads((tmp_path / "runs" / f"r{r}.json").read_text(encoding="utf-8")) for r in (0, 4))
+    assert full["trainable"] == full["total"] and 0 < lora["trainable"] < 0.1 * full["trainable"]
+    assert lora["checkpoint_bytes"] < full["checkpoint_bytes"] and lora["steps"] == full["steps"] == 2
+    assert full["peak_rss_bytes"] > 2**20 and full["seconds_per_step"] > 0 and 0 <= lora["stop_rate"] <= 1
+    assert "| full | " in table and "| LoRA r = 4 | " in table and (tmp_path / "runs" / "table.md").exists()
+
+    stamp = (tmp_path / "runs" / "r4.pt").stat().st_mtime_ns
+    assert compare_lora.main(argv) == table  # measured once: reprinted from the saved figures
+    assert (tmp_path / "runs" / "r4.pt").stat().st_mtime_ns == stamp
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        compare_lora.main([*argv[:5], "3", *argv[6:]])
+    assert exit_info.value.code == 2 and "measured with other settings" in capsys.readouterr().err
