@@ -70,7 +70,8 @@ def run_measured(argv: list[str]) -> int:
 
 def measure_variant(config: CompareConfig, rank: int, out_dir: Path) -> dict:
     """Train (or resume) one variant, evaluate it, and save its figures beside its checkpoint."""
-    ckpt_path, figures_path, peak_path = (out_dir / f"r{rank}{suffix}" for suffix in (".pt", ".json", ".rss"))
+    # Absolute paths: the runs' working directory is the repository, wherever this was started from.
+    ckpt_path, figures_path, peak_path = (out_dir.resolve() / f"r{rank}{suffix}" for suffix in (".pt", ".json", ".rss"))
     settings = {"init": str(Path(config.init).resolve()), "max_iters": config.max_iters,
                 "finetune_flags": config.finetune_flags, "num_titles": config.num_titles}
     if figures_path.exists() and ckpt_path.exists():
@@ -79,9 +80,9 @@ def measure_variant(config: CompareConfig, rank: int, out_dir: Path) -> dict:
             raise UserError(f"--out-dir {out_dir}: {figures_path} was measured with other settings "
                             f"({figures['settings']}); give another --out-dir")
         return figures
-    poems = ["--poems", config.poems] if config.poems else []
+    poems = ["--poems", str(Path(config.poems).resolve())] if config.poems else []
     # --log-interval 1: every step's time is logged, and s/step is their median.
-    argv = ["finetune.py", "--init", config.init, "--out", str(ckpt_path), "--lora-rank", str(rank), *poems,
+    argv = ["finetune.py", "--init", settings["init"], "--out", str(ckpt_path), "--lora-rank", str(rank), *poems,
             "--log-interval", "1",
             *(["--max-iters", str(config.max_iters)] if config.max_iters else []), *config.finetune_flags.split()]
     if ckpt_path.exists():

@@ -107,6 +107,13 @@ def book_checkpoint() -> Path:
     return _tune("ckpt_sft_book.pt", ["--tasks", "book"])
 
 
+def lora_checkpoint() -> Path:
+    """Instruction tuning through rank-8 LoRA adapters on the frozen pretrained model:
+    ckpt_sft_lora.pt (from `python finetune.py --init ckpt.pt --lora-rank 8 --out
+    ckpt_sft_lora.pt`, the same run as ckpt_sft.pt but for the adapters), else a short one."""
+    return _tune("ckpt_sft_lora.pt", ["--lora-rank", "8"])
+
+
 def _align(name: str, default_flags: list[str]) -> Path:
     """An align.py run from tuned_checkpoint(): REPO/name when present, else a short one into
     notebooks/out/. Fast mode's tiny model writes no poem worth judging, so its pairs are

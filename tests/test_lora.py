@@ -7,7 +7,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -283,3 +286,20 @@ def test_compare_lora_measures_each_variant_once_and_tabulates(tmp_path, small_p
     with pytest.raises(SystemExit) as exit_info:
         compare_lora.main([*argv[:5], "3", *argv[6:]])
     assert exit_info.value.code == 2 and "measured with other settings" in capsys.readouterr().err
+
+
+def test_lora_under_torchrun_trains_the_adapters_and_rank_0_writes(tmp_path, small_poems, tiny_pretrained):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "ddp.pt"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(Path(finetune.__file__)), "--init", str(tiny_pretrained), "--poems", str(small_poems), "--out", str(out),
+         *TUNE, "--max-iters", "4", "--lora-rank", "4"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("LoRA rank 4 on all linear layers") == 1  # rank 0 alone prints
+    assert "8 samples per step" in result.stdout  # 4 per process, 2 processes
+    ckpt = load_checkpoint(out)
+    assert ckpt["step"] == 4 and all(name.endswith((".lora_A", ".lora_B")) for name in ckpt["model"])
+    assert any(t.abs().max() > 0 for name, t in ckpt["model"].items() if name.endswith(".lora_B"))
