@@ -45,13 +45,13 @@ from data.tokenizer import Tokenizer
 from device import Runtime
 from distributed import barrier
 from generation import answer_titles, for_generation, format_answers
+from lora import adapters_disabled
 from losses import PreferenceBatch, dpo_loss, labelled_nll, preference_loss, rhyme_group_loss
 from model import GPT
 from preference import (PREFERENCES, Pair, answer_logprobs, build_pairs, fits, load_pairs, no_pairs_error,
                         pair_batch, reference_logprobs, save_pairs)
 from prosody import RhymeConstraint, prosody_marks, rhyme_positions
 from training import Stage, start_runtime, train
-from lora import adapters_disabled
 from tuning import LORA_FIXED, TuneConfig, describe_tuning, finished, open_run, tuned_model
 
 
@@ -321,9 +321,9 @@ def run(config: AlignConfig, explicit: set[str]) -> dict:
             return model
         flag_name = "--init (read again to rebuild the pair cache)"
         init = load_checkpoint(config.init, flag_name)
-        if answers_prompts(init["kind"]):
-            reference = model_and_tokenizer(init, config.init, flag_name=flag_name, base_flag="")[0]
-        if not answers_prompts(init["kind"]) or model_fingerprint(reference.state_dict()) != init_fingerprint:
+        reference = model_and_tokenizer(init, config.init, flag_name=flag_name, base_flag="")[0] \
+            if answers_prompts(init["kind"]) else None
+        if reference is None or model_fingerprint(reference.state_dict()) != init_fingerprint:
             raise UserError(f"--init {config.init} is no longer the checkpoint this run started from, and the pair "
                             f"cache {config.pairs_path()} must be rebuilt from that one: restore it, or start anew")
         return reference.to(runtime.device)

@@ -113,8 +113,8 @@ def measure_variant(config: CompareConfig, rank: int, out_dir: Path) -> dict:
 
 def format_table(rows: list[dict], num_titles: int) -> str:
     full = next((r for r in rows if r["rank"] == 0), None)
-    lines = [f"| tuning | trainable parameters | checkpoint | peak RSS | s/step | finetune-val loss | stop | "
-             f"regular form | title gain |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| tuning | trainable parameters | checkpoint | peak RSS | s/step | finetune-val loss | stop | "
+             "regular form | title gain |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         name = "full" if r["rank"] == 0 else f"LoRA r = {r['rank']}"
         speed = f"{r['seconds_per_step']:.3f}" + (f" ({r['seconds_per_step'] / full['seconds_per_step']:.2f}×)"

@@ -116,13 +116,14 @@ def tuned_model(config: TuneConfig, ckpt: dict | None, source: dict) -> tuple[GP
 
 
 def describe_tuning(model: GPT, extra: dict) -> str:
-    """"full tuning: every weight", or the adapters' rank and their share of the weights."""
+    """"full tuning: every weight trains", or the adapters' rank and size against the model's."""
     if "lora" not in extra:
         return "full tuning: every weight trains"
     spec = extra["lora"]
     trainable, total = trainable_parameters(model)
+    frozen = total - trainable
     return (f"LoRA rank {spec['rank']} on {spec['targets']} linear layers (alpha {spec['alpha']:g}): {trainable:,} "
-            f"trainable parameters, {trainable / total:.2%} of {total:,}; the rest frozen")
+            f"trainable parameters ({trainable / frozen:.2%} of the model's {frozen:,}, all frozen)")
 
 
 def finished(ckpt: dict | None, max_iters: int, config: TuneConfig, master: bool = True) -> bool:

@@ -303,3 +303,21 @@ def test_lora_under_torchrun_trains_the_adapters_and_rank_0_writes(tmp_path, sma
     ckpt = load_checkpoint(out)
     assert ckpt["step"] == 4 and all(name.endswith((".lora_A", ".lora_B")) for name in ckpt["model"])
     assert any(t.abs().max() > 0 for name, t in ckpt["model"].items() if name.endswith(".lora_B"))
+
+
+@pytest.mark.parametrize("script, flags", [
+    ("finetune.py", ("--lora-rank", "--lora-alpha", "--lora-targets", "--lora-dropout")),
+    ("align.py", ("--lora-rank", "--lora-alpha", "--lora-targets", "--lora-dropout")),
+    ("merge_lora.py", ("--ckpt", "--out", "--base", "--overwrite")),
+    ("compare_lora.py", ("--init", "--ranks", "--out-dir", "--max-iters", "--num-titles", "--poems", "--finetune-flags")),
+])
+def test_help_documents_the_lora_flags(script, flags):
+    from tests.conftest import REPO_ROOT
+
+    result = subprocess.run([sys.executable, script, "--help"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 0
+    help_text = " ".join(result.stdout.split())  # argparse wraps lines
+    for flag in flags:
+        assert flag in help_text, flag
+    if script in ("finetune.py", "align.py"):
+        assert "(default: 0)" in help_text and "(default: 16.0)" in help_text and "(default: all)" in help_text
