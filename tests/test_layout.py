@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 
-SCRIPTS = {"pretrain", "finetune", "align", "sample", "evaluate", "bench"}
+SCRIPTS = {"pretrain", "finetune", "align", "sample", "evaluate", "bench", "merge_lora", "compare_lora"}
 MODULES = sorted([*REPO_ROOT.glob("*.py"), *REPO_ROOT.glob("data/*.py"), REPO_ROOT / "notebooks" / "course.py"])
 
 
@@ -32,7 +32,7 @@ def test_no_module_imports_a_script(path):
     assert not (imported(path) & SCRIPTS) - allowed
 
 
-@pytest.mark.parametrize("module", ["sample", "evaluate", "generation", "checkpoint", "losses"])
+@pytest.mark.parametrize("module", ["sample", "evaluate", "generation", "checkpoint", "losses", "merge_lora"])
 def test_sampling_and_evaluating_never_load_the_training_loop(module):
     """Not even indirectly: importing them leaves the loop and its run files unloaded."""
     check = f"import sys, {module}; print(sorted(m for m in ('training', 'run_files', 'distributed') if m in sys.modules))"
