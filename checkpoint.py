@@ -112,7 +112,7 @@ def model_and_tokenizer(ckpt: dict, path: str | Path = "", base: str = "", merge
         return model, tokenizer_from_dict(ckpt["tokenizer"])
     spec = ckpt["lora"]
     model, tokenizer = base_model(spec, path, base, flag_name, base_flag)
-    add_adapters(model, spec["rank"], spec["alpha"], spec["targets"], spec["dropout"])
+    add_adapters(model, spec["rank"], spec["alpha"], spec["targets"], spec["dropout"], spec.get("token_ids", []))
     load_adapter_state_dict(model, ckpt["model"])
     return (merge_adapters(model) if merge else model), tokenizer
 

@@ -11,7 +11,9 @@ base; A starts random, so the first step's gradient on B is not zero. alpha / r 
 update's scale the same when r changes: the same learning rate suits every rank.
 
 `add_adapters` wraps the chosen linear layers of a model (attention, MLP, or both) and
-freezes everything else: embeddings, norms, the output head. `merge_adapters` folds each
+freezes everything else: embeddings, norms, the output head, except, when asked, the rows
+of a few tokens the base never learned (TokenRows: the instruction markers and
+<|endoftext|>, which pretraining never showed). `merge_adapters` folds each
 B A into its W and puts plain linear layers back: the merged model is an ordinary one, as
 fast as the base. `adapters_disabled` switches the adapters off for a forward pass: the
 base model, without a second copy of its weights (the reference model of preference tuning).
@@ -21,10 +23,11 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 # Which linear layers --lora-targets names, by their attribute path inside a transformer block.
 TARGETS = {
@@ -73,15 +76,76 @@ class LoRALinear(nn.Module):
         return merged
 
 
+class TokenRows(nn.Module):
+    """The frozen token embedding with the rows of a few tokens trainable.
+
+    Pretraining never feeds the instruction markers in, nor asks for <|endoftext|>: their
+    rows were only ever pushed down, as wrong answers for every position. Frozen, they are
+    words the adapters must work around, and the one that ends an answer is the hardest to
+    reach (LoRA on the linear layers alone learned to stop in a quarter of its answers;
+    README, "LoRA"). So these rows train too: as a change added to the base rows, zero at
+    the start like B, which weight decay pulls back toward the base, not toward zero.
+    k rows cost k x n_embd numbers.
+    """
+
+    def __init__(self, embedding: nn.Embedding, token_ids: Sequence[int]):
+        super().__init__()
+        self.base = embedding
+        self.base.requires_grad_(False)
+        self.register_buffer("token_ids", torch.tensor(list(token_ids), dtype=torch.long,
+                                                       device=embedding.weight.device), persistent=False)
+        self.row_delta = nn.Parameter(torch.zeros(len(token_ids), embedding.embedding_dim,
+                                                  device=embedding.weight.device))
+        self.enabled = True
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The embedding matrix in use: the base's, with the trained rows' change added."""
+        if not self.enabled:
+            return self.base.weight
+        return self.base.weight.index_add(0, self.token_ids, self.row_delta.to(self.base.weight.dtype))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, self.weight)
+
+    def merged(self) -> nn.Embedding:
+        """A plain embedding holding the trained rows: the same function, without the change kept apart."""
+        merged = nn.Embedding(self.base.num_embeddings, self.base.embedding_dim,
+                              device=self.base.weight.device, dtype=self.base.weight.dtype)
+        with torch.no_grad():
+            merged.weight.copy_(self.weight)
+        return merged
+
+
+class TiedHead(nn.Module):
+    """The output head of a model whose embedding is TokenRows: scores against the same rows.
+
+    GPT ties lm_head's weight to the embedding's; with some rows trained the head must read
+    the embedding's current matrix, or <|endoftext|> would be learned as input but never as
+    an answer.
+    """
+
+    def __init__(self, rows: TokenRows):
+        super().__init__()
+        # Not a registered submodule: it is the model's wte, and registering it here too
+        # would list its weights twice in the model's state_dict.
+        object.__setattr__(self, "rows", rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.rows.weight)
+
+
 def _parent_and_name(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     parent_path, _, name = path.rpartition(".")
     return model.get_submodule(parent_path), name
 
 
-def add_adapters(model: nn.Module, rank: int, alpha: float, targets: str = "all", dropout: float = 0.0) -> list[str]:
+def add_adapters(model: nn.Module, rank: int, alpha: float, targets: str = "all", dropout: float = 0.0,
+                 token_ids: Sequence[int] = ()) -> list[str]:
     """Freeze `model` and wrap its target linear layers in LoRALinear; return their paths.
 
-    Only the adapters' A and B are left trainable, so only they reach the optimizer
+    Only the adapters' A and B are left trainable, and the rows of `token_ids` in the tied
+    embedding and head (TokenRows), so only they reach the optimizer
     (training.configure_optimizer skips frozen parameters).
     """
     if targets not in TARGETS:
@@ -94,6 +158,9 @@ def add_adapters(model: nn.Module, rank: int, alpha: float, targets: str = "all"
             parent, name = _parent_and_name(model, path)
             setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha, dropout))
             wrapped.append(path)
+    if token_ids:
+        model.wte = TokenRows(model.wte, token_ids)
+        model.lm_head = TiedHead(model.wte)
     return wrapped
 
 
@@ -103,9 +170,10 @@ def adapter_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the adapters' weights (A and B of each layer): what an adapter checkpoint stores."""
+    """Only the adapters' weights (A and B of each layer, the trained token rows' change): what
+    an adapter checkpoint stores."""
     return {name: tensor for name, tensor in model.state_dict().items()
-            if name.endswith(".lora_A") or name.endswith(".lora_B")}
+            if name.endswith((".lora_A", ".lora_B", ".row_delta"))}
 
 
 def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -123,13 +191,18 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     for path, layer in adapter_layers(model).items():
         parent, name = _parent_and_name(model, path)
         setattr(parent, name, layer.merged())
+    if isinstance(model.wte, TokenRows):
+        model.wte = model.wte.merged()
+        model.lm_head = nn.Linear(model.wte.embedding_dim, model.wte.num_embeddings, bias=False,
+                                  device=model.wte.weight.device, dtype=model.wte.weight.dtype)
+        model.lm_head.weight = model.wte.weight  # tied again, as GPT builds it
     return model
 
 
 @contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block, the model computes as its frozen base: every adapter switched off."""
-    layers = adapter_layers(model).values()
+    """Within the block, the model computes as its frozen base: every adapter (and trained token row) switched off."""
+    layers = [*adapter_layers(model).values(), *(m for m in model.modules() if isinstance(m, TokenRows))]
     states = [layer.enabled for layer in layers]
     for layer in layers:
         layer.enabled = False

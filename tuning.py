@@ -21,7 +21,7 @@ from run_files import RunFiles
 from training import TrainConfig
 
 # The LoRA flags decide which model a run trains: a resumed run keeps them.
-LORA_FIXED = {"lora_rank", "lora_alpha", "lora_targets", "lora_dropout"}
+LORA_FIXED = {"lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "lora_tokens"}
 
 
 @dataclass
@@ -39,6 +39,9 @@ class TuneConfig(TrainConfig):
     lora_targets: str = flag("all", "the linear layers that get adapters: attention (qkv and output projections), "
                                     "mlp (both layers) or all", choices=list(TARGETS))
     lora_dropout: float = flag(0.0, "dropout on the adapters' input during training")
+    lora_tokens: str = flag("specials", "with --lora-rank, also train the embedding rows of the special tokens "
+                                        "(<INS>, <INP>, <RES>, <|endoftext|>, <unk>: never seen in pretraining), "
+                                        "or none", choices=["specials", "none"])
 
     def validate(self) -> None:
         require_positive(self, ("epochs", "sample_tokens"))
@@ -108,10 +111,11 @@ def tuned_model(config: TuneConfig, ckpt: dict | None, source: dict) -> tuple[GP
     model, tokenizer = model_and_tokenizer(source, config.init, flag_name="--init", base_flag="")
     if not config.lora_rank:
         return model, tokenizer, {}
+    token_ids = sorted(tokenizer.special_ids.values()) if config.lora_tokens == "specials" else []
     spec = {"rank": config.lora_rank, "alpha": config.lora_alpha, "targets": config.lora_targets,
-            "dropout": config.lora_dropout, "base": str(Path(config.init).resolve()),
+            "dropout": config.lora_dropout, "token_ids": token_ids, "base": str(Path(config.init).resolve()),
             "base_fingerprint": model_fingerprint(model.state_dict())}
-    add_adapters(model, config.lora_rank, config.lora_alpha, config.lora_targets, config.lora_dropout)
+    add_adapters(model, config.lora_rank, config.lora_alpha, config.lora_targets, config.lora_dropout, token_ids)
     return model, tokenizer, {"lora": spec}
 
 
@@ -122,8 +126,9 @@ def describe_tuning(model: GPT, extra: dict) -> str:
     spec = extra["lora"]
     trainable, total = trainable_parameters(model)
     frozen = total - trainable
-    return (f"LoRA rank {spec['rank']} on {spec['targets']} linear layers (alpha {spec['alpha']:g}): {trainable:,} "
-            f"trainable parameters ({trainable / frozen:.2%} of the model's {frozen:,}, all frozen)")
+    rows = f" and {len(spec['token_ids'])} token rows" if spec.get("token_ids") else ""
+    return (f"LoRA rank {spec['rank']} on {spec['targets']} linear layers{rows} (alpha {spec['alpha']:g}): "
+            f"{trainable:,} trainable parameters ({trainable / frozen:.2%} of the model's {frozen:,}, all frozen)")
 
 
 def finished(ckpt: dict | None, max_iters: int, config: TuneConfig, master: bool = True) -> bool:

@@ -279,7 +279,8 @@ def test_lora_alignment_tunes_adapters_against_the_same_network_with_them_off(
         tmp_path, small_poems, tiny_tuned, scripted_answers, capsys):
     align.main(align_args(tmp_path, small_poems, tiny_tuned, "--max-iters", "2", "--lora-rank", "4", out="lora.pt"))
     ckpt = load_checkpoint(tmp_path / "lora.pt")
-    assert ckpt["kind"] == "dpo" and all(name.endswith((".lora_A", ".lora_B")) for name in ckpt["model"])
+    assert ckpt["kind"] == "dpo" and "wte.row_delta" in ckpt["model"]  # the special tokens' rows train too
+    assert all(name.endswith((".lora_A", ".lora_B", ".row_delta")) for name in ckpt["model"])
     assert ckpt["lora"]["base_fingerprint"] == ckpt["init_fingerprint"]  # the reference is the adapters' base
     policy, _ = model_and_tokenizer(ckpt, tmp_path / "lora.pt", merge=False)
     init_model, _, _ = load_model(tiny_tuned)

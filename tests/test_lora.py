@@ -36,28 +36,32 @@ def tokens(seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 50, (3, 16), generator=torch.Generator().manual_seed(seed))
 
 
-def with_trained_adapters(targets: str = "all", rank: int = 4) -> tuple[GPT, GPT]:
-    """(base, adapted copy whose B matrices are random, as after some training)."""
+def with_trained_adapters(targets: str = "all", rank: int = 4, token_ids: tuple = ()) -> tuple[GPT, GPT]:
+    """(base, adapted copy whose B matrices and token rows' change are random, as after some training)."""
     base = tiny_model()
     adapted = copy.deepcopy(base)
-    add_adapters(adapted, rank=rank, alpha=8, targets=targets)
+    add_adapters(adapted, rank=rank, alpha=8, targets=targets, token_ids=token_ids)
     with torch.no_grad():
         for layer in adapter_layers(adapted).values():
             layer.lora_B.normal_(0, 0.05)
+        if token_ids:
+            adapted.wte.row_delta.normal_(0, 0.5)
     return base, adapted
 
 
-@pytest.mark.parametrize("targets, count", [("attention", 4), ("mlp", 4), ("all", 8)])
-def test_zero_initialised_b_gives_the_base_models_outputs(targets, count):
+@pytest.mark.parametrize("targets, count, token_ids", [("attention", 4, ()), ("mlp", 4, ()), ("all", 8, ()),
+                                                      ("all", 8, (0, 3))])
+def test_zero_initialised_b_gives_the_base_models_outputs(targets, count, token_ids):
     base = tiny_model()
     adapted = copy.deepcopy(base)
-    wrapped = add_adapters(adapted, rank=4, alpha=8, targets=targets)
+    wrapped = add_adapters(adapted, rank=4, alpha=8, targets=targets, token_ids=token_ids)
     assert len(wrapped) == count and all(isinstance(adapted.get_submodule(p), LoRALinear) for p in wrapped)
     assert torch.equal(adapted(tokens())[0], base(tokens())[0])
 
 
-def test_merged_and_unmerged_forwards_agree_and_disabled_is_the_base():
-    base, adapted = with_trained_adapters()
+@pytest.mark.parametrize("token_ids", [(), (0, 3)])
+def test_merged_and_unmerged_forwards_agree_and_disabled_is_the_base(token_ids):
+    base, adapted = with_trained_adapters(token_ids=token_ids)
     unmerged = adapted(tokens())[0]
     assert (unmerged - base(tokens())[0]).abs().max() > 1e-3  # the adapters do change the function
     with adapters_disabled(adapted):
@@ -66,6 +70,7 @@ def test_merged_and_unmerged_forwards_agree_and_disabled_is_the_base():
     merged = merge_adapters(copy.deepcopy(adapted))
     assert not adapter_layers(merged)
     assert set(merged.state_dict()) == set(base.state_dict())  # an ordinary model again
+    assert merged.lm_head.weight is merged.wte.weight  # embedding and head tied, as GPT builds them
     torch.testing.assert_close(merged(tokens())[0], unmerged, atol=1e-5, rtol=1e-5)
 
 
@@ -76,10 +81,11 @@ def test_delta_weight_is_scaled_b_times_a():
     assert torch.linalg.matrix_rank(layer.delta_weight()) <= 4
 
 
-def test_after_a_step_only_adapter_parameters_changed():
+@pytest.mark.parametrize("token_ids", [(), (0, 3)])
+def test_after_a_step_only_adapter_parameters_changed(token_ids):
     base = tiny_model()
     model = copy.deepcopy(base).train()
-    add_adapters(model, rank=2, alpha=4, targets="all")
+    add_adapters(model, rank=2, alpha=4, targets="all", token_ids=token_ids)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.1)
     before = {n: t.clone() for n, t in model.state_dict().items()}
@@ -89,22 +95,34 @@ def test_after_a_step_only_adapter_parameters_changed():
         optimizer.step()
         optimizer.zero_grad()
     changed = {n for n, t in model.state_dict().items() if not torch.equal(t, before[n])}
-    assert changed == set(adapter_state_dict(model))  # every A and B, nothing else
-    for name, tensor in base.state_dict().items():  # the wrapped weights sit under .base, untouched
+    assert changed == set(adapter_state_dict(model))  # every A and B (and the token rows' change), nothing else
+    assert_frozen_weights_are_the_bases(model, base)
+    # In use, the embedding (and the head tied to it) changed in the listed rows alone.
+    moved = (model.wte.weight - base.wte.weight).abs().amax(dim=1).nonzero().flatten().tolist()
+    assert moved == list(token_ids)
+    torch.testing.assert_close(model.lm_head(model.wte.weight), model.wte.weight @ model.wte.weight.T)
+
+
+def assert_frozen_weights_are_the_bases(model: GPT, base: GPT) -> None:
+    """The wrapped weights sit under .base, untouched; the rest where they were."""
+    state = model.state_dict()
+    for name, tensor in base.state_dict().items():
+        if name == "lm_head.weight" and "lm_head.weight" not in state:
+            continue  # tied to wte: the head reads the embedding's rows (lora.TiedHead)
         key = name.replace(".weight", ".base.weight").replace(".bias", ".base.bias")
-        assert torch.equal(model.state_dict().get(key, model.state_dict().get(name)), tensor)
+        assert torch.equal(state.get(key, state.get(name)), tensor), name
 
 
 def test_trainable_share_and_adapter_state_are_small():
-    _, adapted = with_trained_adapters(rank=4)
+    _, adapted = with_trained_adapters(rank=4, token_ids=(0, 1, 2))
     trainable, total = trainable_parameters(adapted)
-    # per block: c_attn 4·(32+96), attn c_proj 4·(32+32), c_fc 4·(32+128), mlp c_proj 4·(128+32)
-    assert trainable == 2 * 4 * (128 + 64 + 160 + 160)
+    # per block: c_attn 4·(32+96), attn c_proj 4·(32+32), c_fc 4·(32+128), mlp c_proj 4·(128+32); 3 rows of 32
+    assert trainable == 2 * 4 * (128 + 64 + 160 + 160) + 3 * 32
     assert total == trainable + tiny_model().num_params()
     state = adapter_state_dict(adapted)
     assert sum(t.numel() for t in state.values()) == trainable
     fresh = copy.deepcopy(tiny_model())
-    add_adapters(fresh, rank=4, alpha=8)
+    add_adapters(fresh, rank=4, alpha=8, token_ids=(0, 1, 2))
     load_adapter_state_dict(fresh, state)
     assert torch.equal(fresh(tokens())[0], adapted(tokens())[0])
 
@@ -166,17 +184,20 @@ def test_an_adapter_checkpoint_holds_the_adapters_alone_and_loads_back_exactly(r
     ckpt = load_checkpoint(runs / "lora.pt")
     assert ckpt["kind"] == "sft" and ckpt["lora"]["rank"] == 8 and ckpt["lora"]["targets"] == "all"
     assert ckpt["lora"]["base"] == str((runs / "base.pt").resolve())
-    assert ckpt["model"] and all(name.endswith((".lora_A", ".lora_B")) for name in ckpt["model"])
+    assert ckpt["model"] and all(name.endswith((".lora_A", ".lora_B")) for name in ckpt["model"]
+                                 if name != "wte.row_delta")
     assert (runs / "lora.pt").stat().st_size <= 0.10 * (runs / "full.pt").stat().st_size
 
-    model, _ = model_and_tokenizer(ckpt, runs / "lora.pt", merge=False)
+    model, tokenizer = model_and_tokenizer(ckpt, runs / "lora.pt", merge=False)
+    # By default the special tokens' rows train too (--lora-tokens specials).
+    assert ckpt["lora"]["token_ids"] == sorted(tokenizer.special_ids.values())
+    assert ckpt["model"]["wte.row_delta"].shape == (len(tokenizer.special_ids), model.config.n_embd)
     for name, tensor in adapter_state_dict(model).items():
         assert torch.equal(tensor, ckpt["model"][name]), name
     base, _, _ = load_model(runs / "base.pt")
-    for name, tensor in base.state_dict().items():  # the frozen rest is the base's, exactly
-        key = name.replace(".weight", ".base.weight").replace(".bias", ".base.bias")
-        assert torch.equal(model.state_dict().get(key, model.state_dict().get(name)), tensor), name
+    assert_frozen_weights_are_the_bases(model, base)  # the frozen rest is the base's, exactly
     assert any(layer.lora_B.abs().max() > 0 for layer in adapter_layers(model).values())  # training moved B
+    assert model.wte.row_delta.abs().max() > 0  # and the token rows
 
     merged, _, kind = load_model(runs / "lora.pt")  # what sample.py and evaluate.py load: adapters folded in
     assert kind == "sft" and not adapter_layers(merged)
@@ -252,6 +273,19 @@ def test_lora_rank_resumes_exactly_and_keeps_its_adapters(runs, small_poems, cap
     assert "--lora-rank 4: the run at" in err and "started with 8" in err
 
 
+def test_lora_tokens_none_trains_the_linear_layers_alone(runs, small_poems, tmp_path):
+    out = tmp_path / "no_rows.pt"
+    tune(runs / "base.pt", small_poems, out, "--max-iters", "2", "--lora-rank", "4", "--lora-tokens", "none")
+    ckpt = load_checkpoint(out)
+    assert ckpt["lora"]["token_ids"] == [] and all(name.endswith((".lora_A", ".lora_B")) for name in ckpt["model"])
+    adapted, _, _ = load_model(out)
+    del ckpt["lora"]["token_ids"]  # an adapter checkpoint from before the flag existed loads the same
+    torch.save(ckpt, tmp_path / "older.pt")
+    older, _, _ = load_model(tmp_path / "older.pt")
+    x = tokens() % 40
+    assert torch.equal(older.eval()(x)[0], adapted.eval()(x)[0])
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--lora-rank", "-1"], "--lora-rank must not be negative"),
     (["--lora-rank", "4", "--lora-alpha", "0"], "--lora-alpha must be positive"),
@@ -301,13 +335,13 @@ def test_lora_under_torchrun_trains_the_adapters_and_rank_0_writes(tmp_path, sma
     assert result.stdout.count("LoRA rank 4 on all linear layers") == 1  # rank 0 alone prints
     assert "8 samples per step" in result.stdout  # 4 per process, 2 processes
     ckpt = load_checkpoint(out)
-    assert ckpt["step"] == 4 and all(name.endswith((".lora_A", ".lora_B")) for name in ckpt["model"])
+    assert ckpt["step"] == 4 and all(name.endswith((".lora_A", ".lora_B", ".row_delta")) for name in ckpt["model"])
     assert any(t.abs().max() > 0 for name, t in ckpt["model"].items() if name.endswith(".lora_B"))
 
 
 @pytest.mark.parametrize("script, flags", [
-    ("finetune.py", ("--lora-rank", "--lora-alpha", "--lora-targets", "--lora-dropout")),
-    ("align.py", ("--lora-rank", "--lora-alpha", "--lora-targets", "--lora-dropout")),
+    ("finetune.py", ("--lora-rank", "--lora-alpha", "--lora-targets", "--lora-dropout", "--lora-tokens")),
+    ("align.py", ("--lora-rank", "--lora-alpha", "--lora-targets", "--lora-dropout", "--lora-tokens")),
     ("merge_lora.py", ("--ckpt", "--out", "--base", "--overwrite")),
     ("compare_lora.py", ("--init", "--ranks", "--out-dir", "--max-iters", "--num-titles", "--poems", "--finetune-flags")),
 ])
