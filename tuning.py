@@ -85,6 +85,10 @@ def open_run(config: TuneConfig, explicit: set[str], kind: str, fixed: set[str],
                             f"({KINDS.get(ckpt['kind'], 'unknown')}), not a {kind} run ({KINDS[kind]}) to continue")
         notes += restore_run_flags(config, explicit, ckpt["train_config"], fixed, config.out)
     config.validate()
+    unused = sorted(name for name in explicit & LORA_FIXED if name != "lora_rank") if not config.lora_rank else []
+    if unused:
+        notes.append(f"note: {', '.join(flag_name(n) for n in unused)} only apply with --lora-rank R; this run "
+                     "tunes every weight")
     if not config.resume:
         if not config.init:
             raise UserError(f"--init: give the checkpoint to tune, e.g. --init {init_example}")

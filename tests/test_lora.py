@@ -286,6 +286,15 @@ def test_lora_tokens_none_trains_the_linear_layers_alone(runs, small_poems, tmp_
     assert torch.equal(older.eval()(x)[0], adapted.eval()(x)[0])
 
 
+def test_lora_settings_without_a_rank_are_noted(runs, small_poems, tmp_path, capsys):
+    capsys.readouterr()
+    tune(runs / "base.pt", small_poems, tmp_path / "full.pt", "--max-iters", "1", "--lora-alpha", "32",
+         "--lora-tokens", "none")
+    out = capsys.readouterr().out
+    assert "note: --lora-alpha, --lora-tokens only apply with --lora-rank R; this run tunes every weight" in out
+    assert "lora" not in load_checkpoint(tmp_path / "full.pt")
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--lora-rank", "-1"], "--lora-rank must not be negative"),
     (["--lora-rank", "4", "--lora-alpha", "0"], "--lora-alpha must be positive"),
