@@ -36,23 +36,24 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from checkpoint import KINDS, answers_prompts, load_checkpoint, model_and_tokenizer, model_fingerprint
-from cli import UserError, flag, resume_rule, run_cli
+from tanggpt.checkpoint import DPO, KINDS, PRETRAIN, answers_prompts, load_checkpoint, model_and_tokenizer, model_fingerprint
+from tanggpt.cli import flag, resume_rule, run_cli
+from data.errors import UserError
 from data.corpus import Poem, load_corpus
 from data.instruct import IGNORE, EpochBatches, encode_sample, encode_samples, pad_batch, poem_sample
 from data.tasks import tuning_poems
 from data.tokenizer import Tokenizer
-from device import Runtime
-from distributed import barrier
-from generation import answer_titles, for_generation, format_answers
-from lora import adapters_disabled
-from losses import PreferenceBatch, dpo_loss, labelled_nll, preference_loss, rhyme_group_loss
+from tanggpt.device import Runtime
+from tanggpt.distributed import barrier
+from tanggpt.generation import answer_titles, for_generation, format_answers
+from tanggpt.lora import adapters_disabled
+from tanggpt.losses import PreferenceBatch, dpo_loss, labelled_nll, preference_loss, rhyme_group_loss
 from model import GPT
-from preference import (PREFERENCES, Pair, answer_logprobs, build_pairs, fits, load_pairs, no_pairs_error,
+from tanggpt.preference import (PREFERENCES, Pair, answer_logprobs, build_pairs, fits, load_pairs, no_pairs_error,
                         pair_batch, reference_logprobs, save_pairs)
-from prosody import RhymeConstraint, prosody_marks, rhyme_positions
-from training import Stage, start_runtime, train
-from tuning import LORA_FIXED, TuneConfig, describe_tuning, finished, open_run, tuned_model
+from tanggpt.prosody import RhymeConstraint, prosody_marks, rhyme_positions
+from tanggpt.training import Stage, finished, start_runtime, train
+from tanggpt.tuning import LORA_FIXED, MORE_EPOCHS, TuneConfig, describe_tuning, open_run, tuned_model
 
 
 @dataclass
@@ -275,9 +276,10 @@ def align_stage(config: AlignConfig, model: GPT, tokenizer: Tokenizer, batches: 
         get_batch=get_batch,
         evaluate=evaluate,
         sample=sample,
-        checkpoint_extra={"kind": "dpo", "tokenizer": tokenizer.to_dict(), "init": config.init,
-                          "init_fingerprint": init_fingerprint, "preference": config.preference, "beta": config.beta,
-                          **adapters},
+        kind=DPO,
+        tokenizer=tokenizer,
+        checkpoint_extra={"init": config.init, "init_fingerprint": init_fingerprint, "preference": config.preference,
+                          "beta": config.beta, **adapters},
         plot_title=f"preference tuning (DPO, {config.preference}): train = DPO + {config.sft_weight:g} x anchor"
                    + (f" + {config.rhyme_weight:g} x rhyme" if rhymes is not None else ""),
         plot_ylabel="loss per pair",
@@ -294,8 +296,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def run(config: AlignConfig, explicit: set[str]) -> dict:
-    ckpt, source, notes = open_run(config, explicit, "dpo", RESUME_FIXED, init_example="ckpt_sft.pt")
-    if ckpt is None and source["kind"] == "pretrain":
+    ckpt, source, notes = open_run(config, explicit, DPO, RESUME_FIXED, init_example="ckpt_sft.pt")
+    if ckpt is None and source["kind"] == PRETRAIN:
         raise UserError(f"--init {config.init} is a pretrained checkpoint: it continues text but does not answer "
                         "the instruction prompt or stop, so its answers give no pairs. Tune it first (python "
                         f"finetune.py --init {config.init}), then align that: --init ckpt_sft.pt")
@@ -303,8 +305,8 @@ def run(config: AlignConfig, explicit: set[str]) -> dict:
     master = dist_info.is_master
     for note in notes if master else []:
         print(note)
-    if master and ckpt is None and source["kind"] == "dpo":
-        print(f"note: --init {config.init} is already {KINDS['dpo']}; its answers are the new reference")
+    if master and ckpt is None and source["kind"] == DPO:
+        print(f"note: --init {config.init} is already {KINDS[DPO]}; its answers are the new reference")
 
     model, tokenizer, adapters = tuned_model(config, ckpt, source)
     # The reference is the --init model: the model itself before its first step, or the same
@@ -353,7 +355,7 @@ def run(config: AlignConfig, explicit: set[str]) -> dict:
         rhymes = EpochBatches(rows, config.rhyme_batch_size, config.grad_accum, dist_info.world_size, config.seed,
                               pad_id=tokenizer.eot_id)
     max_iters = config.total_steps(batches.steps_per_epoch)
-    if finished(ckpt, max_iters, config, master):
+    if finished(ckpt, max_iters, config.out, MORE_EPOCHS, master):
         return {}
     stage = align_stage(config, model, tokenizer, batches, rhymes, group_masks, val_pairs, finetune_val_rows, gallery,
                         runtime, dist_info.rank, init_fingerprint, adapters)

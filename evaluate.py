@@ -35,19 +35,20 @@ import json
 import time
 from dataclasses import asdict, dataclass
 
-from checkpoint import answers_prompts, load_checkpoint, model_and_tokenizer
-from cli import UserError, flag, require_positive, run_cli
+from tanggpt.checkpoint import answers_prompts, load_checkpoint, model_and_tokenizer
+from tanggpt.cli import flag, require_positive, run_cli
+from data.errors import UserError
 from data.corpus import Poem, clean_poems, load_corpus, load_poems, pretrain_text
 from data.instruct import INSTRUCTION, Sample, response_rows
 from data.tasks import TASKS, instructions, task_instruction
 from data.tokenizer import Tokenizer
-from device import Runtime, setup_runtime
-from generation import SamplingConfig, answer_requests, answer_titles, for_generation
-from losses import bits_per_char, input_swap_nll, labelled_nll, stream_loss, title_swap_nll
-from metrics import (FORMS, acrostic_head, acrostic_hits, clauses, follows_acrostic, form_name, generation_figures,
-                     is_regular_form, mean_and_standard_error)
+from tanggpt.device import Runtime, setup_runtime
+from tanggpt.generation import SamplingConfig, answer_requests, answer_titles, for_generation
+from tanggpt.losses import bits_per_char, input_swap_nll, labelled_nll, stream_loss, title_swap_nll
+from tanggpt.metrics import acrostic_hits, follows_acrostic, generation_figures, mean_and_standard_error
+from data.forms import FORMS, acrostic_head, clauses, form_name, is_regular_form
 from model import GPT
-from prosody import prosody_figures
+from tanggpt.prosody import prosody_figures
 
 
 @dataclass

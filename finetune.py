@@ -25,17 +25,19 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
-from cli import UserError, flag, resume_rule, run_cli
+from tanggpt.cli import flag, resume_rule, run_cli
+from data.errors import UserError
 from data.corpus import Poem, load_corpus
 from data.instruct import INSTRUCTION, EncodedSample, EpochBatches, encode_samples, load_instruction_jsonl, poem_sample
 from data.tasks import DEFAULT_TASKS, TaskMixture, parse_tasks, task_instruction, tuning_poems
 from data.tokenizer import Tokenizer
-from device import Runtime
-from generation import answer_requests, format_answers
-from losses import labelled_nll
+from tanggpt.device import Runtime
+from tanggpt.generation import answer_requests, format_answers
+from tanggpt.losses import labelled_nll
 from model import GPT
-from training import Stage, start_runtime, train
-from tuning import LORA_FIXED, TuneConfig, describe_tuning, finished, open_run, tuned_model
+from tanggpt.checkpoint import SFT
+from tanggpt.training import Stage, finished, start_runtime, train
+from tanggpt.tuning import LORA_FIXED, MORE_EPOCHS, TuneConfig, describe_tuning, open_run, tuned_model
 
 
 @dataclass
@@ -114,8 +116,9 @@ def finetune_stage(config: FinetuneConfig, model: GPT, tokenizer: Tokenizer, bat
         get_batch=get_batch,
         evaluate=evaluate,
         sample=sample,
-        checkpoint_extra={"kind": "sft", "tokenizer": tokenizer.to_dict(), "init": config.init,
-                          "loss_on": config.loss_on, **adapters},
+        kind=SFT,
+        tokenizer=tokenizer,
+        checkpoint_extra={"init": config.init, "loss_on": config.loss_on, **adapters},
         plot_title=f"instruction tuning: loss on {config.loss_on} tokens, val on response tokens",
         describe_step=lambda step: f"epoch {step / batches.steps_per_epoch:g}",
         sample_before_training=True,
@@ -128,13 +131,13 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def run(config: FinetuneConfig, explicit: set[str]) -> dict:
-    ckpt, source, notes = open_run(config, explicit, "sft", RESUME_FIXED, init_example="ckpt.pt")
+    ckpt, source, notes = open_run(config, explicit, SFT, RESUME_FIXED, init_example="ckpt.pt")
     extra = load_instruction_jsonl(config.data) if config.data else []  # a bad file fails before the corpus loads
     dist_info, runtime = start_runtime(config)
     master = dist_info.is_master
     for note in notes if master else []:
         print(note)
-    if master and not config.resume and source["kind"] == "sft":
+    if master and not config.resume and source["kind"] == SFT:
         # Allowed on purpose: tuning a tuned model again (say on your own --data) is a real use.
         print(f"note: --init {config.init} is already instruction-tuned; tuning it further")
 
@@ -162,7 +165,7 @@ def run(config: FinetuneConfig, explicit: set[str]) -> dict:
                            pad_id=tokenizer.eot_id)
     steps_per_epoch, per_step = batches.steps_per_epoch, batches.samples_per_step
     max_iters = config.total_steps(steps_per_epoch)
-    if finished(ckpt, max_iters, config, master):
+    if finished(ckpt, max_iters, config.out, MORE_EPOCHS, master):
         return {}
     stage = finetune_stage(config, model, tokenizer, batches, val_rows, gallery, runtime, dist_info.rank, adapters)
     if master:

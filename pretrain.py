@@ -20,17 +20,18 @@ from dataclasses import dataclass
 
 import torch
 
-from checkpoint import load_checkpoint, model_and_tokenizer
-from cli import UserError, flag, flag_name, require_positive, restore_run_flags, resume_rule, run_cli
+from tanggpt.checkpoint import PRETRAIN, model_and_tokenizer, resume_checkpoint
+from tanggpt.cli import flag, flag_name, require_positive, restore_run_flags, resume_rule, run_cli
+from data.errors import UserError
 from data import all_poems, build_tokenizer, load_corpus, pretrain_text
 from data.batches import random_windows
 from data.tasks import tokenizer_texts
 from data.tokenizer import check_tokenizer_name
-from device import Runtime, release_freed_memory
-from losses import bits_per_char
+from tanggpt.device import Runtime, release_freed_memory
+from tanggpt.losses import bits_per_char
 from model import GPT, GPTConfig
-from run_files import RunFiles
-from training import Stage, TrainConfig, start_runtime, train
+from tanggpt.run_files import RunFiles
+from tanggpt.training import Stage, TrainConfig, finished, start_runtime, train
 
 
 @dataclass
@@ -113,7 +114,8 @@ def pretrain_stage(
         get_batch=get_batch,
         evaluate=evaluate,
         sample=sample,
-        checkpoint_extra={"kind": "pretrain", "tokenizer": tokenizer.to_dict()},
+        kind=PRETRAIN,
+        tokenizer=tokenizer,
         plot_title=f"pretraining: {model.num_params() / 1e6:.2f}M params, {tokenizer.name} tokenizer",
         max_val_loss=2 * math.log(tokenizer.vocab_size),  # far worse than a uniform guess: diverged
     )
@@ -151,19 +153,14 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def run(config: PretrainConfig, explicit: set[str]) -> dict:
-    ckpt = load_checkpoint(config.out, "--resume", resume=True) if config.resume else None
-    if ckpt is not None and ckpt.get("kind") != "pretrain":
-        raise UserError(f"--resume: {config.out} is a {ckpt.get('kind')} checkpoint, not a pretraining one")
+    ckpt = resume_checkpoint(config.out, PRETRAIN) if config.resume else None
     notes = resolve_config(config, explicit, ckpt)
     notes += RunFiles(config.out).prepare(config.resume, config.overwrite)
     dist_info, runtime = start_runtime(config)
     master = dist_info.is_master
     for note in notes if master else []:
         print(note)
-    if ckpt is not None and ckpt["step"] >= config.max_iters:
-        if master:
-            print(f"nothing to do: the run at {config.out} finished at step {ckpt['step']:,} of {config.max_iters:,}; "
-                  "give a larger --max-iters to train it further")
+    if finished(ckpt, config.max_iters, config.out, "a larger --max-iters", master):
         return {}
 
     started = time.perf_counter()

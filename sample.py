@@ -29,7 +29,6 @@ The generator is seeded once per run: the same flags and input give the same poe
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from collections import Counter
@@ -38,14 +37,15 @@ from typing import Callable, Collection
 
 import torch
 
-from checkpoint import KINDS, answers_prompts, load_model
-from cli import UserError, flag, require_positive, run_cli
+from tanggpt.checkpoint import KINDS, answers_prompts, load_model
+from tanggpt.cli import flag, require_positive, run_cli
+from data.errors import UserError
 from data.instruct import prompt_ids
 from data.tasks import TASKS, task_instruction
 from data.tokenizer import Tokenizer
-from device import Runtime, setup_runtime
-from generation import SamplingConfig, for_generation
-from metrics import CLAUSE_BREAK, FORMS
+from tanggpt.device import Runtime, setup_runtime
+from tanggpt.generation import SamplingConfig, for_generation
+from data.forms import CLAUSE_BREAK, FORMS
 from model import GPT
 
 
@@ -255,12 +255,8 @@ def run(config: SampleConfig, explicit: set[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     # Ctrl-C outside the interactive loop (while loading, or in a --title/--prompt run) is run_cli's:
-    # "[stopped]" and exit code 130, the shell's code for "ended by Ctrl-C".
-    try:
-        run_cli(run, SampleConfig, argv, __doc__.splitlines()[0])
-    except BrokenPipeError:  # stdout closed early, as by `| head`: not an error, but say nothing more
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(0)
+    # "[stopped]" and exit code 130, the shell's code for "ended by Ctrl-C"; so is `| head`.
+    run_cli(run, SampleConfig, argv, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

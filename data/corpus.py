@@ -13,13 +13,14 @@ couplet or line each). Bad input raises CorpusError with one line naming the fil
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cli import UserError
+from data.errors import UserError
 
 class CorpusError(UserError):
     """A problem with the poem files; the message is one line naming the file."""
@@ -297,6 +298,19 @@ def pretrain_text(poems: list[Poem]) -> str:
 DEFAULT_POEMS_DIR = Path(__file__).resolve().parent.parent / "poems"
 
 
+def local_corpus_dir() -> Path:
+    """The corpus folder the tests and notebooks read: $POEMS_DIR if set (a relative path is
+    taken from the repository root), else ../shared/corpus/quan-tang-shi beside the
+    repository when it is there (where this project's CI keeps a copy), else poems/
+    (downloaded on first use, as the scripts do)."""
+    repo = DEFAULT_POEMS_DIR.parent
+    if os.environ.get("POEMS_DIR"):
+        path = Path(os.environ["POEMS_DIR"])
+        return path if path.is_absolute() else repo / path
+    shared = repo.parent / "shared" / "corpus" / "quan-tang-shi"
+    return shared if shared.is_dir() else DEFAULT_POEMS_DIR
+
+
 def load_corpus(
     poems_dir: str | Path | None = None, split_config: SplitConfig | None = None, verbose: bool = True
 ) -> dict[str, list[Poem]]:
@@ -308,7 +322,7 @@ def load_corpus(
     """
     folder = Path(poems_dir) if poems_dir is not None else DEFAULT_POEMS_DIR
     if folder.resolve() == DEFAULT_POEMS_DIR and not any(DEFAULT_POEMS_DIR.glob("*.json")):
-        from poems.download import DownloadError, download_corpus
+        from data.download import DownloadError, download_corpus
 
         if verbose:
             print(f"no poems in {DEFAULT_POEMS_DIR}: downloading the Tang corpus (58 files, 25 MB)")

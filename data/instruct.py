@@ -32,7 +32,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from cli import UserError
+from data.errors import UserError
 from data.corpus import Poem
 from data.tokenizer import EOT, INP, INS, RES, SPECIALS, Tokenizer
 

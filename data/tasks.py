@@ -29,11 +29,11 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
-from cli import UserError
+from data.errors import UserError
 from data.corpus import Poem, pretrain_text
 from data.instruct import INSTRUCTION, EncodedSample, Sample, encode_sample
 from data.tokenizer import Tokenizer
-from metrics import FORMS, acrostic_head, clauses, form_name, is_regular_form
+from data.forms import FORMS, acrostic_head, clauses, form_name, is_regular_form
 
 
 def _poem(poem: Poem, instruction: str) -> Sample | None:

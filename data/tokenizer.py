@@ -28,7 +28,7 @@ from typing import Iterable
 
 import numpy as np
 
-from cli import UserError
+from data.errors import UserError
 
 UNK = "<unk>"
 EOT = "<|endoftext|>"

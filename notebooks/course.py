@@ -50,14 +50,12 @@ def _shown(path: Path) -> str:
 
 
 def poems_dir() -> str:
-    """The corpus folder: $POEMS_DIR (relative paths are taken from the repository root),
-    else ../shared/corpus/quan-tang-shi beside the repository, else poems/ (downloaded
-    on first use, like the scripts do)."""
-    if os.environ.get("POEMS_DIR"):
-        path = Path(os.environ["POEMS_DIR"])
-        return _shown(path if path.is_absolute() else REPO / path)
-    shared = REPO.parent / "shared" / "corpus" / "quan-tang-shi"
-    return _shown(shared if shared.is_dir() else REPO / "poems")
+    """The corpus folder (data.corpus.local_corpus_dir: $POEMS_DIR, else
+    ../shared/corpus/quan-tang-shi beside the repository, else poems/, downloaded on first
+    use like the scripts do), as the notebooks print it."""
+    from data.corpus import local_corpus_dir
+
+    return _shown(local_corpus_dir())
 
 
 def _checkpoint(name: str, train) -> Path:

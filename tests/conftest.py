@@ -1,35 +1,27 @@
 """Shared fixtures: the real corpus, loaded once per test session.
 
-The corpus folder is $POEMS_DIR if set (CI sets it to ../shared/corpus/quan-tang-shi),
-else ../shared/corpus/quan-tang-shi beside the repository if it exists, else poems/
-(downloaded on first use, like the training scripts do).
+The corpus folder is data.corpus.local_corpus_dir(): $POEMS_DIR if set (CI sets it to
+../shared/corpus/quan-tang-shi), else that folder beside the repository if it exists,
+else poems/ (downloaded on first use, like the training scripts do).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from data.corpus import DEFAULT_POEMS_DIR, all_poems, load_corpus
+from data.corpus import all_poems, load_corpus, local_corpus_dir
 from data.tasks import tokenizer_texts
 from data.tokenizer import build_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def corpus_dir() -> Path:
-    if os.environ.get("POEMS_DIR"):
-        return Path(os.environ["POEMS_DIR"])
-    shared = REPO_ROOT.parent / "shared" / "corpus" / "quan-tang-shi"
-    return shared if shared.is_dir() else DEFAULT_POEMS_DIR
-
-
 @pytest.fixture(scope="session")
 def splits():
-    return load_corpus(corpus_dir(), verbose=False)
+    return load_corpus(local_corpus_dir(), verbose=False)
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +49,7 @@ def small_poems(tmp_path_factory) -> Path:
     """Two files of the real corpus (2,000 poems): enough text, quick to load."""
     folder = tmp_path_factory.mktemp("poems")
     for name in ("poet.tang.0.json", "poet.tang.1000.json"):
-        shutil.copy(corpus_dir() / name, folder / name)
+        shutil.copy(local_corpus_dir() / name, folder / name)
     return folder
 
 

@@ -12,15 +12,15 @@ import pytest
 import torch
 
 import align
-import preference
-from checkpoint import load_checkpoint, load_model, model_and_tokenizer
-from device import setup_runtime
+from tanggpt import preference
+from tanggpt.checkpoint import load_checkpoint, load_model, model_and_tokenizer
+from tanggpt.device import setup_runtime
 from data.instruct import IGNORE
-from generation import Answer
-from lora import adapters_disabled
-from losses import PreferenceBatch, dpo_loss, preference_loss, sequence_logprobs
+from tanggpt.generation import Answer
+from tanggpt.lora import adapters_disabled
+from tanggpt.losses import PreferenceBatch, dpo_loss, preference_loss, sequence_logprobs
 from model import GPT, GPTConfig
-from preference import Pair, build_pairs, judge, load_pairs, pair_batch, reference_logprobs
+from tanggpt.preference import Pair, build_pairs, judge, load_pairs, pair_batch, reference_logprobs
 from tests.test_prosody import CHUN_XIAO, CHUN_YE_XI_YU, DENG_GUAN_QUE_LOU, JING_YE_SI
 
 KEEPS_TONES = [DENG_GUAN_QUE_LOU, CHUN_YE_XI_YU]
@@ -217,7 +217,7 @@ def test_help_documents_every_flag_with_its_default(capsys):
 
 
 def test_rhyme_positions_point_at_the_rhymes_that_answer_earlier_ones():
-    from prosody import rhyme_positions
+    from tanggpt.prosody import rhyme_positions
 
     positions = rhyme_positions(CHUN_YE_XI_YU)
     assert [CHUN_YE_XI_YU[i] for i, _, _ in positions] == ["聲", "明", "城"]  # 生 is the first rhyme: nothing to answer
@@ -229,7 +229,7 @@ def test_rhyme_positions_point_at_the_rhymes_that_answer_earlier_ones():
 
 
 def test_rhyme_group_loss_is_minus_log_the_groups_probability():
-    from losses import rhyme_group_loss
+    from tanggpt.losses import rhyme_group_loss
 
     torch.manual_seed(0)
     logits = torch.randn(2, 3, 6)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import pretrain
-from cli import parse_config
+from tanggpt.cli import parse_config
 
 
 def test_flags_typed_in_every_spelling_are_explicit():

@@ -17,10 +17,11 @@ from data.corpus import (
     clean_poems,
     load_corpus,
     load_poems,
+    local_corpus_dir,
     pretrain_text,
     split_poems,
 )
-from tests.conftest import REPO_ROOT, corpus_dir
+from tests.conftest import REPO_ROOT
 
 
 def write_json(folder: Path, name: str, payload) -> Path:
@@ -40,10 +41,10 @@ def poem(title: str, *lines: str) -> dict:
 
 def test_loads_the_whole_tang_corpus_in_file_order():
     """All 58 files load, in numeric order (poet.tang.1000 after poet.tang.0, not after 10000)."""
-    poems = load_poems(corpus_dir())
+    poems = load_poems(local_corpus_dir())
     assert len(poems) == 57_607
-    first = json.loads((corpus_dir() / "poet.tang.0.json").read_text(encoding="utf-8"))
-    second = json.loads((corpus_dir() / "poet.tang.1000.json").read_text(encoding="utf-8"))
+    first = json.loads((local_corpus_dir() / "poet.tang.0.json").read_text(encoding="utf-8"))
+    second = json.loads((local_corpus_dir() / "poet.tang.1000.json").read_text(encoding="utf-8"))
     assert poems[0].title == first[0]["title"]
     assert poems[len(first)].title == second[0]["title"]
 
@@ -112,7 +113,7 @@ def test_wrong_shape_names_file_and_record(tmp_path, payload, expected):
 def test_command_line_prints_one_line_without_traceback(tmp_path):
     write_json(tmp_path, "shape.json", [poem("甲", "一。"), {"title": "乙"}])
     result = subprocess.run(
-        [sys.executable, "-m", "data", "--poems", str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "tools.corpus", "--poems", str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True
     )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
@@ -131,7 +132,7 @@ def test_empty_after_cleaning_is_an_error(tmp_path):
 
 
 def test_default_folder_is_downloaded_when_empty(tmp_path, monkeypatch):
-    import poems.download
+    import data.download
 
     calls = []
 
@@ -140,7 +141,7 @@ def test_default_folder_is_downloaded_when_empty(tmp_path, monkeypatch):
         write_json(Path(dest), "poet.tang.0.json", [poem("甲", "白日依山盡，黃河入海流。")])
 
     monkeypatch.setattr(corpus, "DEFAULT_POEMS_DIR", tmp_path / "poems")
-    monkeypatch.setattr(poems.download, "download_corpus", fake_download)
+    monkeypatch.setattr(data.download, "download_corpus", fake_download)
     (tmp_path / "poems").mkdir()
     splits = load_corpus(None, verbose=False)
     assert calls == [tmp_path / "poems"]
@@ -150,21 +151,21 @@ def test_default_folder_is_downloaded_when_empty(tmp_path, monkeypatch):
 
 
 def test_failed_download_tells_how_to_use_a_local_copy(tmp_path, monkeypatch):
-    import poems.download
+    import data.download
 
     def offline(dest):
-        raise poems.download.DownloadError("could not download poet.tang.0.json (no route); point --poems at a copy")
+        raise data.download.DownloadError("could not download poet.tang.0.json (no route); point --poems at a copy")
 
     monkeypatch.setattr(corpus, "DEFAULT_POEMS_DIR", tmp_path)
-    monkeypatch.setattr(poems.download, "download_corpus", offline)
+    monkeypatch.setattr(data.download, "download_corpus", offline)
     with pytest.raises(CorpusError, match="--poems"):
         load_corpus(None, verbose=False)
 
 
 def test_named_empty_folder_is_not_downloaded_into(tmp_path, monkeypatch):
-    import poems.download
+    import data.download
 
-    monkeypatch.setattr(poems.download, "download_corpus", lambda dest: pytest.fail("must not download"))
+    monkeypatch.setattr(data.download, "download_corpus", lambda dest: pytest.fail("must not download"))
     with pytest.raises(CorpusError, match="no .json files"):
         load_corpus(tmp_path, verbose=False)
 
@@ -243,7 +244,7 @@ def test_report_counts_add_up_and_summary_names_each_rule():
 def test_real_corpus_is_clean(splits):
     """No apparatus survives cleaning, and counts reconcile with the input."""
     poems = [p for split in splits.values() for p in split]
-    _, report = clean_poems(load_poems(corpus_dir()))
+    _, report = clean_poems(load_poems(local_corpus_dir()))
     assert report.poems_in == 57_607
     assert report.poems_in - sum(report.dropped.values()) == report.poems_out == len(poems)
     # each quirk the corpus README lists was met and handled

@@ -6,8 +6,8 @@ CUDA and MPS availability are monkeypatched; nothing runs on a device other than
 import pytest
 import torch
 
-import device
-from device import DeviceError, default_dtype, pick_device, setup_runtime
+from tanggpt import device
+from tanggpt.device import DeviceError, default_dtype, pick_device, setup_runtime
 
 
 @pytest.fixture

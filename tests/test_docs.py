@@ -22,3 +22,5 @@ def test_layout_names_every_module():
     listed = set(re.findall(r"^(\S+\.py)\b", layout, flags=re.M))
     modules = {p.name for p in REPO_ROOT.glob("*.py")}
     assert listed == modules
+    library = {p.name for p in (REPO_ROOT / "tanggpt").glob("*.py")} - {"__init__.py"}
+    assert library <= set(re.findall(r"\b(\w+\.py)\b", layout))

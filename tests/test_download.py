@@ -1,5 +1,5 @@
 """
-Tests for poems/download.py, against a local HTTP server (never the internet).
+Tests for data/download.py and the poems/download.py command, against a local HTTP server (never the internet).
 
 The server serves the real corpus from ../shared/corpus/quan-tang-shi under the same
 percent-encoded 全唐诗/ folder as upstream, supports `Range: bytes=N-`, and records
@@ -17,7 +17,8 @@ from urllib.parse import quote, unquote
 
 import pytest
 
-from poems.download import (
+from data.corpus import local_corpus_dir
+from data.download import (
     FILE_NAMES,
     SHA256,
     DownloadError,
@@ -26,7 +27,7 @@ from poems.download import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-CORPUS = REPO.parent / "shared" / "corpus" / "quan-tang-shi"
+CORPUS = local_corpus_dir()
 FOLDER = "/" + quote("全唐诗") + "/"  # /%E5%85%A8%E5%94%90%E8%AF%97/
 NAMES = ["poet.tang.0.json", "poet.tang.57000.json"]  # a couple of files keeps tests fast
 

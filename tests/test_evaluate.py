@@ -10,14 +10,14 @@ import pytest
 import torch
 
 import evaluate
-from checkpoint import load_checkpoint, model_and_tokenizer
+from tanggpt.checkpoint import load_checkpoint, model_and_tokenizer
 from data.corpus import Poem
 from data.instruct import INSTRUCTION, Sample, encode_sample, poem_sample, response_rows
 from data.tasks import TASKS, instructions
-from device import setup_runtime
-from generation import Answer
-from metrics import FORMS, clauses
-from losses import labelled_nll, stream_loss, title_swap_nll
+from tanggpt.device import setup_runtime
+from tanggpt.generation import Answer
+from data.forms import FORMS, clauses
+from tanggpt.losses import labelled_nll, stream_loss, title_swap_nll
 
 FAST = ["--num-titles", "6", "--max-new-tokens", "12", "--batch-size", "16", "--dtype", "float32", "--task-prompts", "3"]
 

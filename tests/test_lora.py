@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import compare_lora
+from tools import compare_lora
 import evaluate
 import finetune
-import merge_lora
+from tools import merge_lora
 import sample
-from checkpoint import load_checkpoint, load_model, model_and_tokenizer
-from lora import (LoRALinear, adapter_layers, adapter_state_dict, adapters_disabled, add_adapters,
+from tanggpt.checkpoint import load_checkpoint, load_model, model_and_tokenizer
+from tanggpt.lora import (LoRALinear, adapter_layers, adapter_state_dict, adapters_disabled, add_adapters,
                   load_adapter_state_dict, merge_adapters, trainable_parameters)
 from model import GPT, GPTConfig
 
@@ -143,7 +143,7 @@ def test_bad_arguments():
 
 
 # -----------------------------------------------------------------------------
-# Runs: finetune.py --lora-rank, adapter checkpoints, merge_lora.py, sample.py and evaluate.py
+# Runs: finetune.py --lora-rank, adapter checkpoints, tools/merge_lora.py, sample.py and evaluate.py
 
 TUNE = ["--no-compile", "--dtype", "float32", "--device", "cpu", "--batch-size", "4", "--warmup-iters", "4",
         "--eval-interval", "3", "--sample-tokens", "8", "--sample-titles", "春夜"]
@@ -351,13 +351,13 @@ def test_lora_under_torchrun_trains_the_adapters_and_rank_0_writes(tmp_path, sma
 @pytest.mark.parametrize("script, flags", [
     ("finetune.py", ("--lora-rank", "--lora-alpha", "--lora-targets", "--lora-dropout", "--lora-tokens")),
     ("align.py", ("--lora-rank", "--lora-alpha", "--lora-targets", "--lora-dropout", "--lora-tokens")),
-    ("merge_lora.py", ("--ckpt", "--out", "--base", "--overwrite")),
-    ("compare_lora.py", ("--init", "--ranks", "--out-dir", "--max-iters", "--num-titles", "--poems", "--finetune-flags")),
+    ("-m tools.merge_lora", ("--ckpt", "--out", "--base", "--overwrite")),
+    ("-m tools.compare_lora", ("--init", "--ranks", "--out-dir", "--max-iters", "--num-titles", "--poems", "--finetune-flags")),
 ])
 def test_help_documents_the_lora_flags(script, flags):
     from tests.conftest import REPO_ROOT
 
-    result = subprocess.run([sys.executable, script, "--help"], cwd=REPO_ROOT, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, *script.split(), "--help"], cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 0
     help_text = " ".join(result.stdout.split())  # argparse wraps lines
     for flag in flags:

@@ -388,8 +388,8 @@ def test_last_only_gives_the_last_positions_logits():
 
 def test_bf16_weights_generate_like_autocast():
     """generation.for_generation casts the weights to bf16: greedy text should barely change."""
-    from device import Runtime
-    from generation import for_generation
+    from tanggpt.device import Runtime
+    from tanggpt.generation import for_generation
 
     model = peaky_model(seed=3)
     prompts = [[1, 2, 3], [4, 5]]

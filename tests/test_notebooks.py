@@ -1,30 +1,19 @@
 """The course notebooks: each runs top to bottom in fast mode, and each is committed with its outputs.
 
 Every notebooks/NN_*.ipynb is picked up, so a new notebook is tested without touching
-this file. Execution uses notebooks/run_notebooks.py (COURSE_FAST=1, working directory
+this file. Execution uses tools/run_notebooks.py (COURSE_FAST=1, working directory
 notebooks/) and saves nothing.
 """
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import nbformat
 import pytest
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+from tools import run_notebooks
+
+NOTEBOOKS = run_notebooks.NOTEBOOKS
 PATHS = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
-
-
-def _runner():
-    spec = importlib.util.spec_from_file_location("run_notebooks", NOTEBOOKS / "run_notebooks.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-run_notebooks = _runner()
 
 
 def test_notebooks_found():
@@ -48,10 +37,10 @@ def test_notebook_committed_with_outputs(path):
     assert code, f"{path.name}: no code cells"
     unexecuted = [i for i, cell in code if cell.execution_count is None]
     assert not unexecuted, (
-        f"{path.name}: cells {unexecuted} have not been executed; run python notebooks/run_notebooks.py {path.name}"
+        f"{path.name}: cells {unexecuted} have not been executed; run python -m tools.run_notebooks {path.name}"
     )
     assert nb.metadata.get("course", {}).get("fast_mode") is False, (
-        f"{path.name}: not saved from a default-settings run; run python notebooks/run_notebooks.py {path.name}"
+        f"{path.name}: not saved from a default-settings run; run python -m tools.run_notebooks {path.name}"
     )
     errors = [i for i, cell in code if any(out.get("output_type") == "error" for out in cell.outputs)]
     assert not errors, f"{path.name}: cells {errors} are saved with an error output"

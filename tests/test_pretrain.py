@@ -20,10 +20,10 @@ import torch
 
 import pretrain
 from tests.conftest import REPO_ROOT, TINY
-from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from cli import parse_config
+from tanggpt.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from tanggpt.cli import parse_config
 from model import GPT, GPTConfig
-from training import TrainConfig, configure_optimizer, lr_at
+from tanggpt.training import TrainConfig, configure_optimizer, lr_at
 
 
 def cli(tmp_path: Path, poems: Path, *args: str) -> list[str]:
@@ -140,7 +140,7 @@ def test_atomic_save_survives_a_kill_mid_save(tmp_path):
     child = f"""
 import os, sys, time, torch
 sys.path.insert(0, {str(REPO_ROOT)!r})
-import checkpoint
+from tanggpt import checkpoint
 real_save = torch.save
 def slow_save(obj, f):
     f.write(b"PK\\x03\\x04 half a zip archive")

@@ -8,17 +8,8 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from prosody import (
-    RhymeConstraint,
-    keeps_tonal_pattern,
-    load_table,
-    prosody_figures,
-    regular_lines,
-    rhymes,
-    rhymes_level,
-    shared_rhyme_groups,
-    unknown_share,
-)
+from tanggpt.prosody import RhymeConstraint, keeps_tonal_pattern, load_table, prosody_figures, rhymes, rhymes_level, shared_rhyme_groups, unknown_share
+from data.forms import regular_clauses
 
 JING_YE_SI = "床前明月光，疑是地上霜。\n舉頭望明月，低頭思故鄉。"  # 李白, rhymes in 下平聲七陽
 DENG_GUAN_QUE_LOU = "白日依山盡，黃河入海流。\n欲窮千里目，更上一層樓。"  # 王之渙, 下平聲十一尤, regular tones
@@ -37,13 +28,13 @@ def test_the_table_has_the_106_groups_and_both_tone_classes():
 
 
 def test_jing_ye_si_rhymes_in_a_level_tone():
-    lines = regular_lines(JING_YE_SI)
+    lines = regular_clauses(JING_YE_SI)
     assert lines and rhymes(lines) and rhymes_level(lines)
     assert "下平聲七陽" in shared_rhyme_groups(lines)
 
 
 def test_chun_xiao_rhymes_in_an_oblique_tone_and_breaks_the_linking_rule():
-    lines = regular_lines(CHUN_XIAO)
+    lines = regular_clauses(CHUN_XIAO)
     assert rhymes(lines) and not rhymes_level(lines)
     assert "上聲十七篠" in shared_rhyme_groups(lines)
     # 處 (oblique) ends the first couplet's 2nd-character pattern, 來 (level) starts the next: 失粘.
@@ -52,16 +43,16 @@ def test_chun_xiao_rhymes_in_an_oblique_tone_and_breaks_the_linking_rule():
 
 @pytest.mark.parametrize("poem", [DENG_GUAN_QUE_LOU, CHUN_YE_XI_YU], ids=["絕句", "律詩"])
 def test_regular_poems_keep_the_tonal_pattern(poem):
-    lines = regular_lines(poem)
+    lines = regular_clauses(poem)
     assert rhymes_level(lines) and keeps_tonal_pattern(lines)
 
 
 def test_what_fails():
-    assert not rhymes(regular_lines("床前明月光，疑是地上霜。\n舉頭望明月，低頭思故里。"))  # 霜 and 里 differ
+    assert not rhymes(regular_clauses("床前明月光，疑是地上霜。\n舉頭望明月，低頭思故里。"))  # 霜 and 里 differ
     # Same rhymes, but the second line's 2nd and 4th characters (河, 入) do not alternate.
-    assert not keeps_tonal_pattern(regular_lines("白日依山盡，黃河入山流。\n欲窮千里目，更上一層樓。"))
-    assert regular_lines("床前明月光，疑是地上霜。") is None  # two lines: neither 絕句 nor 律詩
-    assert regular_lines("床前明月光，疑是地上霜，\n舉頭望明月，低頭思故鄉兮。") is None  # 5 and 6 characters
+    assert not keeps_tonal_pattern(regular_clauses("白日依山盡，黃河入山流。\n欲窮千里目，更上一層樓。"))
+    assert regular_clauses("床前明月光，疑是地上霜。") is None  # two lines: neither 絕句 nor 律詩
+    assert regular_clauses("床前明月光，疑是地上霜，\n舉頭望明月，低頭思故鄉兮。") is None  # 5 and 6 characters
 
 
 def test_figures_count_only_regular_shapes():
@@ -85,7 +76,7 @@ def test_the_corpus_rhymes_far_above_chance(splits):
     poems = [p.body for p in splits["finetune_val"]]
     real = prosody_figures(poems)
     assert real["regular_shaped"] > 300 and real["rhyme_rate"] > 0.8 and real["unknown_chars"] < 0.05
-    shaped = [lines for lines in map(regular_lines, poems) if lines]
+    shaped = [lines for lines in map(regular_clauses, poems) if lines]
     ends = [line[-1] for lines in shaped for line in lines[1::2]]
     random.Random(0).shuffle(ends)
     ends = iter(ends)
@@ -140,7 +131,7 @@ def test_generate_with_the_constraint_rhymes(char_tokenizer):
     for seed in range(5):
         ids = model.generate([char_tokenizer.encode("詩")], len(template), temperature=1.0, allowed=allowed,
                              generator=torch.Generator().manual_seed(seed))[0]
-        lines = regular_lines(char_tokenizer.decode(ids))
+        lines = regular_clauses(char_tokenizer.decode(ids))
         assert lines and rhymes(lines), char_tokenizer.decode(ids)
     # Without it, the model's choices at those two places are random characters.
     free = [char_tokenizer.decode(model.generate([char_tokenizer.encode("詩")], 1, temperature=1.0,

@@ -21,12 +21,13 @@ import torch
 import evaluate
 import finetune
 import pretrain
-from checkpoint import CheckpointError, load_checkpoint
+from data.tokenizer import CharTokenizer
+from tanggpt.checkpoint import CheckpointError, load_checkpoint
 from data.corpus import load_corpus
-from device import setup_runtime
+from tanggpt.device import setup_runtime
 from model import GPT, GPTConfig
 from tests.conftest import REPO_ROOT, TINY
-from training import Stage, TrainConfig, TrainingDiverged, train
+from tanggpt.training import Stage, TrainConfig, TrainingDiverged, train
 
 SCRIPT = [sys.executable, str(REPO_ROOT / "pretrain.py")]
 
@@ -137,7 +138,7 @@ def synthetic_stage(loss, evaluate=lambda model: {"val_loss": 1.0}, max_val_loss
         return x, x
 
     return Stage(get_batch=get_batch, evaluate=evaluate, sample=lambda model, step: "", loss=loss,
-                 checkpoint_extra={"kind": "test", "tokenizer": {}}, plot_title="test", max_val_loss=max_val_loss)
+                 kind="test", tokenizer=CharTokenizer("abc"), plot_title="test", max_val_loss=max_val_loss)
 
 
 def tiny_model() -> GPT:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import sample
-from checkpoint import load_checkpoint, model_and_tokenizer
+from tanggpt.checkpoint import load_checkpoint, model_and_tokenizer
 from data.instruct import prompt_ids, title_prompt_ids
 from data.tasks import TASKS
 from data.tokenizer import TiktokenTokenizer, tokenizer_from_dict

@@ -8,11 +8,11 @@ from collections import Counter
 import pytest
 import torch
 
-from cli import UserError
+from data.errors import UserError
 from data.corpus import Poem, pretrain_text
 from data.instruct import IGNORE, INSTRUCTION, EpochBatches, encode_sample, encode_samples, poem_sample
 from data.tasks import TASKS, MixedTask, TaskMixture, instructions, parse_tasks, task_instruction
-from metrics import is_regular_form
+from data.forms import is_regular_form
 
 # 杜甫《春夜喜雨》, a 五言律詩, stored a couplet per line as the corpus does.
 SPRING_RAIN = Poem("春夜喜雨", ["好雨知時節，當春乃發生。", "隨風潛入夜，潤物細無聲。",

@@ -6,19 +6,20 @@ import json
 
 import torch
 
+from data.tokenizer import CharTokenizer
 from data.instruct import EpochBatches, Sample, encode_sample
-from device import setup_runtime
-from distributed import Distributed
-from losses import causal_lm_loss
+from tanggpt.device import setup_runtime
+from tanggpt.distributed import Distributed
+from tanggpt.losses import causal_lm_loss
 from model import GPT, GPTConfig
-from training import Stage, TrainConfig, accumulate_gradients, train
+from tanggpt.training import Stage, TrainConfig, accumulate_gradients, train
 
 CPU = setup_runtime("cpu", "float32")
 
 
 def lm_stage(get_batch=None, loss=causal_lm_loss) -> Stage:
     return Stage(get_batch=get_batch, evaluate=lambda model: {"val_loss": 0.0}, sample=lambda model, step: "",
-                 checkpoint_extra={"kind": "test", "tokenizer": {}}, plot_title="test", loss=loss)
+                 kind="test", tokenizer=CharTokenizer("abc"), plot_title="test", loss=loss)
 
 
 def tiny_model(vocab_size: int) -> GPT:

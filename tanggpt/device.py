@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cli import UserError
+from data.errors import UserError
 
 
 class DeviceError(UserError):

@@ -17,20 +17,22 @@ import math
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from checkpoint import model_state, rng_state, save_checkpoint, set_rng_state
-from cli import RunInterrupted, RuntimeConfig, UserError, flag, require_positive
-from device import Runtime, release_freed_memory, setup_runtime
-from distributed import Distributed, barrier, init_distributed, sum_over_processes
-from losses import causal_lm_loss, labelled_tokens
+from data.tokenizer import Tokenizer
+from tanggpt.checkpoint import model_checkpoint, rng_state, save_checkpoint, set_rng_state
+from tanggpt.cli import RunInterrupted, RuntimeConfig, flag, require_positive
+from data.errors import UserError
+from tanggpt.device import Runtime, release_freed_memory, setup_runtime
+from tanggpt.distributed import Distributed, barrier, init_distributed, sum_over_processes
+from tanggpt.losses import causal_lm_loss, labelled_tokens
 from model import GPT
-from run_files import RunFiles
+from tanggpt.run_files import RunFiles
 
 
 class TrainingDiverged(UserError):
@@ -134,15 +136,18 @@ class Stage:
     evaluate(model) -> dict of figures, including "val_loss" (lower is better; above
     max_val_loss, e.g. far worse than a uniform guess, the run has diverged).
     sample(model, step) -> text to print and append to the samples file.
-    checkpoint_extra: stage data stored in every checkpoint (kind, tokenizer, ...).
+    kind, tokenizer: what every checkpoint of the stage records (checkpoint.model_checkpoint);
+    checkpoint_extra: the stage's own settings stored beside them (the --init it tuned, ...).
     describe_step(step) names a point in training for the samples file ("step 500", "epoch 2").
     """
 
     get_batch: Callable[[int, int], Any]
     evaluate: Callable[[torch.nn.Module], dict]
     sample: Callable[[torch.nn.Module, int], str]
-    checkpoint_extra: dict
+    kind: str
+    tokenizer: Tokenizer
     plot_title: str
+    checkpoint_extra: dict = field(default_factory=dict)
     loss: Callable[[torch.nn.Module, Any], torch.Tensor] = causal_lm_loss
     batch_weight: Callable[[Any], int] = labelled_tokens
     batch_tokens: Callable[[Any], int] = lambda batch: batch[0].numel()
@@ -264,11 +269,9 @@ def train(model: GPT, config: TrainConfig, stage: Stage, runtime: Runtime, max_i
     def save(step: int) -> None:
         nonlocal saved_at
         check_weights(step)
-        save_checkpoint(files.checkpoint, {
-            **stage.checkpoint_extra, "model": model_state(model), "model_config": asdict(model.config),
-            "optimizer": optimizer.state_dict(), "train_config": asdict(config), "step": step, **progress,
-            "max_iters": max_iters, "rng": rng_state(),
-        })
+        save_checkpoint(files.checkpoint, model_checkpoint(
+            stage.kind, model, stage.tokenizer, **stage.checkpoint_extra, optimizer=optimizer.state_dict(),
+            train_config=asdict(config), step=step, **progress, max_iters=max_iters, rng=rng_state()))
         saved_at = step
 
     def evaluate_and_save(step: int) -> dict:
@@ -356,3 +359,13 @@ def train(model: GPT, config: TrainConfig, stage: Stage, runtime: Runtime, max_i
                              f"--out {files.checkpoint}", stop.signum)
     barrier(dist_info)
     return figures
+
+
+def finished(ckpt: dict | None, max_iters: int, out: str, further: str, master: bool = True) -> bool:
+    """A resumed run already at its last step: say so, and what to give to train it `further`."""
+    if ckpt is None or ckpt["step"] < max_iters:
+        return False
+    if master:
+        print(f"nothing to do: the run at {out} finished at step {ckpt['step']:,} of {max_iters:,}; give {further} "
+              "to train it further")
+    return True

@@ -2,7 +2,7 @@
 
 A checkpoint is a dict of tensors, numbers, strings, lists and dicts:
 
-    kind          "pretrain", "sft" or "dpo": which stage wrote it (see KINDS)
+    kind          PRETRAIN, SFT or DPO ("pretrain", "sft", "dpo"): which stage wrote it
     model         the state dict;  model_config: GPTConfig as a dict
     tokenizer     Tokenizer.to_dict(), so the exact tokenizer travels with the weights
     optimizer, step, tokens_seen, best_val_loss, max_iters, rng, train_config
@@ -22,19 +22,21 @@ import hashlib
 import os
 import random
 import textwrap
+from dataclasses import asdict
 from pathlib import Path
 from typing import BinaryIO, Callable
 
 import torch
 
-from cli import UserError
+from data.errors import UserError
 from data.tokenizer import Tokenizer, tokenizer_from_dict
-from lora import adapter_layers, adapter_state_dict, add_adapters, load_adapter_state_dict, merge_adapters
+from tanggpt.lora import adapter_layers, adapter_state_dict, add_adapters, load_adapter_state_dict, merge_adapters
 from model import GPT, GPTConfig
 
-# What each stage's checkpoint is, in words. "sft" and "dpo" models answer the instruction
-# prompt and stop; a "pretrain" model only continues text.
-KINDS = {"pretrain": "pretrained", "sft": "instruction-tuned", "dpo": "preference-tuned"}
+# Which stage wrote a checkpoint, and what that makes it, in words. SFT and DPO models
+# answer the instruction prompt and stop; a PRETRAIN model only continues text.
+PRETRAIN, SFT, DPO = "pretrain", "sft", "dpo"
+KINDS = {PRETRAIN: "pretrained", SFT: "instruction-tuned", DPO: "preference-tuned"}
 CHECKPOINT_KEYS = ("kind", "model", "model_config", "tokenizer")
 RESUME_KEYS = ("optimizer", "step", "tokens_seen", "best_val_loss", "max_iters", "rng", "train_config")
 
@@ -90,9 +92,27 @@ def load_checkpoint(path: str | Path, flag_name: str = "--resume", resume: bool 
     return ckpt
 
 
+def resume_checkpoint(out: str | Path, kind: str) -> dict:
+    """The run at --out that --resume continues: a checkpoint with its training state, written by the `kind` stage."""
+    ckpt = load_checkpoint(out, "--resume", resume=True)
+    if ckpt["kind"] != kind:
+        raise CheckpointError(f"--resume: {out} is a {ckpt['kind']} checkpoint ({KINDS.get(ckpt['kind'], 'unknown')}), "
+                              f"not a {kind} run ({KINDS[kind]}) to continue")
+    return ckpt
+
+
 def answers_prompts(kind: str) -> bool:
     """Whether a checkpoint of this kind was tuned to answer the instruction prompt and stop."""
-    return kind in ("sft", "dpo")
+    return kind in (SFT, DPO)
+
+
+def model_checkpoint(kind: str, model: torch.nn.Module, tokenizer: Tokenizer, **extra) -> dict:
+    """The dict every checkpoint is (see the module doc): which stage wrote it, the weights
+    (model_state), the model's config and the tokenizer, and what the writer adds (the
+    training loop: its resume state; a stage: its settings; tools/merge_lora.py: where
+    the merged adapters came from)."""
+    return {"kind": kind, "model": model_state(model), "model_config": asdict(model.config),
+            "tokenizer": tokenizer.to_dict(), **extra}
 
 
 def model_and_tokenizer(ckpt: dict, path: str | Path = "", base: str = "", merge: bool = True,

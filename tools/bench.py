@@ -1,8 +1,8 @@
 """Benchmark: training tokens/s, MFU and peak memory; generation tokens/s with and without the KV cache.
 
-    python bench.py                                  # the reference config, default precision
-    python bench.py --compile --dtype bfloat16       # what pretrain.py runs by default on CPU
-    python bench.py --only generate                  # just the generation figures
+    python -m tools.bench                              # the reference config, default precision
+    python -m tools.bench --compile --dtype bfloat16   # what pretrain.py runs by default on a CPU with fast bf16
+    python -m tools.bench --only generate              # just the generation figures
 
 The reference config is the char tokenizer on the Tang corpus (9,274 ids), 4 layers,
 4 heads, 256 wide, block 128, batch 32. Tokens are random ids: speed does not depend on
@@ -14,19 +14,21 @@ on the one operation that dominates it.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import resource
 import statistics
 import time
 
+from dataclasses import dataclass
+
 import torch
 
-from device import Runtime, setup_runtime
-from generation import for_generation
-from losses import causal_lm_loss
+from tanggpt.cli import RuntimeConfig, flag, run_cli
+from tanggpt.device import Runtime, setup_runtime
+from tanggpt.generation import for_generation
+from tanggpt.losses import causal_lm_loss
 from model import GPT, GPTConfig
-from training import TrainConfig, configure_optimizer
+from tanggpt.training import TrainConfig, configure_optimizer
 
 
 def sync(device: torch.device) -> None:
@@ -128,26 +130,27 @@ def bench_generation(model: GPT, runtime: Runtime, args) -> dict:
     return figures
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--vocab-size", type=int, default=GPTConfig.vocab_size,
-                        help="the char vocabulary of the Tang corpus (the model's default)")
-    parser.add_argument("--n-layer", type=int, default=4, help="transformer blocks")
-    parser.add_argument("--n-head", type=int, default=4, help="attention heads")
-    parser.add_argument("--n-embd", type=int, default=256, help="model width")
-    parser.add_argument("--block-size", type=int, default=128, help="context length")
-    parser.add_argument("--batch-size", type=int, default=32, help="training batch size")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    parser.add_argument("--dtype", default="auto", help="auto (the training policy), float32 or bfloat16")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the training step")
-    parser.add_argument("--steps", type=int, default=5, help="training steps per timed window")
-    parser.add_argument("--repeats", type=int, default=5, help="timed windows; the median is reported")
-    parser.add_argument("--new-tokens", type=int, default=120, help="tokens generated per sample")
-    parser.add_argument("--gen-batch", type=int, default=32, help="prompts in the batched generation figure")
-    parser.add_argument("--only", choices=["train", "generate"], default=None, help="run one half only")
-    args = parser.parse_args(argv)
+@dataclass
+class BenchConfig(RuntimeConfig):
+    vocab_size: int = flag(GPTConfig.vocab_size, "the char vocabulary of the Tang corpus (the model's default)")
+    n_layer: int = flag(4, "transformer blocks")
+    n_head: int = flag(4, "attention heads")
+    n_embd: int = flag(256, "model width")
+    block_size: int = flag(128, "context length")
+    batch_size: int = flag(32, "training batch size")
+    compile: bool = flag(False, "torch.compile the training step")
+    steps: int = flag(5, "training steps per timed window")
+    repeats: int = flag(5, "timed windows; the median is reported")
+    new_tokens: int = flag(120, "tokens generated per sample")
+    gen_batch: int = flag(32, "prompts in the batched generation figure")
+    only: str = flag("both", "which half to run: train, generate or both", choices=["both", "train", "generate"])
 
+
+def main(argv: list[str] | None = None) -> None:
+    run_cli(run, BenchConfig, argv, __doc__.splitlines()[0])
+
+
+def run(args: BenchConfig, explicit: set[str]) -> None:
     runtime = setup_runtime(args.device, args.dtype)
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
@@ -156,12 +159,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device {runtime.describe()}, {torch.get_num_threads()} threads; {model.num_params():,} parameters "
           f"({args.n_layer} layers, {args.n_head} heads, {args.n_embd} wide, block {args.block_size}), "
           f"batch {args.batch_size}, compile {args.compile}")
-    if args.only in (None, "train"):
+    if args.only in ("both", "train"):
         f = bench_training(model, runtime, args)
         print(f"train: {f['train_tokens_per_s']:,.0f} tokens/s | model {f['model_gflops']:.1f} GFLOP/s of a measured "
               f"{f['matmul_gflops']:.1f} GFLOP/s matmul = MFU {f['mfu']:.1%} | peak memory {f['peak_memory_mib']:,.0f} MiB"
               f" | first step {f['first_step_s']:.1f} s")
-    if args.only in (None, "generate"):
+    if args.only in ("both", "generate"):
         g = bench_generation(model, runtime, args)
         print(f"generate {args.new_tokens} tokens: {g['gen_tokens_per_s_cache']:,.0f} tokens/s with KV cache, "
               f"{g['gen_tokens_per_s_no_cache']:,.0f} without "

@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from cli import UserError
+from data.errors import UserError
 
 
 class RunFiles:

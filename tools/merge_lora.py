@@ -1,7 +1,7 @@
 """Fold a LoRA adapter checkpoint into its base: an ordinary checkpoint, as fast as the base.
 
-    python merge_lora.py --ckpt ckpt_sft_lora.pt                      # -> ckpt_sft_lora_merged.pt
-    python merge_lora.py --ckpt ckpt_sft_lora.pt --out ckpt_sft_m.pt --base moved/ckpt.pt
+    python -m tools.merge_lora --ckpt ckpt_sft_lora.pt                      # -> ckpt_sft_lora_merged.pt
+    python -m tools.merge_lora --ckpt ckpt_sft_lora.pt --out ckpt_sft_m.pt --base moved/ckpt.pt
 
 A run with --lora-rank saves its adapters alone (a few percent of the model), with the
 path and fingerprint of the base checkpoint they were trained on. sample.py and
@@ -14,11 +14,12 @@ the adapted one did, to float rounding.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-from checkpoint import load_checkpoint, model_and_tokenizer, save_checkpoint
-from cli import UserError, flag, run_cli
+from tanggpt.checkpoint import load_checkpoint, model_and_tokenizer, model_checkpoint, save_checkpoint
+from tanggpt.cli import flag, run_cli
+from data.errors import UserError
 
 
 @dataclass
@@ -51,9 +52,8 @@ def run(config: MergeConfig, explicit: set[str]) -> Path:
     spec = ckpt["lora"]
     # An ordinary checkpoint: what sample.py, evaluate.py and --init read. No training state:
     # the merged model starts new runs, it does not continue the adapters' one.
-    save_checkpoint(out, {"kind": ckpt["kind"], "model": model.state_dict(), "model_config": asdict(model.config),
-                          "tokenizer": tokenizer.to_dict(),
-                          "merged_from": {"adapters": str(Path(config.ckpt).resolve()), **spec}})
+    save_checkpoint(out, model_checkpoint(ckpt["kind"], model, tokenizer,
+                                          merged_from={"adapters": str(Path(config.ckpt).resolve()), **spec}))
     print(f"merged LoRA rank {spec['rank']} ({spec['targets']} layers) of {config.ckpt} into its base "
           f"{config.base or spec['base']}: {out} ({model.num_params():,} parameters, {out.stat().st_size / 2**20:.1f} MiB)")
     return out

@@ -12,18 +12,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import signal
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, NoReturn
 
-
-class UserError(Exception):
-    """Bad input (a flag, a file, a record): printed as one line, exit code 2, no traceback.
-
-    Every module's error for bad input subclasses this one (CorpusError, TokenizerError,
-    DeviceError, CheckpointError, ...), so run_cli needs no list of them.
-    """
+from data.errors import UserError  # bad input, raised anywhere: run_cli prints it as one line
 
 
 class RunInterrupted(Exception):
@@ -37,7 +32,8 @@ class RunInterrupted(Exception):
 
 
 def flag(default: Any, help: str, **metadata: Any) -> Any:
-    """A config field with its --help text (and, optionally, its `choices`)."""
+    """A config field with its --help text (and, optionally, its `choices`; `positional=True`
+    for a list of names typed without a flag, such as run_notebooks' notebooks: a tuple)."""
     return field(default=default, metadata={"help": help, **metadata})
 
 
@@ -77,16 +73,24 @@ def parse_config(cls: type, argv: list[str] | None, description: str, epilog: st
     parser = _Parser(description=description, epilog=epilog or None, allow_abbrev=False,
                      argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(cls):
-        shown = "" if f.default == "" else f" (default: {f.default})"
+        shown = "" if f.default in ("", ()) else f" (default: {f.default})"
         kwargs: dict[str, Any] = {"help": f.metadata.get("help", "") + shown}
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         kind = f.type if isinstance(f.type, str) else f.type.__name__
-        if kind == "bool":
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, nargs="*", type=str, **kwargs)
+        elif kind == "bool":
             parser.add_argument(flag_name(f.name), action=argparse.BooleanOptionalAction, **kwargs)
         else:
             parser.add_argument(flag_name(f.name), type={"int": int, "float": float}.get(kind, str), **kwargs)
     given = vars(parser.parse_args(argv))
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("positional") and f.name in given:
+            if not given[f.name]:  # nothing typed: the default, and not counted as typed
+                del given[f.name]
+            else:
+                given[f.name] = tuple(given[f.name])
     return cls(**given), set(given)
 
 
@@ -125,7 +129,8 @@ def run_cli(run: Callable[[Any, set[str]], Any], config_cls: type, argv: list[st
     """Parse the flags, call run(config, explicit) and return its result.
 
     A UserError exits 2 with its line; an interrupted run exits 130 (Ctrl-C) or 143 (SIGTERM)
-    with a line saying what was saved. Neither prints a traceback.
+    with a line saying what was saved. Neither prints a traceback. A reader that closes
+    stdout early (`| head`) ends the command quietly, exit 0.
     """
     config, explicit = parse_config(config_cls, argv, description, epilog)
     try:
@@ -139,3 +144,6 @@ def run_cli(run: Callable[[Any, set[str]], Any], config_cls: type, argv: list[st
     except KeyboardInterrupt:  # Ctrl-C while loading, or a second one while saving: at once, no traceback
         print("\n[stopped]", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # stdout closed early, as by `| head`: not an error, but say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)

@@ -1,9 +1,9 @@
 """Execute the course notebooks top to bottom and save their outputs in place.
 
-    python notebooks/run_notebooks.py                      # every notebooks/NN_*.ipynb, default settings
-    python notebooks/run_notebooks.py 02_model.ipynb       # just one (the .ipynb may be left off)
-    python notebooks/run_notebooks.py --fast               # COURSE_FAST=1: tiny runs, under a minute each
-    python notebooks/run_notebooks.py --check --fast       # execute without saving (what the tests do)
+    python -m tools.run_notebooks                      # every notebooks/NN_*.ipynb, default settings
+    python -m tools.run_notebooks 02_model.ipynb       # just one (the .ipynb may be left off)
+    python -m tools.run_notebooks --fast               # COURSE_FAST=1: tiny runs, under a minute each
+    python -m tools.run_notebooks --check --fast       # execute without saving (what the tests do)
 
 Each notebook runs in a fresh `python3` kernel whose working directory is notebooks/,
 with COURSE_FAST set to 1 (--fast) or 0 (otherwise) in its environment. The wall time of
@@ -13,22 +13,33 @@ the cell; nothing is saved for a notebook that failed.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, DeadKernelError
 
-NOTEBOOKS = Path(__file__).resolve().parent
+from data.errors import UserError
+from tanggpt.cli import flag, run_cli
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 CELL_TIMEOUT = 900  # seconds per cell: generous, the default-mode training cells take a few minutes
 
 
 class NotebookError(Exception):
-    """A notebook could not be found or failed to run; the message is one line."""
+    """A notebook failed to run; the message is one line naming the notebook and the cell."""
+
+
+@dataclass
+class RunNotebooksConfig:
+    names: tuple[str, ...] = flag((), "notebooks to run (default: every notebooks/NN_*.ipynb, in order)",
+                                  positional=True)
+    fast: bool = flag(False, "run with COURSE_FAST=1 (tiny settings, under a minute each)")
+    check: bool = flag(False, "execute without saving the outputs (for CI)")
 
 
 def notebook_paths(names: list[str] | None = None) -> list[Path]:
@@ -40,7 +51,7 @@ def notebook_paths(names: list[str] | None = None) -> list[Path]:
         candidates = [Path(name), NOTEBOOKS / name, NOTEBOOKS / f"{name}.ipynb"]
         path = next((p for p in candidates if p.suffix == ".ipynb" and p.is_file()), None)
         if path is None:
-            raise NotebookError(f"{name}: no such notebook in {NOTEBOOKS}")
+            raise UserError(f"{name}: no such notebook in {NOTEBOOKS}")
         paths.append(path.resolve())
     return paths
 
@@ -113,27 +124,26 @@ def execute_notebook(path: str | Path, fast: bool = False, save: bool = True) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Execute the course notebooks and save their outputs in place.")
-    parser.add_argument("names", nargs="*", help="notebooks to run (default: every notebooks/NN_*.ipynb, in order)")
-    parser.add_argument("--fast", action="store_true", help="run with COURSE_FAST=1 (tiny settings, under a minute each)")
-    parser.add_argument("--check", action="store_true", help="execute without saving the outputs (for CI)")
-    args = parser.parse_args(argv)
+    return run_cli(run, RunNotebooksConfig, argv, "Execute the course notebooks and save their outputs in place.")
+
+
+def run(config: RunNotebooksConfig, explicit: set[str]) -> int:
+    paths = notebook_paths(list(config.names))
+    if not paths:
+        raise UserError(f"no notebooks (NN_*.ipynb) in {NOTEBOOKS}")
+    mode = "fast" if config.fast else "default"
+    total = 0.0
     try:
-        paths = notebook_paths(args.names)
-        if not paths:
-            raise NotebookError(f"no notebooks (NN_*.ipynb) in {NOTEBOOKS}")
-        mode = "fast" if args.fast else "default"
-        total = 0.0
         for path in paths:
-            seconds = execute_notebook(path, fast=args.fast, save=not args.check)
+            seconds = execute_notebook(path, fast=config.fast, save=not config.check)
             total += seconds
-            saved = "not saved" if args.check else "saved"
+            saved = "not saved" if config.check else "saved"
             print(f"{path.name}: {seconds:.1f} s ({mode} settings, {saved})", flush=True)
-        if len(paths) > 1:
-            print(f"total: {total:.1f} s")
     except NotebookError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if len(paths) > 1:
+        print(f"total: {total:.1f} s")
     return 0
 
 

@@ -1,7 +1,7 @@
 """LoRA against full tuning, on the same run: the table of the README's LoRA section.
 
-    python compare_lora.py --init ckpt.pt                          # full tuning and r = 4, 8, 16, 64
-    python compare_lora.py --init ckpt.pt --ranks 0,8 --max-iters 200 --num-titles 50   # a quicker look
+    python -m tools.compare_lora --init ckpt.pt                          # full tuning and r = 4, 8, 16, 64
+    python -m tools.compare_lora --init ckpt.pt --ranks 0,8 --max-iters 200 --num-titles 50   # a quicker look
 
 Each variant is one `python finetune.py --init ckpt.pt --lora-rank R` (R = 0: full tuning),
 with every other flag the same, so all see the same samples in the same order for the
@@ -32,10 +32,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from checkpoint import load_checkpoint
-from cli import UserError, flag, run_cli
+from tanggpt.checkpoint import load_checkpoint
+from tanggpt.cli import flag, run_cli
+from data.errors import UserError
 
-HERE = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[1]  # the runs are the root commands finetune.py and evaluate.py
 
 
 @dataclass
@@ -60,7 +61,7 @@ class CompareConfig:
 
 def run_measured(argv: list[str]) -> int:
     """Run a script in its own process; return its peak resident memory in bytes (Linux reports KiB)."""
-    process = subprocess.Popen([sys.executable, *argv], cwd=HERE)
+    process = subprocess.Popen([sys.executable, *argv], cwd=REPO)
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode:
@@ -96,7 +97,7 @@ def measure_variant(config: CompareConfig, rank: int, out_dir: Path) -> dict:
     evaluation = out_dir / f"r{rank}.evaluate.json"
     with open(evaluation, "w", encoding="utf-8") as f:
         subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(ckpt_path), "--num-titles",
-                        str(config.num_titles), "--task-prompts", "0", "--json", *poems], cwd=HERE, check=True,
+                        str(config.num_titles), "--task-prompts", "0", "--json", *poems], cwd=REPO, check=True,
                        stdout=f)
     columns = json.loads(evaluation.read_text(encoding="utf-8"))["checkpoints"][str(ckpt_path)]
     figures = {

@@ -12,14 +12,17 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from checkpoint import KINDS, load_checkpoint, model_and_tokenizer, model_fingerprint
-from cli import UserError, flag, flag_name, require_positive, restore_run_flags
+from tanggpt.checkpoint import load_checkpoint, model_and_tokenizer, model_fingerprint, resume_checkpoint
+from tanggpt.cli import flag, flag_name, require_positive, restore_run_flags
+from data.errors import UserError
 from data.tokenizer import Tokenizer
-from lora import TARGETS, add_adapters, trainable_parameters
+from tanggpt.lora import TARGETS, add_adapters, trainable_parameters
 from model import GPT
-from run_files import RunFiles
-from training import TrainConfig
+from tanggpt.run_files import RunFiles
+from tanggpt.training import TrainConfig
 
+# What a finished tuning run needs to be trained further (training.finished says it).
+MORE_EPOCHS = "more --epochs (or a larger --max-iters)"
 # The LoRA flags decide which model a run trains: a resumed run keeps them.
 LORA_FIXED = {"lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "lora_tokens"}
 
@@ -79,10 +82,7 @@ def open_run(config: TuneConfig, explicit: set[str], kind: str, fixed: set[str],
     """
     ckpt, notes = None, []
     if config.resume:  # the run's own settings first, then check them like any others
-        ckpt = load_checkpoint(config.out, "--resume", resume=True)
-        if ckpt["kind"] != kind:
-            raise UserError(f"--resume: {config.out} is a {ckpt['kind']} checkpoint "
-                            f"({KINDS.get(ckpt['kind'], 'unknown')}), not a {kind} run ({KINDS[kind]}) to continue")
+        ckpt = resume_checkpoint(config.out, kind)
         notes += restore_run_flags(config, explicit, ckpt["train_config"], fixed, config.out)
     config.validate()
     unused = sorted(name for name in explicit & LORA_FIXED if name != "lora_rank") if not config.lora_rank else []
@@ -133,13 +133,3 @@ def describe_tuning(model: GPT, extra: dict) -> str:
     rows = f" and {len(spec['token_ids'])} token rows" if spec.get("token_ids") else ""
     return (f"LoRA rank {spec['rank']} on {spec['targets']} linear layers{rows} (alpha {spec['alpha']:g}): "
             f"{trainable:,} trainable parameters ({trainable / frozen:.2%} of the model's {frozen:,}, all frozen)")
-
-
-def finished(ckpt: dict | None, max_iters: int, config: TuneConfig, master: bool = True) -> bool:
-    """A resumed run already at its last step: say so (there is nothing to do)."""
-    if ckpt is None or ckpt["step"] < max_iters:
-        return False
-    if master:
-        print(f"nothing to do: the run at {config.out} finished at step {ckpt['step']:,} of {max_iters:,}; give "
-              "more --epochs (or a larger --max-iters) to train it further")
-    return True

@@ -38,15 +38,16 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from checkpoint import atomic_write
-from cli import UserError
+from tanggpt.checkpoint import atomic_write
+from data.errors import UserError
 from data.instruct import INSTRUCTION, EncodedSample, Sample, encode_sample, pad_batch, title_prompt_ids
 from data.tokenizer import Tokenizer
-from device import Runtime
-from generation import Answer, answer_titles
-from losses import PreferenceBatch, labelled_nll
+from tanggpt.device import Runtime
+from tanggpt.generation import Answer, answer_titles
+from tanggpt.losses import PreferenceBatch, labelled_nll
 from model import GPT
-from prosody import RhymeConstraint, keeps_tonal_pattern, load_table, regular_lines, rhymes
+from tanggpt.prosody import RhymeConstraint, keeps_tonal_pattern, load_table, rhymes
+from data.forms import regular_clauses
 
 PREFERENCES = ("tonal", "shape", "rhyme", "real")
 
@@ -68,7 +69,7 @@ def judge(preference: str, answer: Answer) -> str | None:
         return "rejected"  # the chosen answer is the corpus's poem, never the model's
     if not answer.stopped:
         return None  # every answer in a pair ends with end-of-text
-    lines = regular_lines(answer.poem)
+    lines = regular_clauses(answer.poem)
     if preference == "shape":
         return "chosen" if lines is not None else "rejected"
     if lines is None:

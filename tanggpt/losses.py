@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from data.corpus import Poem
 from data.instruct import IGNORE, Sample, pad_batch, poem_sample, response_rows
 from data.tokenizer import Tokenizer
-from device import Runtime
+from tanggpt.device import Runtime
 from model import GPT
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, labels), labels IGNORE where nothing is to be learned

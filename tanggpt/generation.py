@@ -14,12 +14,13 @@ from typing import Any, Callable
 
 import torch
 
-from cli import RuntimeConfig, UserError, flag
+from tanggpt.cli import RuntimeConfig, flag
+from data.errors import UserError
 from data.instruct import INSTRUCTION, prompt_ids
 from data.tokenizer import Tokenizer
-from device import Runtime
+from tanggpt.device import Runtime
 from model import GPT
-from prosody import RhymeConstraint
+from tanggpt.prosody import RhymeConstraint
 
 
 @dataclass

@@ -1,50 +1,16 @@
 """What a generated poem is measured by: did it stop, does it have a regular form (or the
 form asked for), is it varied, is it copied, does it hide the acrostic it was asked for.
 
-Regular form is the shape of the classical 絕句 and 律詩: every clause 5 characters, or
-every clause 7, and an even number of clauses (clauses pair into couplets). Clauses are
-the runs of text between punctuation marks and line breaks. Lines are the poem's text
-lines, as the corpus stores them (usually one couplet each).
+The shapes themselves (clauses, regular form, the four forms) are data/forms.py's; this
+module counts how many answers have them.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from typing import Iterable
 
-CLAUSE_BREAK = re.compile(r"[，。？！；：、,.?!;:\n]+")
-
-
-def clauses(poem: str) -> list[str]:
-    """The poem's clauses: text between punctuation and line breaks, blanks dropped."""
-    return [c.strip() for c in CLAUSE_BREAK.split(poem) if c.strip()]
-
-
-def is_regular_form(poem: str) -> bool:
-    """Every clause 5 characters, or every clause 7, and an even number (at least 2) of clauses."""
-    parts = clauses(poem)
-    if len(parts) < 2 or len(parts) % 2:
-        return False
-    lengths = {len(c) for c in parts}
-    return lengths == {5} or lengths == {7}
-
-
-# The four forms of regulated verse, by clause length and count.
-FORMS = {"五言絕句": (5, 4), "七言絕句": (7, 4), "五言律詩": (5, 8), "七言律詩": (7, 8)}
-
-
-def form_name(poem: str) -> str | None:
-    """五言絕句, 七言絕句, 五言律詩 or 七言律詩 when the poem has that shape (4 or 8 clauses, all
-    5 or all 7 characters), else None."""
-    parts = clauses(poem)
-    shape = (len(parts[0]), len(parts)) if parts and len({len(c) for c in parts}) == 1 else None
-    return next((name for name, form in FORMS.items() if form == shape), None)
-
-
-def acrostic_head(poem: str) -> str:
-    """The first character of each clause: what a 藏頭詩 (acrostic) hides in its lines."""
-    return "".join(c[0] for c in clauses(poem))
+from data.forms import acrostic_head, is_regular_form
 
 
 def acrostic_hits(poem: str, head: str) -> int:
@@ -63,14 +29,14 @@ def distinct_n(texts: list[str], n: int = 2) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def lines(poem: str) -> list[str]:
-    """The poem's non-blank text lines, stripped."""
+def text_lines(poem: str) -> list[str]:
+    """The poem's non-blank text lines (as written, not clauses), stripped."""
     return [line.strip() for line in poem.split("\n") if line.strip()]
 
 
 def memorised_share(poems: list[str], training_lines: set[str]) -> float:
     """Share of the generated lines that occur verbatim as a line of a training poem."""
-    generated = [line for p in poems for line in lines(p)]
+    generated = [line for p in poems for line in text_lines(p)]
     return sum(line in training_lines for line in generated) / len(generated) if generated else 0.0
 
 

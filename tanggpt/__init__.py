@@ -1,0 +1,19 @@
+"""tanggpt: the course's library. Every command (pretrain.py, finetune.py, align.py,
+sample.py, evaluate.py, tools/) is a thin main over these modules; none of them imports a
+command. Below it sit model.py (the transformer) and data/ (corpus, tokenizer, the
+instruction format, the tasks, the poem forms), which import nothing from here.
+
+    cli.py          flags from a config dataclass; bad input one line, exit 2
+    device.py       --device auto and the precision policy
+    distributed.py  torchrun: rank, world size, the collectives the loop needs
+    checkpoint.py   the checkpoint dict, its kinds, atomic save, weights-only load
+    run_files.py    the files beside a checkpoint: log, loss plot, samples
+    training.py     the loop every stage shares
+    tuning.py       what the stages that tune a checkpoint share (--init, epochs, LoRA)
+    losses.py       every loss and score: causal LM, per-row NLL, DPO, rhyme group
+    generation.py   asking a model: sampling flags, requests in, answers out
+    lora.py         LoRA from scratch
+    metrics.py      what an answer is measured by
+    prosody.py      the Pingshui rhyme and tone checks, the rhyme-constrained sampler
+    preference.py   preference pairs for DPO
+"""
