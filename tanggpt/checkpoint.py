@@ -111,8 +111,8 @@ def model_checkpoint(kind: str, model: torch.nn.Module, tokenizer: Tokenizer, **
     (model_state), the model's config and the tokenizer, and what the writer adds (the
     training loop: its resume state; a stage: its settings; tools/merge_lora.py: where
     the merged adapters came from)."""
-    return {"kind": kind, "model": model_state(model), "model_config": asdict(model.config),
-            "tokenizer": tokenizer.to_dict(), **extra}
+    return {"kind": kind, "tokenizer": tokenizer.to_dict(), "model": model_state(model),
+            "model_config": asdict(model.config), **extra}
 
 
 def model_and_tokenizer(ckpt: dict, path: str | Path = "", base: str = "", merge: bool = True,
