@@ -94,6 +94,7 @@ def scripted_answers(monkeypatch):
     return asked
 
 
+@pytest.mark.slow
 def test_a_pairs_answers_share_one_prompt(scripted_answers, char_tokenizer):
     titles = ["春", "夏日", "秋夜長", "冬至日作"]
     pairs, counts = build_pairs(None, char_tokenizer, titles, "tonal", 4, None, 96, 0.8, seed=0)
@@ -130,6 +131,7 @@ def file_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_align_trains_the_policy_against_a_frozen_reference_and_resumes_exactly(
         tmp_path, small_poems, tiny_tuned, scripted_answers, capsys):
     init_hash = file_hash(tiny_tuned)
@@ -180,6 +182,7 @@ def test_no_pair_found_says_how_many_answers_of_each_kind(tmp_path, small_poems,
     assert "no preference pair found (tonal): 6 prompts, 24 answers: 0 could be chosen, 24 rejected -> 0 pairs" in err
 
 
+@pytest.mark.slow
 def test_a_pair_cache_from_other_settings(tmp_path, small_poems, tiny_tuned, scripted_answers, capsys):
     """This run's own cache (beside --out) is rebuilt, with a note; a cache named by --pairs is refused."""
     align.main(align_args(tmp_path, small_poems, tiny_tuned, "--max-iters", "1"))
@@ -275,6 +278,7 @@ def test_a_rhyme_already_used_is_not_a_target(char_tokenizer):
     assert masks[sets[2], stoi["情"]]  # another 八庚 character is still a rhyme
 
 
+@pytest.mark.slow
 def test_lora_alignment_tunes_adapters_against_the_same_network_with_them_off(
         tmp_path, small_poems, tiny_tuned, scripted_answers, capsys):
     align.main(align_args(tmp_path, small_poems, tiny_tuned, "--max-iters", "2", "--lora-rank", "4", out="lora.pt"))

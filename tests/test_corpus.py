@@ -110,6 +110,7 @@ def test_wrong_shape_names_file_and_record(tmp_path, payload, expected):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_command_line_prints_one_line_without_traceback(tmp_path):
     write_json(tmp_path, "shape.json", [poem("甲", "一。"), {"title": "乙"}])
     result = subprocess.run(
@@ -241,6 +242,7 @@ def test_report_counts_add_up_and_summary_names_each_rule():
     assert "1 lost characters □" in summary and "editorial notes removed 2× in 2 poems" in summary
 
 
+@pytest.mark.slow
 def test_real_corpus_is_clean(splits):
     """No apparatus survives cleaning, and counts reconcile with the input."""
     poems = [p for split in splits.values() for p in split]

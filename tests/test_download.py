@@ -218,6 +218,7 @@ def test_pinned_hashes_match_shared_corpus():
     assert verify_corpus(CORPUS) == []
 
 
+@pytest.mark.slow
 def test_main_exits_2_when_offline(dead_url, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "poems.download", "--dest", str(tmp_path / "p"), "--base-url", dead_url],

@@ -156,6 +156,7 @@ def run_error(argv: list[str], capsys) -> str:
     return last_line
 
 
+@pytest.mark.slow
 def test_finetune_writes_checkpoint_log_and_gallery(tmp_path, small_poems, tiny_pretrained, capsys):
     finetune.main(tune(tmp_path, small_poems, tiny_pretrained, "--epochs", "2"))
     out = capsys.readouterr().out
@@ -173,6 +174,7 @@ def test_finetune_writes_checkpoint_log_and_gallery(tmp_path, small_poems, tiny_
     assert (tmp_path / "sft.loss.png").exists()
 
 
+@pytest.mark.slow
 def test_the_default_mixes_the_tasks_and_the_gallery_asks_each(tmp_path, small_poems, tiny_pretrained, capsys):
     finetune.main(tune(tmp_path, small_poems, tiny_pretrained, "--max-iters", "2"))
     out = capsys.readouterr().out
@@ -183,6 +185,7 @@ def test_the_default_mixes_the_tasks_and_the_gallery_asks_each(tmp_path, small_p
     assert f"〔{task_instruction('form', '七言絕句')}〕\n春夜喜雨\n→" in gallery
 
 
+@pytest.mark.slow
 def test_tasks_book_is_the_single_task_run(tmp_path, small_poems, tiny_pretrained, capsys):
     finetune.main(tune(tmp_path, small_poems, tiny_pretrained, "--max-iters", "2", "--tasks", "book"))
     out = capsys.readouterr().out
@@ -205,6 +208,7 @@ def test_unknown_task_is_refused_before_the_corpus_loads(tmp_path, tiny_pretrain
     assert "--tasks: unknown task rhyme" in line
 
 
+@pytest.mark.slow
 def test_loss_on_all_still_reports_response_loss(tmp_path, small_poems, tiny_pretrained):
     finetune.main(tune(tmp_path, small_poems, tiny_pretrained, "--loss-on", "all", "--epochs", "1"))
     ckpt = torch.load(tmp_path / "sft.pt", weights_only=True)
@@ -256,6 +260,7 @@ def test_data_replace_tunes_on_the_file_alone(tmp_path, small_poems, tiny_pretra
     assert "samples: train 6 " in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_sft_checkpoint_as_init_is_allowed_with_a_note(tmp_path, small_poems, tiny_pretrained, capsys):
     finetune.main(tune(tmp_path, small_poems, tiny_pretrained, "--epochs", "1"))
     capsys.readouterr()
@@ -312,6 +317,7 @@ def test_resume_needs_an_sft_checkpoint(tmp_path, small_poems, tiny_pretrained, 
     assert "is a pretrain checkpoint (pretrained), not a sft run" in err
 
 
+@pytest.mark.slow
 def test_help_documents_every_flag_with_its_default():
     import subprocess
     import sys

@@ -87,6 +87,7 @@ def test_the_rule_sees_a_violation(tmp_path):
 
 @pytest.mark.parametrize("module", ["sample", "evaluate", "tanggpt.generation", "tanggpt.checkpoint",
                                     "tanggpt.losses", "tools.merge_lora"])
+@pytest.mark.slow
 def test_sampling_and_evaluating_never_load_the_training_loop(module):
     """Not even indirectly: importing them leaves the loop and its run files unloaded."""
     loop = ("tanggpt.training", "tanggpt.run_files", "tanggpt.distributed")

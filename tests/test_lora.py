@@ -180,6 +180,7 @@ def one_line_error(main, argv: list[str], capsys) -> str:
     return err
 
 
+@pytest.mark.slow
 def test_an_adapter_checkpoint_holds_the_adapters_alone_and_loads_back_exactly(runs):
     ckpt = load_checkpoint(runs / "lora.pt")
     assert ckpt["kind"] == "sft" and ckpt["lora"]["rank"] == 8 and ckpt["lora"]["targets"] == "all"
@@ -258,6 +259,7 @@ def test_evaluate_reads_an_adapter_checkpoint_beside_a_full_one(runs, small_poem
     assert lora["parameters"] == full["parameters"]  # merged: the base's shape
 
 
+@pytest.mark.slow
 def test_lora_rank_resumes_exactly_and_keeps_its_adapters(runs, small_poems, capsys):
     split = runs / "split.pt"
     tune(runs / "base.pt", small_poems, split, "--max-iters", "3", "--lora-rank", "8")
@@ -273,6 +275,7 @@ def test_lora_rank_resumes_exactly_and_keeps_its_adapters(runs, small_poems, cap
     assert "--lora-rank 4: the run at" in err and "started with 8" in err
 
 
+@pytest.mark.slow
 def test_lora_tokens_none_trains_the_linear_layers_alone(runs, small_poems, tmp_path):
     out = tmp_path / "no_rows.pt"
     tune(runs / "base.pt", small_poems, out, "--max-iters", "2", "--lora-rank", "4", "--lora-tokens", "none")
@@ -286,6 +289,7 @@ def test_lora_tokens_none_trains_the_linear_layers_alone(runs, small_poems, tmp_
     assert torch.equal(older.eval()(x)[0], adapted.eval()(x)[0])
 
 
+@pytest.mark.slow
 def test_lora_settings_without_a_rank_are_noted(runs, small_poems, tmp_path, capsys):
     capsys.readouterr()
     tune(runs / "base.pt", small_poems, tmp_path / "full.pt", "--max-iters", "1", "--lora-alpha", "32",
@@ -311,6 +315,7 @@ def test_bad_lora_flags_are_one_line(tmp_path, tiny_pretrained, capsys, flags, m
     assert len(err.splitlines()) == 1 and message in err, err
 
 
+@pytest.mark.slow
 def test_compare_lora_measures_each_variant_once_and_tabulates(tmp_path, small_poems, tiny_pretrained, capsys):
     argv = ["--init", str(tiny_pretrained), "--ranks", "0,4", "--max-iters", "2", "--num-titles", "2", "--poems",
             str(small_poems), "--out-dir", str(tmp_path / "runs"), "--finetune-flags",
@@ -331,6 +336,7 @@ def test_compare_lora_measures_each_variant_once_and_tabulates(tmp_path, small_p
     assert exit_info.value.code == 2 and "measured with other settings" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_lora_under_torchrun_trains_the_adapters_and_rank_0_writes(tmp_path, small_poems, tiny_pretrained):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "ddp.pt"
@@ -354,6 +360,7 @@ def test_lora_under_torchrun_trains_the_adapters_and_rank_0_writes(tmp_path, sma
     ("-m tools.merge_lora", ("--ckpt", "--out", "--base", "--overwrite")),
     ("-m tools.compare_lora", ("--init", "--ranks", "--out-dir", "--max-iters", "--num-titles", "--poems", "--finetune-flags")),
 ])
+@pytest.mark.slow
 def test_help_documents_the_lora_flags(script, flags):
     from tests.conftest import REPO_ROOT
 

@@ -21,6 +21,7 @@ def test_notebooks_found():
     assert run_notebooks.notebook_paths() == PATHS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", PATHS, ids=[p.name for p in PATHS])
 def test_notebook_runs_in_fast_mode(path):
     try:

@@ -49,6 +49,7 @@ def run_error(argv: list[str], capsys) -> str:
 # A run and what it writes
 
 
+@pytest.mark.slow
 def test_run_writes_checkpoint_log_plot_and_samples(tmp_path, small_poems, capsys):
     pretrain.main(cli(tmp_path, small_poems, "--max-iters", "20", "--eval-interval", "10", "--log-interval", "5"))
     out = capsys.readouterr().out
@@ -75,6 +76,7 @@ def test_run_writes_checkpoint_log_plot_and_samples(tmp_path, small_poems, capsy
     assert "=== step 10\n春夜喜雨\n" in samples and "=== step 20\n春夜喜雨\n" in samples
 
 
+@pytest.mark.slow
 def test_help_documents_every_flag_with_its_default():
     result = subprocess.run([sys.executable, "pretrain.py", "--help"], cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 0
@@ -98,6 +100,7 @@ def test_gpu_preset_sets_defaults_but_explicit_flags_win():
 # Resume
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path, small_poems):
     """Ctrl-C saves a checkpoint; --resume continues with exactly the same losses."""
     steps = "300"
@@ -133,6 +136,7 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path, smal
     assert (broken / "ckpt.samples.txt").read_text() == (straight / "ckpt.samples.txt").read_text()
 
 
+@pytest.mark.slow
 def test_atomic_save_survives_a_kill_mid_save(tmp_path):
     """SIGKILL while the new checkpoint is being written leaves the old one loadable."""
     path = tmp_path / "ckpt.pt"
@@ -161,6 +165,7 @@ checkpoint.save_checkpoint({str(path)!r}, {{"step": 2, "weights": torch.zeros(10
     assert ckpt["step"] == 1 and torch.equal(ckpt["weights"], torch.arange(10.0))
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, small_poems, capsys):
     pretrain.main(cli(tmp_path, small_poems, "--max-iters", "4", "--eval-interval", "4"))
     before = (tmp_path / "ckpt.pt").read_bytes()
@@ -179,6 +184,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, sm
 # Data parallel on CPU
 
 
+@pytest.mark.slow
 def test_ddp_on_cpu_trains_and_only_rank_0_writes(tmp_path, small_poems):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
@@ -205,6 +211,7 @@ def test_resume_without_a_checkpoint(tmp_path, small_poems, capsys):
     assert "--resume: no checkpoint at" in err
 
 
+@pytest.mark.slow
 def test_resume_from_a_truncated_checkpoint(tmp_path, small_poems, capsys):
     pretrain.main(cli(tmp_path, small_poems, "--max-iters", "2", "--eval-interval", "2"))
     data = (tmp_path / "ckpt.pt").read_bytes()
@@ -215,6 +222,7 @@ def test_resume_from_a_truncated_checkpoint(tmp_path, small_poems, capsys):
 
 @pytest.mark.parametrize("flag, value, saved", [("--tokenizer", "cl100k_base", "'char'"), ("--block-size", "64", "32"),
                                                 ("--n-layer", "3", "2"), ("--batch-size", "8", "4"), ("--seed", "1", "1337")])
+@pytest.mark.slow
 def test_resume_refuses_what_would_change_the_runs_batches_or_model(tmp_path, small_poems, capsys, flag, value, saved):
     pretrain.main(cli(tmp_path, small_poems, "--max-iters", "2", "--eval-interval", "2"))
     err = run_error(cli(tmp_path, small_poems, "--resume", "--max-iters", "4", flag, value), capsys)
@@ -247,6 +255,7 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert lrs[100] == pytest.approx(1e-4) and lrs[55] == pytest.approx(5.5e-4, rel=0.02)
 
 
+@pytest.mark.slow
 def test_a_run_shorter_than_its_warmup_is_warned_about(tmp_path, small_poems, capsys):
     pretrain.main(cli(tmp_path, small_poems, "--max-iters", "3", "--eval-interval", "3", "--warmup-iters", "10"))
     assert "shorter than --warmup-iters 10: the learning rate never reaches --lr" in capsys.readouterr().out

@@ -108,6 +108,7 @@ def test_the_constraint_names_the_rhyme_groups_only_at_even_line_ends(char_token
     assert "樓" in allowed and "秋" in allowed and "山" not in allowed and "，" not in allowed
 
 
+@pytest.mark.slow
 def test_the_constraint_needs_the_char_tokenizer(cl100k_tokenizer):
     with pytest.raises(ValueError, match="--rhyme needs the char tokenizer"):
         RhymeConstraint(cl100k_tokenizer)

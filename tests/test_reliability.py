@@ -62,6 +62,7 @@ def records(path: Path) -> list[dict]:
 # 1. --resume continues the run with its own settings
 
 
+@pytest.mark.slow
 def test_resume_restores_the_runs_settings_not_todays_defaults(tmp_path, small_poems, capsys):
     out = tmp_path / "ckpt.pt"
     pretrain.main(pretrain_argv(out, small_poems, "--max-iters", "4", "--eval-interval", "2", "--lr", "5e-4",
@@ -79,6 +80,7 @@ def test_resume_restores_the_runs_settings_not_todays_defaults(tmp_path, small_p
     assert [r["step"] for r in records(tmp_path / "ckpt.log.jsonl") if "train_loss" in r] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
 def test_resume_of_a_finished_run_says_there_is_nothing_to_do(tmp_path, small_poems, tiny_pretrained, capsys):
     out = tmp_path / "sft.pt"
     finetune.main(tune_argv(out, small_poems, tiny_pretrained, "--max-iters", "3"))
@@ -91,6 +93,7 @@ def test_resume_of_a_finished_run_says_there_is_nothing_to_do(tmp_path, small_po
     assert out.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_finetune_flag_that_changes_the_samples(tmp_path, small_poems, tiny_pretrained, capsys):
     out = tmp_path / "sft.pt"
     finetune.main(tune_argv(out, small_poems, tiny_pretrained, "--max-iters", "2"))
@@ -103,6 +106,7 @@ def test_resume_refuses_a_finetune_flag_that_changes_the_samples(tmp_path, small
 # 2. No run overwrites another run's files unless asked
 
 
+@pytest.mark.slow
 def test_a_new_run_never_clobbers_an_existing_one(tmp_path, small_poems, capsys):
     out = tmp_path / "ckpt.pt"
     pretrain.main(pretrain_argv(out, small_poems, "--max-iters", "2", "--eval-interval", "2"))
@@ -206,6 +210,7 @@ def wait_for_log(log: Path, lines: int, proc: subprocess.Popen) -> None:
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_at_the_step_boundary_and_exits_143(tmp_path, small_poems):
     out = tmp_path / "ckpt.pt"
     proc = subprocess.Popen([*SCRIPT, *pretrain_argv(out, small_poems, "--max-iters", "400", "--eval-interval", "500",
@@ -221,6 +226,7 @@ def test_sigterm_saves_at_the_step_boundary_and_exits_143(tmp_path, small_poems)
     assert "next:" not in stdout + stderr and "Traceback" not in stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_setup_is_one_line_and_130(tmp_path):
     """Interrupted while the corpus is read and encoded: nothing to save, no traceback."""
     corpus = Path(os.environ.get("POEMS_DIR", REPO_ROOT.parent / "shared" / "corpus" / "quan-tang-shi"))
@@ -285,6 +291,7 @@ def test_ci_records_are_counted_under_their_own_name(tmp_path, capsys):
 # 8. The smaller ones
 
 
+@pytest.mark.slow
 def test_a_partial_last_log_line_does_not_block_resume(tmp_path, small_poems, capsys):
     out = tmp_path / "ckpt.pt"
     pretrain.main(pretrain_argv(out, small_poems, "--max-iters", "2", "--eval-interval", "2", "--log-interval", "1"))
@@ -303,6 +310,7 @@ def test_a_checkpoint_without_training_state_cannot_resume(tmp_path, small_poems
     assert "holds a model but not the training state a run resumes from (no optimizer)" in err
 
 
+@pytest.mark.slow
 def test_a_stray_partial_save_is_removed(tmp_path, small_poems, capsys):
     stray = tmp_path / ".ckpt.pt.tmp-99999"
     stray.write_bytes(b"PK half a zip")
