@@ -36,22 +36,23 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from data.corpus import Poem, load_corpus
+from data.errors import UserError
+from data.instruct import EpochBatches, pad_batch
+from data.tasks import finetune_val_rows, tuning_poems
+from data.tokenizer import Tokenizer
+from model import GPT
 from tanggpt.checkpoint import DPO, KINDS, PRETRAIN, answers_prompts, load_checkpoint, model_and_tokenizer, model_fingerprint
 from tanggpt.cli import flag, resume_rule, run_cli
-from data.errors import UserError
-from data.corpus import Poem, load_corpus
-from data.instruct import IGNORE, EpochBatches, encode_sample, encode_samples, pad_batch, poem_sample
-from data.tasks import tuning_poems
-from data.tokenizer import Tokenizer
 from tanggpt.device import Runtime
 from tanggpt.distributed import barrier
 from tanggpt.generation import answer_titles, for_generation, format_answers
 from tanggpt.lora import adapters_disabled
-from tanggpt.losses import PreferenceBatch, dpo_loss, labelled_nll, preference_loss, rhyme_group_loss
-from model import GPT
-from tanggpt.preference import (PREFERENCES, Pair, answer_logprobs, build_pairs, fits, load_pairs, no_pairs_error,
-                        pair_batch, reference_logprobs, save_pairs)
-from tanggpt.prosody import RhymeConstraint, prosody_marks, rhyme_positions
+from tanggpt.losses import PreferenceBatch, preference_loss, response_loss, rhyme_group_loss
+from tanggpt.preference import (PREFERENCES, Pair, build_pairs, fits, load_pairs, no_pairs_error, pair_batch,
+                                pair_figures, reference_logprobs, save_pairs, split_pairs)
+from tanggpt.prosody import prosody_marks
+from tanggpt.rhyme_targets import rhyme_rows
 from tanggpt.training import Stage, finished, start_runtime, train
 from tanggpt.tuning import LORA_FIXED, MORE_EPOCHS, TuneConfig, describe_tuning, open_run, tuned_model
 
@@ -153,48 +154,6 @@ def obtain_pairs(config: AlignConfig, reference: Callable[[], GPT], tokenizer: T
     return pairs
 
 
-def split_pairs(pairs: list[Pair], val_share: float, seed: int) -> tuple[list[Pair], list[Pair]]:
-    """A seeded shuffle, cut into train and held-out pairs (at least one of each)."""
-    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = min(len(pairs) - 1, max(1, round(len(pairs) * val_share)))
-    return [pairs[i] for i in order[n_val:]], [pairs[i] for i in order[:n_val]]
-
-
-class RhymeRow(NamedTuple):
-    inputs: list[int]  # a real poem's instruction sample
-    labels: list[int]  # at each rhyme position the index of its rhyme set (a row of the masks), else IGNORE
-    response_labels: list[int]  # the poem and end-of-text, for the anchor on real poems
-
-
-def rhyme_rows(tokenizer: Tokenizer, poems: list[Poem], block_size: int) -> tuple[list[RhymeRow], torch.Tensor]:
-    """The rhyming 絕句/律詩 among `poems` as rows for losses.rhyme_group_loss, and the masks of
-    their rhyme sets ((sets, vocab) bool: the characters that rhyme at such a position)."""
-    try:
-        constraint = RhymeConstraint(tokenizer)
-    except ValueError as e:
-        raise UserError(f"--rhyme-weight: {e}; give --rhyme-weight 0") from None
-    sets: dict[tuple[tuple[str, ...], str], int] = {}  # (rhyme groups, rhyme characters already used) -> index
-    rows = []
-    for poem in poems:
-        targets = [(i, (groups, used)) for i, groups, used in rhyme_positions(poem.body)
-                   if constraint.mask(groups, "cpu").any()]
-        sample = encode_sample(tokenizer, poem_sample(poem))
-        if not targets or len(sample.inputs) > block_size:
-            continue
-        # The label at position p predicts token p + 1; the response's character j (one token
-        # each, char tokenizer) is predicted at position (prompt length - 1) + j.
-        first = next(p for p, label in enumerate(sample.response_labels) if label != IGNORE)
-        labels = [IGNORE] * len(sample.inputs)
-        for char_index, target in targets:
-            labels[first + char_index] = sets.setdefault(target, len(sets))
-        rows.append(RhymeRow(sample.inputs, labels, sample.response_labels))
-    masks = torch.zeros(max(len(sets), 1), tokenizer.vocab_size, dtype=torch.bool)
-    for (groups, used), index in sets.items():  # the group, less the characters that already rhymed
-        masks[index] = constraint.mask(groups, "cpu")
-        masks[index, [tokenizer.stoi[c] for c in used if c in tokenizer.stoi]] = False
-    return rows, masks
-
-
 class AlignBatch(NamedTuple):
     pairs: PreferenceBatch
     rhyme_inputs: torch.Tensor | None  # real rhyming poems (None with --rhyme-weight 0)
@@ -202,22 +161,9 @@ class AlignBatch(NamedTuple):
     poem_labels: torch.Tensor | None  # their response labels
 
 
-def pair_figures(model: GPT, tokenizer: Tokenizer, pairs: list[Pair], beta: float, batch_size: int,
-                 runtime: Runtime) -> dict:
-    """DPO loss, reward accuracy and margin, and the policy's mean log-probabilities, over pairs."""
-    chosen, rejected = answer_logprobs(model, tokenizer, pairs, runtime, batch_size)
-    terms = dpo_loss(chosen, rejected, torch.tensor([p.reference_chosen for p in pairs]),
-                     torch.tensor([p.reference_rejected for p in pairs]), beta)
-    margins = terms.chosen_rewards - terms.rejected_rewards
-    return {"dpo_loss": float(terms.losses.mean()), "reward_accuracy": float((margins > 0).float().mean()),
-            "reward_margin": float(margins.mean()), "chosen_reward": float(terms.chosen_rewards.mean()),
-            "rejected_reward": float(terms.rejected_rewards.mean()), "chosen_logp": float(chosen.mean()),
-            "rejected_logp": float(rejected.mean())}
-
-
 def align_stage(config: AlignConfig, model: GPT, tokenizer: Tokenizer, batches: EpochBatches,
                 rhymes: EpochBatches | None, group_masks: torch.Tensor, val_pairs: list[Pair],
-                finetune_val_rows: list, titles: list[str], runtime: Runtime, rank: int, init_fingerprint: str,
+                finetune_val: list, titles: list[str], runtime: Runtime, rank: int, init_fingerprint: str,
                 adapters: dict) -> Stage:
     device = runtime.device
     train_pairs = batches.rows
@@ -257,10 +203,10 @@ def align_stage(config: AlignConfig, model: GPT, tokenizer: Tokenizer, batches: 
     def evaluate(model: GPT) -> dict:
         held_out = pair_figures(model, tokenizer, val_pairs, config.beta, config.batch_size, runtime)
         seen = pair_figures(model, tokenizer, train_pairs[:256], config.beta, config.batch_size, runtime)
-        nll, count = labelled_nll(model, finetune_val_rows, tokenizer.eot_id, 2 * config.batch_size, runtime)
         figures = {"eval_train_loss": seen["dpo_loss"], "val_loss": held_out["dpo_loss"],
                    **{k: v for k, v in held_out.items() if k != "dpo_loss"},
-                   "finetune_val_loss": float(nll.sum() / count.sum())}
+                   "finetune_val_loss": response_loss(model, finetune_val, tokenizer.eot_id, 2 * config.batch_size,
+                                                      runtime)}
         if rhymes is not None:  # the rhyme loss on (training) poems: exp(-loss) ~ the rhyme group's probability
             figures["rhyme_loss"] = rhyme_loss(model)
         return figures
@@ -340,10 +286,9 @@ def run(config: AlignConfig, explicit: set[str]) -> dict:
     if not master:
         pairs = load_pairs(config.pairs_path(), key)[0]
     train_pairs, val_pairs = split_pairs(pairs, config.val_share, config.seed)
-    finetune_val = [poem_sample(p) for p in tuning_poems(splits)[1]]  # the val samples finetune.py reports
-    finetune_val_rows = [(row.inputs, row.response_labels) for row in encode_samples(tokenizer, finetune_val,
-                                                                                      block_size)[0]]
-    gallery = config.gallery_titles([s.input for s in finetune_val[:3]])
+    val_poems = tuning_poems(splits)[1]
+    finetune_val = finetune_val_rows(tokenizer, val_poems, block_size)[0]  # the val loss finetune.py reports
+    gallery = config.gallery_titles([p.title for p in val_poems[:3]])
 
     batches = EpochBatches(train_pairs, config.batch_size, config.grad_accum, dist_info.world_size, config.seed)
     rhymes, group_masks = None, torch.zeros(0, 1, dtype=torch.bool)
@@ -357,7 +302,7 @@ def run(config: AlignConfig, explicit: set[str]) -> dict:
     max_iters = config.total_steps(batches.steps_per_epoch)
     if finished(ckpt, max_iters, config.out, MORE_EPOCHS, master):
         return {}
-    stage = align_stage(config, model, tokenizer, batches, rhymes, group_masks, val_pairs, finetune_val_rows, gallery,
+    stage = align_stage(config, model, tokenizer, batches, rhymes, group_masks, val_pairs, finetune_val, gallery,
                         runtime, dist_info.rank, init_fingerprint, adapters)
     if master:
         print(f"device {runtime.describe()}; model {model.num_params():,} parameters from "

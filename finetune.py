@@ -25,17 +25,17 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
-from tanggpt.cli import flag, resume_rule, run_cli
-from data.errors import UserError
 from data.corpus import Poem, load_corpus
-from data.instruct import INSTRUCTION, EncodedSample, EpochBatches, encode_samples, load_instruction_jsonl, poem_sample
-from data.tasks import DEFAULT_TASKS, TaskMixture, parse_tasks, task_instruction, tuning_poems
+from data.errors import UserError
+from data.instruct import INSTRUCTION, EpochBatches, load_instruction_jsonl
+from data.tasks import DEFAULT_TASKS, TaskMixture, finetune_val_rows, parse_tasks, task_instruction, tuning_poems
 from data.tokenizer import Tokenizer
-from tanggpt.device import Runtime
-from tanggpt.generation import answer_requests, format_answers
-from tanggpt.losses import labelled_nll
 from model import GPT
 from tanggpt.checkpoint import SFT
+from tanggpt.cli import flag, resume_rule, run_cli
+from tanggpt.device import Runtime
+from tanggpt.generation import answer_requests, format_answers
+from tanggpt.losses import response_loss
 from tanggpt.training import Stage, finished, start_runtime, train
 from tanggpt.tuning import LORA_FIXED, MORE_EPOCHS, TuneConfig, describe_tuning, open_run, tuned_model
 
@@ -90,7 +90,7 @@ def gallery_requests(config: FinetuneConfig, tasks: dict, val_poems: list[Poem])
 
 
 def finetune_stage(config: FinetuneConfig, model: GPT, tokenizer: Tokenizer, batches: EpochBatches,
-                   val_rows: list[EncodedSample], gallery: list[tuple[str, str]], runtime: Runtime,
+                   val_rows: list[tuple[list[int], list[int]]], gallery: list[tuple[str, str]], runtime: Runtime,
                    rank: int, adapters: dict) -> Stage:
     device = runtime.device
     pad_id = batches.pad_id
@@ -99,14 +99,11 @@ def finetune_stage(config: FinetuneConfig, model: GPT, tokenizer: Tokenizer, bat
         x, y = batches.batch(step, micro, rank)
         return x.to(device), y.to(device)
 
-    def response_loss(model: GPT, rows: list) -> float:
-        """Mean cross-entropy per response token (prompt and padding excluded), over all rows."""
-        nll, count = labelled_nll(model, [(row.inputs, row.response_labels) for row in rows], pad_id,
-                                  config.batch_size, runtime)
-        return float(nll.sum() / count.sum())
+    train_rows = [(row.inputs, row.response_labels) for row in batches.rows[:512]]
 
     def evaluate(model: GPT) -> dict:  # labelled_nll puts the model in eval mode and back
-        return {"eval_train_loss": response_loss(model, batches.rows[:512]), "val_loss": response_loss(model, val_rows)}
+        return {"eval_train_loss": response_loss(model, train_rows, pad_id, config.batch_size, runtime),
+                "val_loss": response_loss(model, val_rows, pad_id, config.batch_size, runtime)}
 
     def sample(model: GPT, step: int) -> str:
         answers = answer_requests(model, tokenizer, gallery, runtime, config.sample_tokens, seed=config.seed)
@@ -151,8 +148,8 @@ def run(config: FinetuneConfig, explicit: set[str]) -> dict:
     mixture = TaskMixture([] if extra and config.data_mode == "replace" else train_poems, parse_tasks(config.tasks),
                           tokenizer, block_size, config.loss_on, config.seed, extra, unknown)
     # The val loss is always the book's task, title -> poem: comparable between runs of any --tasks.
-    val_rows, dropped_val = encode_samples(tokenizer, [poem_sample(p) for p in val_poems], block_size,
-                                           config.loss_on, unknown)
+    val_rows, _ = finetune_val_rows(tokenizer, val_poems, block_size, unknown)
+    dropped_val = len(val_poems) - len(val_rows)
     if not len(mixture):
         raise UserError(f"the finetune-train split is empty ({len(train_poems)} poems before dropping "
                         f"those over block_size {block_size}); use more poems or --data")

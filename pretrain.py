@@ -20,16 +20,17 @@ from dataclasses import dataclass
 
 import torch
 
-from tanggpt.checkpoint import PRETRAIN, model_and_tokenizer, resume_checkpoint
-from tanggpt.cli import flag, flag_name, require_positive, restore_run_flags, resume_rule, run_cli
-from data.errors import UserError
 from data import all_poems, build_tokenizer, load_corpus, pretrain_text
 from data.batches import random_windows
+from data.errors import UserError
 from data.tasks import tokenizer_texts
 from data.tokenizer import check_tokenizer_name
-from tanggpt.device import Runtime, release_freed_memory
-from tanggpt.losses import bits_per_char
 from model import GPT, GPTConfig
+from tanggpt.checkpoint import PRETRAIN, model_and_tokenizer, resume_checkpoint
+from tanggpt.cli import flag, flag_name, require_positive, restore_run_flags, resume_rule, run_cli
+from tanggpt.device import Runtime, release_freed_memory
+from tanggpt.generation import continue_text
+from tanggpt.losses import bits_per_char
 from tanggpt.run_files import RunFiles
 from tanggpt.training import Stage, TrainConfig, finished, start_runtime, train
 
@@ -102,13 +103,8 @@ def pretrain_stage(
         model.train()
         return figures
 
-    prompt = tokenizer.encode(config.sample_title + "\n")
-
     def sample(model: GPT, step: int) -> str:
-        generator = torch.Generator(device=device).manual_seed(config.seed)
-        with runtime.autocast():
-            (new,) = model.generate([prompt], 120, temperature=0.8, top_k=200, generator=generator)
-        return tokenizer.decode(prompt + new)
+        return continue_text(model, tokenizer, config.sample_title + "\n", runtime, 120, top_k=200, seed=config.seed)
 
     return Stage(
         get_batch=get_batch,

@@ -37,16 +37,16 @@ from typing import Callable, Collection
 
 import torch
 
-from tanggpt.checkpoint import KINDS, answers_prompts, load_model
-from tanggpt.cli import flag, require_positive, run_cli
 from data.errors import UserError
+from data.forms import CLAUSE_BREAK, FORMS
 from data.instruct import prompt_ids
 from data.tasks import TASKS, task_instruction
 from data.tokenizer import Tokenizer
+from model import GPT
+from tanggpt.checkpoint import KINDS, answers_prompts, load_model
+from tanggpt.cli import flag, require_positive, run_cli
 from tanggpt.device import Runtime, setup_runtime
 from tanggpt.generation import SamplingConfig, for_generation
-from data.forms import CLAUSE_BREAK, FORMS
-from model import GPT
 
 
 @dataclass

@@ -32,8 +32,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from data.errors import UserError
 from data.corpus import Poem
+from data.errors import UserError
 from data.tokenizer import EOT, INP, INS, RES, SPECIALS, Tokenizer
 
 # The instruction every poem sample starts with ("write a poem on this title").
@@ -106,6 +106,14 @@ def encode_sample(tokenizer: Tokenizer, sample: Sample, loss_on: str = "response
     return EncodedSample(ids[:-1], labels, response_labels)
 
 
+def sample_length(instruction_tokens: int, input_tokens: int, response_tokens: int) -> int:
+    """How long encode_sample's inputs are, from the token counts of the three texts alone:
+    the markers <INS>, <INP>, <RES> and <|endoftext|> add four ids, and the inputs stop one
+    short of the last (each position predicts the next). What a sample's fit in block_size
+    is judged by, before any sample is encoded."""
+    return instruction_tokens + input_tokens + response_tokens + 3
+
+
 def encode_samples(tokenizer: Tokenizer, samples: list[Sample], block_size: int, loss_on: str = "response",
                    unknown: Counter | None = None) -> tuple[list[EncodedSample], int]:
     """Encode samples; drop those longer than block_size (return how many).
@@ -118,7 +126,7 @@ def encode_samples(tokenizer: Tokenizer, samples: list[Sample], block_size: int,
     return kept, len(encoded) - len(kept)
 
 
-def response_rows(tokenizer: Tokenizer, samples: list[Sample], block_size: int
+def response_rows(tokenizer: Tokenizer, samples: list[Sample], block_size: int, unknown: Counter | None = None
                   ) -> list[tuple[list[int], list[int]] | None]:
     """(inputs, response labels) of each sample, for scoring its response; None where it does not fit block_size.
 
@@ -127,7 +135,7 @@ def response_rows(tokenizer: Tokenizer, samples: list[Sample], block_size: int
     """
     rows = []
     for sample in samples:
-        inputs, _, response = encode_sample(tokenizer, sample, "response")  # unknown characters -> <unk>
+        inputs, _, response = encode_sample(tokenizer, sample, "response", unknown)  # unknown characters -> <unk>
         rows.append((inputs, response) if len(inputs) <= block_size else None)
     return rows
 

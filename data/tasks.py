@@ -29,11 +29,11 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
-from data.errors import UserError
 from data.corpus import Poem, pretrain_text
-from data.instruct import INSTRUCTION, EncodedSample, Sample, encode_sample
-from data.tokenizer import Tokenizer
+from data.errors import UserError
 from data.forms import FORMS, acrostic_head, clauses, form_name, is_regular_form
+from data.instruct import INSTRUCTION, EncodedSample, Sample, encode_sample, poem_sample, response_rows, sample_length
+from data.tokenizer import Tokenizer
 
 
 def _poem(poem: Poem, instruction: str) -> Sample | None:
@@ -120,6 +120,18 @@ def tuning_poems(splits: dict[str, list[Poem]], forms: str = "regular") -> tuple
     return [p for p in splits["finetune_train"] if keep(p)], [p for p in splits["finetune_val"] if keep(p)]
 
 
+def finetune_val_rows(tokenizer: Tokenizer, val_poems: list[Poem], block_size: int,
+                      unknown: Counter | None = None) -> tuple[list[tuple[list[int], list[int]]], list[Poem]]:
+    """The rows of the finetune-val loss, the one every stage logs and evaluate.py reports:
+    each finetune-val poem as the book's task, title -> poem in its one sentence, as
+    (inputs, response labels), whatever --tasks or --loss-on a run trains with, so runs
+    compare. Poems whose sample does not fit block_size are left out (never truncated).
+    Returns the rows and the poems they came from."""
+    rows = response_rows(tokenizer, [poem_sample(p) for p in val_poems], block_size, unknown)
+    kept = [(row, poem) for row, poem in zip(rows, val_poems) if row is not None]
+    return [row for row, _ in kept], [poem for _, poem in kept]
+
+
 @dataclass(frozen=True)
 class MixedTask:
     """A task as a run mixes it: how often it is drawn (relative to the others), and in which phrasings."""
@@ -187,7 +199,7 @@ class TaskMixture:
                  unknown: Counter | None = None):
         self.tasks, self.tokenizer, self.loss_on, self.seed = tasks, tokenizer, loss_on, seed
         self.unknown = unknown
-        # The sample's length is the sum of its parts' (data/instruct.py encodes each part on its own).
+        # A sample's length follows from its parts' (data/instruct.py encodes each part on its own).
         longest = {name: max(len(tokenizer.encode(t.format(form=f))) for t in task.phrasings for f in FORMS)
                    for name, task in tasks.items()}
         self.items: list[tuple[Poem | Sample, list[str]]] = []  # (poem, the tasks it can take) or (sample, [])
@@ -196,8 +208,8 @@ class TaskMixture:
             fitting = []
             for name in tasks:
                 sample = TASKS[name].sample(poem, tasks[name].phrasings[0])
-                if sample is not None and (3 + longest[name] + len(tokenizer.encode(sample.input))
-                                           + len(tokenizer.encode(sample.response))) <= block_size:
+                if sample is not None and sample_length(longest[name], len(tokenizer.encode(sample.input)),
+                                                        len(tokenizer.encode(sample.response))) <= block_size:
                     fitting.append(name)
             if fitting:
                 self.items.append((poem, fitting))

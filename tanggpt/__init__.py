@@ -6,7 +6,8 @@ instruction format, the tasks, the poem forms), which import nothing from here.
     cli.py          flags from a config dataclass; bad input one line, exit 2
     device.py       --device auto and the precision policy
     distributed.py  torchrun: rank, world size, the collectives the loop needs
-    checkpoint.py   the checkpoint dict, its kinds, atomic save, weights-only load
+    atomic.py       every file a run writes, written whole or not at all
+    checkpoint.py   the checkpoint dict, its kinds, save and weights-only load
     run_files.py    the files beside a checkpoint: log, loss plot, samples
     training.py     the loop every stage shares
     tuning.py       what the stages that tune a checkpoint share (--init, epochs, LoRA)
@@ -15,5 +16,7 @@ instruction format, the tasks, the poem forms), which import nothing from here.
     lora.py         LoRA from scratch
     metrics.py      what an answer is measured by
     prosody.py      the Pingshui rhyme and tone checks, the rhyme-constrained sampler
-    preference.py   preference pairs for DPO
+    preference.py   preference pairs for DPO: building, scoring, caching, their DPO figures
+    rhyme_targets.py  the rhyme loss's rows: real rhyming poems and what may rhyme where
+    evaluation.py   what evaluate.py measures: every figure of its table, and the tables
 """

@@ -19,19 +19,18 @@ arbitrary objects, so a checkpoint from a stranger cannot run code on your machi
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import textwrap
 from dataclasses import asdict
 from pathlib import Path
-from typing import BinaryIO, Callable
 
 import torch
 
 from data.errors import UserError
 from data.tokenizer import Tokenizer, tokenizer_from_dict
-from tanggpt.lora import adapter_layers, adapter_state_dict, add_adapters, load_adapter_state_dict, merge_adapters
 from model import GPT, GPTConfig
+from tanggpt.atomic import atomic_write
+from tanggpt.lora import adapter_layers, adapter_state_dict, add_adapters, load_adapter_state_dict, merge_adapters
 
 # Which stage wrote a checkpoint, and what that makes it, in words. SFT and DPO models
 # answer the instruction prompt and stop; a PRETRAIN model only continues text.
@@ -45,27 +44,8 @@ class CheckpointError(UserError):
     """A missing, unreadable or foreign checkpoint; the message names the flag and the file."""
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
-    """Call write(file) on a temporary file beside `path`, flush it to disk, then rename it over `path`.
-
-    A rename within one folder is atomic: a crash mid-write leaves the previous file
-    intact and at worst a stray temporary file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_checkpoint(path: str | Path, payload: dict) -> None:
-    """torch.save, atomically (see atomic_write)."""
+    """torch.save, atomically (atomic.atomic_write)."""
     atomic_write(path, lambda f: torch.save(payload, f))
 
 

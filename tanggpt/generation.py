@@ -14,12 +14,12 @@ from typing import Any, Callable
 
 import torch
 
-from tanggpt.cli import RuntimeConfig, flag
 from data.errors import UserError
 from data.instruct import INSTRUCTION, prompt_ids
 from data.tokenizer import Tokenizer
-from tanggpt.device import Runtime
 from model import GPT
+from tanggpt.cli import RuntimeConfig, flag
+from tanggpt.device import Runtime
 from tanggpt.prosody import RhymeConstraint
 
 
@@ -124,6 +124,17 @@ def answer_titles(model: GPT, tokenizer: Tokenizer, titles: list[str], runtime: 
                   **kwargs) -> list[Answer]:
     """One poem per title, asked with the book's instruction (answer_requests' other arguments)."""
     return answer_requests(model, tokenizer, [(INSTRUCTION, t) for t in titles], runtime, max_new_tokens, **kwargs)
+
+
+def continue_text(model: GPT, tokenizer: Tokenizer, text: str, runtime: Runtime, max_new_tokens: int,
+                  temperature: float = 0.8, top_k: int | None = None, seed: int = 1337) -> str:
+    """`text` and what the model writes after it, as raw text: how a base model is asked
+    anything (pretrain.py's samples), with no instruction prompt and no stop."""
+    prompt = tokenizer.encode(text)
+    generator = torch.Generator(device=runtime.device).manual_seed(seed)
+    with runtime.autocast():
+        (new,) = model.generate([prompt], max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
+    return tokenizer.decode(prompt + new)
 
 
 def format_answers(answers: list[Answer], note: Callable[[str], str] | None = None) -> str:

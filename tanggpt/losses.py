@@ -26,8 +26,8 @@ from torch.nn import functional as F
 from data.corpus import Poem
 from data.instruct import IGNORE, Sample, pad_batch, poem_sample, response_rows
 from data.tokenizer import Tokenizer
-from tanggpt.device import Runtime
 from model import GPT
+from tanggpt.device import Runtime
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, labels), labels IGNORE where nothing is to be learned
 
@@ -69,6 +69,14 @@ def labelled_nll(model: GPT, rows: list[tuple[list[int], list[int]]], pad_id: in
         count[chunk] = (y != IGNORE).sum(dim=1).cpu()
     model.train(was_training)
     return nll, count
+
+
+def response_loss(model: GPT, rows: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int,
+                  runtime: Runtime) -> float:
+    """Mean cross-entropy per labelled token over all rows: every response loss a stage logs
+    or evaluate.py reports (the finetune-val loss over data.tasks.finetune_val_rows above all)."""
+    nll, count = labelled_nll(model, rows, pad_id, batch_size, runtime)
+    return float(nll.sum() / count.sum())
 
 
 @torch.no_grad()

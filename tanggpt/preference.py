@@ -38,16 +38,16 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from tanggpt.checkpoint import atomic_write
 from data.errors import UserError
+from data.forms import regular_clauses
 from data.instruct import INSTRUCTION, EncodedSample, Sample, encode_sample, pad_batch, title_prompt_ids
 from data.tokenizer import Tokenizer
+from model import GPT
+from tanggpt.atomic import atomic_write_text
 from tanggpt.device import Runtime
 from tanggpt.generation import Answer, answer_titles
-from tanggpt.losses import PreferenceBatch, labelled_nll
-from model import GPT
+from tanggpt.losses import PreferenceBatch, dpo_loss, labelled_nll
 from tanggpt.prosody import RhymeConstraint, keeps_tonal_pattern, load_table, rhymes
-from data.forms import regular_clauses
 
 PREFERENCES = ("tonal", "shape", "rhyme", "real")
 
@@ -182,6 +182,26 @@ def pair_batch(tokenizer: Tokenizer, pairs: list[Pair]) -> PreferenceBatch:
     return PreferenceBatch(inputs, labels, reference)
 
 
+def split_pairs(pairs: list[Pair], val_share: float, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """A seeded shuffle, cut into train and held-out pairs (at least one of each)."""
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = min(len(pairs) - 1, max(1, round(len(pairs) * val_share)))
+    return [pairs[i] for i in order[n_val:]], [pairs[i] for i in order[:n_val]]
+
+
+def pair_figures(model: GPT, tokenizer: Tokenizer, pairs: list[Pair], beta: float, batch_size: int,
+                 runtime: Runtime) -> dict:
+    """DPO loss, reward accuracy and margin, and the policy's mean log-probabilities, over pairs."""
+    chosen, rejected = answer_logprobs(model, tokenizer, pairs, runtime, batch_size)
+    terms = dpo_loss(chosen, rejected, torch.tensor([p.reference_chosen for p in pairs]),
+                     torch.tensor([p.reference_rejected for p in pairs]), beta)
+    margins = terms.chosen_rewards - terms.rejected_rewards
+    return {"dpo_loss": float(terms.losses.mean()), "reward_accuracy": float((margins > 0).float().mean()),
+            "reward_margin": float(margins.mean()), "chosen_reward": float(terms.chosen_rewards.mean()),
+            "rejected_reward": float(terms.rejected_rewards.mean()), "chosen_logp": float(chosen.mean()),
+            "rejected_logp": float(rejected.mean())}
+
+
 # -----------------------------------------------------------------------------
 # The cache
 
@@ -204,9 +224,9 @@ def load_pairs(path: str | Path, key: dict) -> tuple[list[Pair] | None, str]:
 
 
 def save_pairs(path: str | Path, key: dict, pairs: list[Pair], counts: PairCounts) -> None:
-    """Write atomically, like a checkpoint."""
+    """Write atomically, like every file a run writes."""
     data = {"key": key, "counts": asdict(counts), "pairs": [asdict(p) for p in pairs]}
-    atomic_write(path, lambda f: f.write(json.dumps(data, ensure_ascii=False, indent=0).encode("utf-8")))
+    atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=0))
 
 
 def no_pairs_error(counts: PairCounts, preference: str) -> UserError:

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from data.tokenizer import CharTokenizer, Tokenizer
 from data.forms import CLAUSE_BREAK, CLAUSE_LENGTHS, CLAUSE_TEXT, MOST_CLAUSES, form_name, regular_clauses
+from data.tokenizer import CharTokenizer, Tokenizer
 
 LEVEL, OBLIQUE = "level", "oblique"
 

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from data.errors import UserError
+from tanggpt.atomic import atomic_write, atomic_write_text
 
 
 class RunFiles:
@@ -75,9 +76,7 @@ class RunFiles:
             return
         if self.log.exists():
             kept = [r for r in self.records() if r["step"] <= resume_step]
-            tmp = self.log.with_name(f".{self.log.name}.tmp-{os.getpid()}")
-            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
-            os.replace(tmp, self.log)
+            atomic_write_text(self.log, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
 
     def append_log(self, record: dict) -> None:
         with open(self.log, "a", encoding="utf-8") as f:
@@ -125,7 +124,5 @@ class RunFiles:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        tmp = self.plot.with_name("." + self.plot.name + ".tmp.png")
-        fig.savefig(tmp)
+        atomic_write(self.plot, lambda f: fig.savefig(f, format="png"))
         plt.close(fig)
-        os.replace(tmp, self.plot)

@@ -24,14 +24,14 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from data.errors import UserError
 from data.tokenizer import Tokenizer
+from model import GPT
 from tanggpt.checkpoint import model_checkpoint, rng_state, save_checkpoint, set_rng_state
 from tanggpt.cli import RunInterrupted, RuntimeConfig, flag, require_positive
-from data.errors import UserError
 from tanggpt.device import Runtime, release_freed_memory, setup_runtime
 from tanggpt.distributed import Distributed, barrier, init_distributed, sum_over_processes
 from tanggpt.losses import causal_lm_loss, labelled_tokens
-from model import GPT
 from tanggpt.run_files import RunFiles
 
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from tanggpt.checkpoint import load_checkpoint, model_and_tokenizer, model_fingerprint, resume_checkpoint
-from tanggpt.cli import flag, flag_name, require_positive, restore_run_flags
 from data.errors import UserError
 from data.tokenizer import Tokenizer
-from tanggpt.lora import TARGETS, add_adapters, trainable_parameters
 from model import GPT
+from tanggpt.checkpoint import load_checkpoint, model_and_tokenizer, model_fingerprint, resume_checkpoint
+from tanggpt.cli import flag, flag_name, require_positive, restore_run_flags
+from tanggpt.lora import TARGETS, add_adapters, trainable_parameters
 from tanggpt.run_files import RunFiles
 from tanggpt.training import TrainConfig
 

@@ -12,15 +12,16 @@ import pytest
 import torch
 
 import align
+from data.instruct import IGNORE
+from model import GPT, GPTConfig
 from tanggpt import preference
 from tanggpt.checkpoint import load_checkpoint, load_model, model_and_tokenizer
 from tanggpt.device import setup_runtime
-from data.instruct import IGNORE
 from tanggpt.generation import Answer
 from tanggpt.lora import adapters_disabled
 from tanggpt.losses import PreferenceBatch, dpo_loss, preference_loss, sequence_logprobs
-from model import GPT, GPTConfig
 from tanggpt.preference import Pair, build_pairs, judge, load_pairs, pair_batch, reference_logprobs
+from tanggpt.rhyme_targets import rhyme_rows
 from tests.test_prosody import CHUN_XIAO, CHUN_YE_XI_YU, DENG_GUAN_QUE_LOU, JING_YE_SI
 
 KEEPS_TONES = [DENG_GUAN_QUE_LOU, CHUN_YE_XI_YU]
@@ -245,7 +246,7 @@ def test_rhyme_group_loss_is_minus_log_the_groups_probability():
 
 
 def test_rhyme_rows_label_the_rhyme_characters_with_their_group(char_tokenizer, splits):
-    rows, masks = align.rhyme_rows(char_tokenizer, splits["alignment"][:300], 128)
+    rows, masks = rhyme_rows(char_tokenizer, splits["alignment"][:300], 128)
     assert rows and len(rows) < 300  # only the rhyming 絕句/律詩 that fit
     labelled = 0
     for row in rows:
@@ -270,7 +271,7 @@ def test_real_preference_pairs_the_titles_poem_over_the_models_answer(scripted_a
 
 def test_a_rhyme_already_used_is_not_a_target(char_tokenizer):
     poem = type("P", (), {"title": "春夜喜雨", "body": CHUN_YE_XI_YU})()
-    rows, masks = align.rhyme_rows(char_tokenizer, [poem], 128)
+    rows, masks = rhyme_rows(char_tokenizer, [poem], 128)
     sets = [label for label in rows[0].labels if label != IGNORE]
     stoi = char_tokenizer.stoi
     assert masks[sets[0], stoi["聲"]] and not masks[sets[0], stoi["生"]]  # 4th line: any 八庚 character but 生

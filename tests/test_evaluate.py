@@ -9,14 +9,15 @@ import shutil
 import pytest
 import torch
 
-import evaluate
-from tanggpt.checkpoint import load_checkpoint, model_and_tokenizer
 from data.corpus import Poem
+from data.forms import FORMS, clauses
 from data.instruct import INSTRUCTION, Sample, encode_sample, poem_sample, response_rows
 from data.tasks import TASKS, instructions
+import evaluate
+from tanggpt import evaluation
+from tanggpt.checkpoint import load_checkpoint, model_and_tokenizer
 from tanggpt.device import setup_runtime
 from tanggpt.generation import Answer
-from data.forms import FORMS, clauses
 from tanggpt.losses import labelled_nll, stream_loss, title_swap_nll
 
 FAST = ["--num-titles", "6", "--max-new-tokens", "12", "--batch-size", "16", "--dtype", "float32", "--task-prompts", "3"]
@@ -44,7 +45,7 @@ def test_one_column_per_checkpoint_with_every_figure(report, tiny_tuned, tiny_pr
     assert list(columns) == [str(tiny_tuned), str(tiny_pretrained)]
     assert columns[str(tiny_tuned)]["kind"] == "sft" and columns[str(tiny_pretrained)]["kind"] == "pretrain"
     for figures in columns.values():
-        for key, _, _ in evaluate.ROWS:
+        for key, _, _ in evaluation.ROWS:
             assert key in figures
         for key in ("stop_rate", "regular_form_rate", "memorised_lines"):
             assert 0.0 <= figures[key] <= 1.0
@@ -64,7 +65,7 @@ def test_a_tuned_column_measures_each_task_with_seen_and_held_out_phrasings(repo
     tuned = report["checkpoints"][str(tiny_tuned)]["instructions"]
     assert list(tuned) == ["seen", "held_out"]
     for figures in tuned.values():
-        for key, _, _ in evaluate.INSTRUCTION_ROWS:
+        for key, _, _ in evaluation.INSTRUCTION_ROWS:
             assert key == "title_task_gain" or 0.0 <= figures[key] <= 1.0
     assert "instructions" not in report["checkpoints"][str(tiny_pretrained)]  # a base model is asked nothing
 
@@ -80,7 +81,7 @@ def scripted_answers(monkeypatch, answer) -> list:
         return [Answer(text, answer(task_of[instruction], instruction, text), True, instruction)
                 for instruction, text in requests]
 
-    monkeypatch.setattr(evaluate, "answer_requests", fake)
+    monkeypatch.setattr(evaluation, "answer_requests", fake)
     return asked
 
 
@@ -101,7 +102,7 @@ def test_instruction_figures_count_what_was_asked(monkeypatch, small_poems, tiny
     figures = run_json(capsys, "--ckpt", str(tiny_tuned), "--poems", str(small_poems),
                        "--task-prompts", "4")["checkpoints"][str(tiny_tuned)]["instructions"]
     for kind in ("seen", "held_out"):
-        assert all(figures[kind][key] == 1.0 for key, _, _ in evaluate.INSTRUCTION_ROWS if key != "title_task_gain")
+        assert all(figures[kind][key] == 1.0 for key, _, _ in evaluation.INSTRUCTION_ROWS if key != "title_task_gain")
     held_out = {text for task in TASKS.values() for text in instructions(task, held_out=True)}
     seen_inputs = [text for instruction, text in asked if instruction not in held_out]
     assert seen_inputs == [text for instruction, text in asked if instruction in held_out]  # the same inputs twice
@@ -180,7 +181,7 @@ def test_table_prints_settings_and_rows(small_poems, tiny_tuned, capsys):
     evaluate.main([*FAST, "--ckpt", str(tiny_tuned), "--poems", str(small_poems), "--temperature", "0"])
     out = capsys.readouterr().out
     assert "temperature 0, top-k off, top-p off, at most 12 tokens, seed 1337" in out
-    for _, label, _ in evaluate.ROWS:
+    for _, label, _ in evaluation.ROWS:
         assert label in out
     assert " ± " in out
     assert "real poems" in out.splitlines()[1]  # the reference column

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import finetune
 from data.instruct import (
     IGNORE,
     INSTRUCTION,
@@ -25,6 +24,7 @@ from data.instruct import (
 )
 from data.tasks import DEFAULT_TASKS, TASKS, task_instruction
 from data.tokenizer import EOT, RES
+import finetune
 from model import GPT, GPTConfig
 
 SAMPLE = Sample(INSTRUCTION, "春曉", "春眠不覺曉，\n處處聞啼鳥。")

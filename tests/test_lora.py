@@ -16,15 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tools import compare_lora
 import evaluate
 import finetune
-from tools import merge_lora
+from model import GPT, GPTConfig
 import sample
 from tanggpt.checkpoint import load_checkpoint, load_model, model_and_tokenizer
 from tanggpt.lora import (LoRALinear, adapter_layers, adapter_state_dict, adapters_disabled, add_adapters,
                   load_adapter_state_dict, merge_adapters, trainable_parameters)
-from model import GPT, GPTConfig
+from tools import compare_lora
+from tools import merge_lora
 
 
 def tiny_model(seed: int = 0) -> GPT:

@@ -6,9 +6,9 @@ import math
 
 import pytest
 
+from data.forms import acrostic_head, clauses, form_name, is_regular_form
 from tanggpt.metrics import (acrostic_hits, distinct_n, follows_acrostic, generation_figures, mean_and_standard_error,
                              memorised_share)
-from data.forms import acrostic_head, clauses, form_name, is_regular_form
 
 QUATRAIN_5 = "床前明月光，疑是地上霜。\n舉頭望明月，低頭思故鄉。"
 QUATRAIN_7 = "朝辭白帝彩雲間，千里江陵一日還。\n兩岸猿聲啼不住，輕舟已過萬重山。"

@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from model import GPT, GPTConfig
 import pretrain
-from tests.conftest import REPO_ROOT, TINY
 from tanggpt.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from tanggpt.cli import parse_config
-from model import GPT, GPTConfig
 from tanggpt.training import TrainConfig, configure_optimizer, lr_at
+from tests.conftest import REPO_ROOT, TINY
 
 
 def cli(tmp_path: Path, poems: Path, *args: str) -> list[str]:

@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
+from data.forms import regular_clauses
 from model import GPT, GPTConfig
 from tanggpt.prosody import RhymeConstraint, keeps_tonal_pattern, load_table, prosody_figures, rhymes, rhymes_level, shared_rhyme_groups, unknown_share
-from data.forms import regular_clauses
 
 JING_YE_SI = "床前明月光，疑是地上霜。\n舉頭望明月，低頭思故鄉。"  # 李白, rhymes in 下平聲七陽
 DENG_GUAN_QUE_LOU = "白日依山盡，黃河入海流。\n欲窮千里目，更上一層樓。"  # 王之渙, 下平聲十一尤, regular tones

@@ -18,16 +18,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from data.corpus import load_corpus
+from data.tokenizer import CharTokenizer
 import evaluate
 import finetune
-import pretrain
-from data.tokenizer import CharTokenizer
-from tanggpt.checkpoint import CheckpointError, load_checkpoint
-from data.corpus import load_corpus
-from tanggpt.device import setup_runtime
 from model import GPT, GPTConfig
-from tests.conftest import REPO_ROOT, TINY
+import pretrain
+from tanggpt.checkpoint import CheckpointError, load_checkpoint
+from tanggpt.device import setup_runtime
 from tanggpt.training import Stage, TrainConfig, TrainingDiverged, train
+from tests.conftest import REPO_ROOT, TINY
 
 SCRIPT = [sys.executable, str(REPO_ROOT / "pretrain.py")]
 

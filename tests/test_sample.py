@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import sample
-from tanggpt.checkpoint import load_checkpoint, model_and_tokenizer
 from data.instruct import prompt_ids, title_prompt_ids
 from data.tasks import TASKS
-from data.tokenizer import TiktokenTokenizer, tokenizer_from_dict
+from data.tokenizer import TiktokenTokenizer
 from model import GPT
+import sample
+from tanggpt.checkpoint import load_checkpoint, model_and_tokenizer
 
 CPU = ["--device", "cpu", "--dtype", "float32"]
 

@@ -8,11 +8,11 @@ from collections import Counter
 import pytest
 import torch
 
-from data.errors import UserError
 from data.corpus import Poem, pretrain_text
-from data.instruct import IGNORE, INSTRUCTION, EpochBatches, encode_sample, encode_samples, poem_sample
-from data.tasks import TASKS, MixedTask, TaskMixture, instructions, parse_tasks, task_instruction
+from data.errors import UserError
 from data.forms import is_regular_form
+from data.instruct import IGNORE, INSTRUCTION, EpochBatches, Sample, encode_sample, encode_samples, poem_sample, sample_length
+from data.tasks import TASKS, MixedTask, TaskMixture, instructions, parse_tasks, task_instruction
 
 # 杜甫《春夜喜雨》, a 五言律詩, stored a couplet per line as the corpus does.
 SPRING_RAIN = Poem("春夜喜雨", ["好雨知時節，當春乃發生。", "隨風潛入夜，潤物細無聲。",
@@ -130,3 +130,10 @@ def test_task_instruction_fills_the_form_and_picks_the_phrasing():
     assert task_instruction("form", "七言絕句", held_out=True) == "試以此題賦七言絕句一首"
     count = len(TASKS["acrostic"].phrasings)
     assert task_instruction("acrostic", phrasing=count + 1) == TASKS["acrostic"].phrasings[1]  # taken in turn
+
+
+def test_sample_length_is_the_encoded_length(char_tokenizer):
+    """A sample's fit is judged from its parts' lengths (data/instruct.py), before encoding it."""
+    for sample in (Sample("請用以下題目寫一首詩", "春夜喜雨", "好雨知時節，當春乃發生。"), Sample("續", "", "一")):
+        parts = [len(char_tokenizer.encode(t)) for t in (sample.instruction, sample.input, sample.response)]
+        assert sample_length(*parts) == len(encode_sample(char_tokenizer, sample).inputs)

@@ -13,9 +13,9 @@ from collections import Counter
 import pytest
 import torch
 
-import data.tokenizer as tokenizer_module
 from data.corpus import render_poem
 from data.instruct import INSTRUCTION, Sample, encode_sample, prompt_ids, title_prompt_ids
+import data.tokenizer as tokenizer_module
 from data.tokenizer import (
     EOT,
     INP,

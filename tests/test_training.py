@@ -6,12 +6,12 @@ import json
 
 import torch
 
-from data.tokenizer import CharTokenizer
 from data.instruct import EpochBatches, Sample, encode_sample
+from data.tokenizer import CharTokenizer
+from model import GPT, GPTConfig
 from tanggpt.device import setup_runtime
 from tanggpt.distributed import Distributed
 from tanggpt.losses import causal_lm_loss
-from model import GPT, GPTConfig
 from tanggpt.training import Stage, TrainConfig, accumulate_gradients, train
 
 CPU = setup_runtime("cpu", "float32")

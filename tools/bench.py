@@ -23,11 +23,11 @@ from dataclasses import dataclass
 
 import torch
 
+from model import GPT, GPTConfig
 from tanggpt.cli import RuntimeConfig, flag, run_cli
 from tanggpt.device import Runtime, setup_runtime
 from tanggpt.generation import for_generation
 from tanggpt.losses import causal_lm_loss
-from model import GPT, GPTConfig
 from tanggpt.training import TrainConfig, configure_optimizer
 
 

@@ -32,9 +32,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from data.errors import UserError
+from tanggpt.atomic import atomic_write_text
 from tanggpt.checkpoint import load_checkpoint
 from tanggpt.cli import flag, run_cli
-from data.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]  # the runs are the root commands finetune.py and evaluate.py
 
@@ -90,7 +91,7 @@ def measure_variant(config: CompareConfig, rank: int, out_dir: Path) -> dict:
         argv = ["finetune.py", "--resume", "--out", str(ckpt_path), *poems]
     # A resumed run's peak is the larger of its two processes' (kept in r{R}.rss between them).
     peak = max(run_measured(argv), int(peak_path.read_text()) if peak_path.exists() else 0)
-    peak_path.write_text(str(peak))
+    atomic_write_text(peak_path, str(peak))
     log = [json.loads(line) for line in ckpt_path.with_suffix(".log.jsonl").read_text(encoding="utf-8").splitlines()]
     ckpt = load_checkpoint(ckpt_path, "--out-dir")
     trained = sum(t.numel() for t in ckpt["model"].values())
@@ -108,7 +109,7 @@ def measure_variant(config: CompareConfig, rank: int, out_dir: Path) -> dict:
         "stop_rate": columns["stop_rate"], "regular_form_rate": columns["regular_form_rate"],
         "title_gain": columns["title_gain"],
     }
-    figures_path.write_text(json.dumps(figures, indent=1), encoding="utf-8")
+    atomic_write_text(figures_path, json.dumps(figures, indent=1))
     return figures
 
 
@@ -143,7 +144,7 @@ def run(config: CompareConfig, explicit: set[str]) -> str:
         print(f"=== {'full tuning' if rank == 0 else f'LoRA rank {rank}'} ===", flush=True)
         rows.append(measure_variant(config, rank, out_dir))
     table = format_table(rows, config.num_titles)
-    (out_dir / "table.md").write_text(table + "\n", encoding="utf-8")
+    atomic_write_text(out_dir / "table.md", table + "\n")
     print(table)
     return table
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from data.errors import UserError
 from tanggpt.checkpoint import load_checkpoint, model_and_tokenizer, model_checkpoint, save_checkpoint
 from tanggpt.cli import flag, run_cli
-from data.errors import UserError
 
 
 @dataclass

@@ -1,0 +1,239 @@
+"""What evaluate.py measures, for one checkpoint: every figure of its table, and the tables.
+
+For each checkpoint:
+- loss (nats per token) and bits per character on the whole pretrain-val text, in
+  consecutive block_size windows, and on the responses of the finetune-val samples
+  (every finetune-val poem whose sample fits block_size; poem and end-of-text tokens);
+- poems written for unseen titles (the first --num-titles of finetune-val, or every poem
+  of --eval-poems DIR): stop rate (ended with end-of-text within the limit), regular-form
+  rate, mean length, distinct-2, and the share of generated lines found verbatim in the
+  training poems (memorisation); and, over the answers shaped as 絕句/律詩 (4 or 8 lines of
+  5 or 7 characters), the share that rhyme, rhyme in a level tone, and keep the tonal
+  pattern by the Pingshui table (prosody.py), beside the same for the real poems of the
+  same titles, the ceiling; and the model's own loss on its stopped answers (what the
+  sampler's choices, --rhyme's among them, cost in the model's eyes);
+- title-conditioning gain: log-likelihood of each finetune-val poem under its own title
+  minus under another poem's title, in nats per poem, with its standard error.
+  Positive means the model reads the title; about 0 means it ignores it;
+- for a tuned checkpoint, instruction following (data/tasks.py), each task asked with its
+  training phrasings and again with its held-out phrasing, on --task-prompts unseen
+  inputs: title -> poem (stop, regular form); form control (the share in the form asked
+  for, per form); acrostic (every clause opens with its head character, and per clause)
+  on heads of finetune-val poems and on 20 common heads such as 春夏秋冬; continuation
+  (stops, keeps the given lines' length, repeats no given line); titling a poem (the true
+  title's log-likelihood given its poem minus given another poem, nats).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+from data.corpus import Poem, pretrain_text
+from data.errors import UserError
+from data.forms import FORMS, acrostic_head, clauses, form_name, is_regular_form
+from data.instruct import INSTRUCTION, Sample, response_rows, sample_length
+from data.tasks import TASKS, instructions, task_instruction
+from data.tokenizer import Tokenizer
+from model import GPT
+from tanggpt.checkpoint import answers_prompts
+from tanggpt.cli import flag
+from tanggpt.device import Runtime
+from tanggpt.generation import SamplingConfig, answer_requests, answer_titles, for_generation
+from tanggpt.losses import bits_per_char, input_swap_nll, labelled_nll, stream_loss, title_swap_nll
+from tanggpt.metrics import acrostic_hits, follows_acrostic, generation_figures, mean_and_standard_error
+from tanggpt.prosody import prosody_figures
+
+
+@dataclass
+class EvaluationConfig(SamplingConfig):
+    """How much to measure: the sampling flags, and the sizes of the evaluation."""
+
+    num_titles: int = flag(200, "finetune-val titles to write poems for (without --eval-poems)")
+    task_prompts: int = flag(50, "prompts per task, per form and per phrasing kind (seen, held-out) for the "
+                                 "instruction-following figures of a tuned checkpoint (0 = skip them)")
+    batch_size: int = flag(50, "titles generated together, and rows per forward pass for the losses")
+
+
+def loss_figures(model: GPT, tokenizer: Tokenizer, splits: dict[str, list[Poem]], batch_size: int,
+                 runtime: Runtime, seed: int) -> dict:
+    """pretrain-val and finetune-val response losses, and the title-conditioning gain."""
+    text = pretrain_text(splits["pretrain_val"])
+    tokens = tokenizer.encode_array(text)
+    figures = {"pretrain_val_loss": stream_loss(model, tokens, batch_size, runtime)}
+    figures["pretrain_val_bpc"] = bits_per_char(figures["pretrain_val_loss"], len(tokens), len(text))
+
+    poems = splits["finetune_val"]
+    swap = title_swap_nll(model, tokenizer, poems, batch_size, runtime, seed)
+    if len(swap.poems) < 2:
+        raise UserError(f"only {len(swap.poems)} finetune-val poems fit block_size {model.config.block_size}; "
+                        "use a larger --poems folder")
+    response_tokens = int(swap.count.sum())
+    figures["finetune_val_loss"] = float(swap.nll_own.sum() / swap.count.sum())
+    response_chars = sum(len(poems[i].body) for i in swap.poems)
+    figures["finetune_val_bpc"] = bits_per_char(figures["finetune_val_loss"], response_tokens, response_chars)
+    gain, gain_se = mean_and_standard_error(swap.gains.tolist())
+    figures.update(title_gain=gain, title_gain_se=gain_se, title_gain_poems=len(swap.poems))
+    return figures
+
+
+def evaluate_checkpoint(ckpt: dict, model: GPT, tokenizer: Tokenizer, config: EvaluationConfig,
+                        splits: dict[str, list[Poem]], titles: list[str], training_lines: set[str],
+                        runtime: Runtime) -> dict:
+    """Every figure of the table for one checkpoint (its model and tokenizer, adapters merged)."""
+    start = time.perf_counter()
+    model = model.to(runtime.device).eval()
+    lora = f" + LoRA r{ckpt['lora']['rank']}" if "lora" in ckpt else ""
+    figures = {"kind": ckpt["kind"] + lora, "parameters": model.num_params()}
+    figures.update(loss_figures(model, tokenizer, splits, config.batch_size, runtime, config.seed))
+
+    writer = for_generation(copy.deepcopy(model), runtime)  # a copy: `model` stays fp32 for the answers' loss
+    answers = answer_titles(writer, tokenizer, titles, runtime, config.max_new_tokens, seed=config.seed,
+                            batch_size=config.batch_size, allowed=config.constraint(tokenizer),
+                            **config.generate_kwargs())
+    figures.update(generation_figures([a.poem for a in answers], [a.stopped for a in answers], training_lines))
+    figures.update(prosody_figures([a.poem for a in answers]))
+    # What the sampler's choices cost in the model's own eyes (--rhyme overrides it at the
+    # rhyme positions): the fp32 model's loss on its stopped answers, poem and end-of-text.
+    rows = [row for row in response_rows(tokenizer, [Sample(INSTRUCTION, a.title, a.poem) for a in answers if a.stopped],
+                                         model.config.block_size) if row is not None]
+    figures["answer_loss"] = None  # no answer stopped: nothing to score
+    if rows:
+        nll, count = labelled_nll(model, rows, tokenizer.eot_id, config.batch_size, runtime)
+        figures["answer_loss"] = float(nll.sum() / count.sum())
+    if config.task_prompts and answers_prompts(ckpt["kind"]):  # a base model was never asked anything
+        figures["instructions"] = instruction_figures(model, writer, tokenizer, splits["finetune_val"], config,
+                                                      runtime)
+    figures["seconds"] = time.perf_counter() - start
+    return figures
+
+
+# Acrostic heads a user might ask for: four characters each, none taken from a poem's head.
+COMMON_HEADS = ("春夏秋冬", "風花雪月", "琴棋書畫", "梅蘭竹菊", "江山如畫", "天長地久", "山高水長", "花好月圓",
+                "一帆風順", "萬事如意", "福壽安康", "金玉滿堂", "青山綠水", "日月星辰", "詩酒年華", "鳥語花香",
+                "雲淡風輕", "明月清風", "春華秋實", "千山萬水")
+
+
+def instruction_figures(model: GPT, writer: GPT, tokenizer: Tokenizer, poems: list[Poem], config: EvaluationConfig,
+                        runtime: Runtime) -> dict[str, dict]:
+    """Does the model follow each task's instruction? {"seen": figures, "held_out": figures}.
+
+    The same inputs are asked twice: with the training phrasings (taking turns) and with
+    the held-out phrasing no training sample used. `poems` are unseen (finetune-val) ones.
+    """
+    n = config.task_prompts
+    regular = [p for p in poems if is_regular_form(p.body)][:n]
+    openings = [p for p in poems if TASKS["continue"].sample(p, "") is not None][:n]
+    longest = max(len(tokenizer.encode(t)) for held in (False, True) for t in instructions(TASKS["title"], held))
+    titled = [p for p in poems  # poems whose title-task sample fits the block, in every phrasing
+              if sample_length(longest, len(tokenizer.encode(p.body)), len(tokenizer.encode(p.title))) <= model.config.block_size]
+    titled = titled[:n]
+
+    def share(flags) -> float:
+        flags = list(flags)
+        return sum(flags) / len(flags)
+
+    figures = {}
+    for kind in ("seen", "held_out"):
+        def ask(task: str, inputs: list[str], form: str = "") -> list:
+            requests = [(task_instruction(task, form, kind == "held_out", phrasing=i), text)
+                        for i, text in enumerate(inputs)]
+            return answer_requests(writer, tokenizer, requests, runtime, config.max_new_tokens, seed=config.seed,
+                                   batch_size=config.batch_size, **config.generate_kwargs())
+
+        f = {}
+        answers = ask("poem", [p.title for p in poems[:n]])
+        f["poem_stop"] = share(a.stopped for a in answers)
+        f["poem_regular"] = share(is_regular_form(a.poem) for a in answers)
+        for form in FORMS:
+            f[f"form {form}"] = share(form_name(a.poem) == form for a in ask("form", [p.title for p in poems[:n]], form))
+        for name, heads in (("unseen", [acrostic_head(p.body) for p in regular]), ("common", list(COMMON_HEADS[:n]))):
+            answers = ask("acrostic", heads)
+            f[f"acrostic_{name}"] = share(follows_acrostic(a.poem, h) for a, h in zip(answers, heads))
+            f[f"acrostic_{name}_lines"] = sum(acrostic_hits(a.poem, h) for a, h in zip(answers, heads)) / sum(
+                map(len, heads))
+        answers = ask("continue", [p.lines[0] for p in openings])
+        given = [clauses(p.lines[0]) for p in openings]
+        f["continue_stop"] = share(a.stopped for a in answers)
+        f["continue_length"] = share(bool(clauses(a.poem)) and {len(c) for c in clauses(a.poem)} == {len(g[0])}
+                                     for a, g in zip(answers, given))
+        f["continue_no_repeat"] = share(not set(g) & set(clauses(a.poem)) for a, g in zip(answers, given))
+        samples = [Sample(task_instruction("title", held_out=kind == "held_out", phrasing=i), p.body, p.title)
+                   for i, p in enumerate(titled)]
+        swap = input_swap_nll(model, tokenizer, samples, config.batch_size, runtime, config.seed)
+        # None where fewer than 2 poems fit the block (a tiny model's): nothing to compare
+        f["title_task_gain"], f["title_task_gain_se"] = (mean_and_standard_error(swap.gains.tolist())
+                                                         if len(swap.poems) >= 2 else (None, None))
+        figures[kind] = f
+    return figures
+
+
+ROWS = [  # (key, label, format)
+    ("kind", "kind", "{}"),
+    ("pretrain_val_loss", "pretrain-val loss (nats/token)", "{:.4f}"),
+    ("pretrain_val_bpc", "pretrain-val bits/char", "{:.3f}"),
+    ("finetune_val_loss", "finetune-val response loss", "{:.4f}"),
+    ("finetune_val_bpc", "finetune-val response bits/char", "{:.3f}"),
+    ("stop_rate", "stop rate", "{:.1%}"),
+    ("regular_form_rate", "regular form", "{:.1%}"),
+    ("mean_length", "mean length (chars)", "{:.1f}"),
+    ("distinct_2", "distinct-2", "{:.3f}"),
+    ("memorised_lines", "memorised lines", "{:.1%}"),
+    ("answer_loss", "answers' loss (nats/token)", "{:.3f}"),
+    ("regular_shaped", "4/8 lines of 5/7 characters", "{}"),
+    ("rhyme_rate", "  of these: rhyme (Pingshui)", "{:.1%}"),
+    ("distinct_rhyme_rate", "  rhyme, no rhyme char repeated", "{:.1%}"),
+    ("level_rhyme_rate", "  rhyme in a level tone", "{:.1%}"),
+    ("tonal_pattern_rate", "  keep the tonal pattern", "{:.1%}"),
+    ("title_gain", "title gain (nats/poem)", None),
+    ("seconds", "seconds", "{:.0f}"),
+]
+
+
+def format_table(columns: dict[str, dict]) -> str:
+    """One row per figure, one column per checkpoint (and "–" where a column has no such figure)."""
+    names = list(columns)
+    width = max(14, *(len(n) + 2 for n in names))
+    lines = [f"{'':32s}" + "".join(f"{n:>{width}s}" for n in names)]
+    for key, label, fmt in ROWS:
+        cells = []
+        for figures in columns.values():
+            if figures.get(key) is None:  # not measured for this column, or nothing to measure
+                cells.append("–")
+            elif key == "title_gain":
+                cells.append(f"{figures['title_gain']:.2f} ± {figures['title_gain_se']:.2f}")
+            else:
+                cells.append(fmt.format(figures[key]))
+        lines.append(f"{label:32s}" + "".join(f"{c:>{width}s}" for c in cells))
+    return "\n".join(lines)
+
+
+INSTRUCTION_ROWS = [  # (key, label, format), per phrasing kind
+    ("poem_stop", "title -> poem: stop", "{:.0%}"),
+    ("poem_regular", "  regular form", "{:.0%}"),
+    *((f"form {form}", f"form: {form}", "{:.0%}") for form in FORMS),
+    ("acrostic_unseen", "acrostic, unseen heads: all", "{:.0%}"),
+    ("acrostic_unseen_lines", "  per line", "{:.0%}"),
+    ("acrostic_common", "acrostic, common heads: all", "{:.0%}"),
+    ("acrostic_common_lines", "  per line", "{:.0%}"),
+    ("continue_stop", "continue: stop", "{:.0%}"),
+    ("continue_length", "  keeps the line length", "{:.0%}"),
+    ("continue_no_repeat", "  repeats no given line", "{:.0%}"),
+    ("title_task_gain", "title a poem: gain (nats)", "{:.2f}"),
+]
+
+
+def format_instruction_table(columns: dict[str, dict]) -> str:
+    """Per task, seen and held-out phrasings side by side, for each checkpoint measured."""
+    columns = {name: f["instructions"] for name, f in columns.items() if f.get("instructions")}
+    if not columns:
+        return ""
+    width = max(16, *(len(n) + 2 for n in columns))
+    lines = [f"{'instruction following':32s}" + "".join(f"{n:>{2 * width}s}" for n in columns),
+             f"{'':32s}" + f"{'seen':>{width}s}{'held-out':>{width}s}" * len(columns)]
+    for key, label, fmt in INSTRUCTION_ROWS:
+        cells = ["–" if f[kind][key] is None else fmt.format(f[kind][key])
+                 for f in columns.values() for kind in ("seen", "held_out")]
+        lines.append(f"{label:32s}" + "".join(f"{c:>{width}s}" for c in cells))
+    return "\n".join(lines)
