@@ -54,7 +54,7 @@ from tanggpt.preference import (PREFERENCES, Pair, build_pairs, fits, load_pairs
 from tanggpt.prosody import prosody_marks
 from tanggpt.rhyme_targets import rhyme_rows
 from tanggpt.training import Stage, finished, start_runtime, train
-from tanggpt.tuning import LORA_FIXED, MORE_EPOCHS, TuneConfig, describe_tuning, open_run, tuned_model
+from tanggpt.tuning import LORA_FIXED, MORE_EPOCHS, TuneConfig, describe_tuning, open_run, model_to_tune
 
 
 @dataclass
@@ -254,7 +254,7 @@ def run(config: AlignConfig, explicit: set[str]) -> dict:
     if master and ckpt is None and source["kind"] == DPO:
         print(f"note: --init {config.init} is already {KINDS[DPO]}; its answers are the new reference")
 
-    model, tokenizer, adapters = tuned_model(config, ckpt, source)
+    model, tokenizer, adapters = model_to_tune(config, ckpt, source)
     # The reference is the --init model: the model itself before its first step, or the same
     # network with its adapters switched off (a LoRA run: pairs are built under
     # adapters_disabled), or, when a resumed full run must rebuild its pair cache, the --init
@@ -299,7 +299,7 @@ def run(config: AlignConfig, explicit: set[str]) -> dict:
                             "--rhyme-weight 0")
         rhymes = EpochBatches(rows, config.rhyme_batch_size, config.grad_accum, dist_info.world_size, config.seed,
                               pad_id=tokenizer.eot_id)
-    max_iters = config.total_steps(batches.steps_per_epoch)
+    max_iters = config.settle_schedule(batches.steps_per_epoch)
     if finished(ckpt, max_iters, config.out, MORE_EPOCHS, master):
         return {}
     stage = align_stage(config, model, tokenizer, batches, rhymes, group_masks, val_pairs, finetune_val, gallery,

@@ -37,7 +37,7 @@ from tanggpt.device import Runtime
 from tanggpt.generation import answer_requests, format_answers
 from tanggpt.losses import response_loss
 from tanggpt.training import Stage, finished, start_runtime, train
-from tanggpt.tuning import LORA_FIXED, MORE_EPOCHS, TuneConfig, describe_tuning, open_run, tuned_model
+from tanggpt.tuning import LORA_FIXED, MORE_EPOCHS, TuneConfig, describe_tuning, open_run, model_to_tune
 
 
 @dataclass
@@ -59,8 +59,8 @@ class FinetuneConfig(TuneConfig):
     data_mode: str = flag("mix", "mix: --data samples join the poem samples; replace: use --data alone",
                           choices=["mix", "replace"])
 
-    def validate(self) -> None:
-        parse_tasks(self.tasks)  # an unknown task fails before the corpus loads
+    def fill_defaults(self) -> None:
+        """--lr 0 and --min-lr 0 follow --tasks (see the flags' help)."""
         # The book's run adjusts the model to one format: the lower rate is enough, and keeps
         # `--tasks book` the run it always was. A mixture teaches skills the base model lacks
         # (copying an acrostic head, counting lines to a form): measured, 1e-3 learns them
@@ -70,6 +70,9 @@ class FinetuneConfig(TuneConfig):
             self.lr = lr
         if self.min_lr == 0:
             self.min_lr = min_lr if self.lr == lr else self.lr / 10
+
+    def validate(self) -> None:
+        parse_tasks(self.tasks)  # an unknown task fails before the corpus loads
         super().validate()
 
 
@@ -138,7 +141,7 @@ def run(config: FinetuneConfig, explicit: set[str]) -> dict:
         # Allowed on purpose: tuning a tuned model again (say on your own --data) is a real use.
         print(f"note: --init {config.init} is already instruction-tuned; tuning it further")
 
-    model, tokenizer, adapters = tuned_model(config, ckpt, source)
+    model, tokenizer, adapters = model_to_tune(config, ckpt, source)
     model.to(runtime.device)
     block_size = model.config.block_size
 
@@ -161,7 +164,7 @@ def run(config: FinetuneConfig, explicit: set[str]) -> dict:
     batches = EpochBatches(mixture.rows, config.batch_size, config.grad_accum, dist_info.world_size, config.seed,
                            pad_id=tokenizer.eot_id)
     steps_per_epoch, per_step = batches.steps_per_epoch, batches.samples_per_step
-    max_iters = config.total_steps(steps_per_epoch)
+    max_iters = config.settle_schedule(steps_per_epoch)
     if finished(ckpt, max_iters, config.out, MORE_EPOCHS, master):
         return {}
     stage = finetune_stage(config, model, tokenizer, batches, val_rows, gallery, runtime, dist_info.rank, adapters)

@@ -218,10 +218,10 @@ def run(config: SampleConfig, explicit: set[str]) -> None:
     if config.acrostic:  # before any sampling: one line if a head cannot be written
         check_head(tokenizer, config.acrostic)
     model = for_generation(model, runtime)
-    is_sft = answers_prompts(kind)
+    answers = answers_prompts(kind)
     print(f"{config.ckpt}: {KINDS.get(kind, kind)} model ({kind}), "
           f"{model.num_params() / 1e6:.2f}M parameters, on {runtime.describe()}; {config.describe()}", file=sys.stderr)
-    if not is_sft:
+    if not answers:
         print(f"note: a base model continues text and will not stop by itself; each sample runs to "
               f"--max-new-tokens ({config.max_new_tokens})", file=sys.stderr)
         if not config.prompt:
@@ -236,13 +236,13 @@ def run(config: SampleConfig, explicit: set[str]) -> None:
         if acrostic:
             check_head(tokenizer, text)
         ids = encode_prompt(tokenizer, text, None if raw else instruction)
-        write_samples(model, tokenizer, ids, config, runtime, generator, warn_cut=is_sft, allowed=allowed)
+        write_samples(model, tokenizer, ids, config, runtime, generator, warn_cut=answers, allowed=allowed)
 
     if config.prompt:
         answer(unescape(config.prompt), raw=True)
     elif config.given_input():
         answer(config.given_input())
-    elif not is_sft and not (config.task or config.instruction or config.form):
+    elif not answers and not (config.task or config.instruction or config.form):
         interactive(lambda title: answer(title + "\n", raw=True), "a title (the base model continues 'title\\n')")
     else:
         if acrostic:

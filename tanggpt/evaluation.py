@@ -92,11 +92,11 @@ def evaluate_checkpoint(ckpt: dict, model: GPT, tokenizer: Tokenizer, config: Ev
     answers = answer_titles(writer, tokenizer, titles, runtime, config.max_new_tokens, seed=config.seed,
                             batch_size=config.batch_size, allowed=config.constraint(tokenizer),
                             **config.generate_kwargs())
-    figures.update(generation_figures([a.poem for a in answers], [a.stopped for a in answers], training_lines))
-    figures.update(prosody_figures([a.poem for a in answers]))
+    figures.update(generation_figures([a.response for a in answers], [a.stopped for a in answers], training_lines))
+    figures.update(prosody_figures([a.response for a in answers]))
     # What the sampler's choices cost in the model's own eyes (--rhyme overrides it at the
     # rhyme positions): the fp32 model's loss on its stopped answers, poem and end-of-text.
-    rows = [row for row in response_rows(tokenizer, [Sample(INSTRUCTION, a.title, a.poem) for a in answers if a.stopped],
+    rows = [row for row in response_rows(tokenizer, [Sample(INSTRUCTION, a.title, a.response) for a in answers if a.stopped],
                                          model.config.block_size) if row is not None]
     figures["answer_loss"] = None  # no answer stopped: nothing to score
     if rows:
@@ -145,20 +145,20 @@ def instruction_figures(model: GPT, writer: GPT, tokenizer: Tokenizer, poems: li
         f = {}
         answers = ask("poem", [p.title for p in poems[:n]])
         f["poem_stop"] = share(a.stopped for a in answers)
-        f["poem_regular"] = share(is_regular_form(a.poem) for a in answers)
+        f["poem_regular"] = share(is_regular_form(a.response) for a in answers)
         for form in FORMS:
-            f[f"form {form}"] = share(form_name(a.poem) == form for a in ask("form", [p.title for p in poems[:n]], form))
+            f[f"form {form}"] = share(form_name(a.response) == form for a in ask("form", [p.title for p in poems[:n]], form))
         for name, heads in (("unseen", [acrostic_head(p.body) for p in regular]), ("common", list(COMMON_HEADS[:n]))):
             answers = ask("acrostic", heads)
-            f[f"acrostic_{name}"] = share(follows_acrostic(a.poem, h) for a, h in zip(answers, heads))
-            f[f"acrostic_{name}_lines"] = sum(acrostic_hits(a.poem, h) for a, h in zip(answers, heads)) / sum(
+            f[f"acrostic_{name}"] = share(follows_acrostic(a.response, h) for a, h in zip(answers, heads))
+            f[f"acrostic_{name}_lines"] = sum(acrostic_hits(a.response, h) for a, h in zip(answers, heads)) / sum(
                 map(len, heads))
         answers = ask("continue", [p.lines[0] for p in openings])
         given = [clauses(p.lines[0]) for p in openings]
         f["continue_stop"] = share(a.stopped for a in answers)
-        f["continue_length"] = share(bool(clauses(a.poem)) and {len(c) for c in clauses(a.poem)} == {len(g[0])}
+        f["continue_length"] = share(bool(clauses(a.response)) and {len(c) for c in clauses(a.response)} == {len(g[0])}
                                      for a, g in zip(answers, given))
-        f["continue_no_repeat"] = share(not set(g) & set(clauses(a.poem)) for a, g in zip(answers, given))
+        f["continue_no_repeat"] = share(not set(g) & set(clauses(a.response)) for a, g in zip(answers, given))
         samples = [Sample(task_instruction("title", held_out=kind == "held_out", phrasing=i), p.body, p.title)
                    for i, p in enumerate(titled)]
         swap = input_swap_nll(model, tokenizer, samples, config.batch_size, runtime, config.seed)

@@ -81,7 +81,7 @@ def for_generation(model: GPT, runtime: Runtime) -> GPT:
 @dataclass
 class Answer:
     input: str  # for the poem task, the title
-    poem: str  # the response (for the title task, a title)
+    response: str  # what the model wrote: a poem, or for the title task a title
     stopped: bool  # ended with <|endoftext|> within the limit
     instruction: str = INSTRUCTION
 
@@ -145,7 +145,7 @@ def format_answers(answers: list[Answer], note: Callable[[str], str] | None = No
     for a in answers:
         ending = "[ended with <|endoftext|>]" if a.stopped else "[no end-of-text: cut at the length limit]"
         if note is not None:
-            ending += f" [{note(a.poem)}]"
+            ending += f" [{note(a.response)}]"
         asked = f"《{a.input}》" if a.instruction == INSTRUCTION else f"〔{a.instruction}〕\n{a.input}\n→"
-        blocks.append(f"{asked}\n{a.poem}\n{ending}")
+        blocks.append(f"{asked}\n{a.response}\n{ending}")
     return "\n\n".join(blocks)

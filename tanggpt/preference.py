@@ -69,7 +69,7 @@ def judge(preference: str, answer: Answer) -> str | None:
         return "rejected"  # the chosen answer is the corpus's poem, never the model's
     if not answer.stopped:
         return None  # every answer in a pair ends with end-of-text
-    lines = regular_clauses(answer.poem)
+    lines = regular_clauses(answer.response)
     if preference == "shape":
         return "chosen" if lines is not None else "rejected"
     if lines is None:
@@ -134,9 +134,9 @@ def build_pairs(model: GPT, tokenizer: Tokenizer, titles: list[str], preference:
     pairs = []
     for title, chosen, rejected in zip(titles, chosen_side, rejected_side):
         for better in chosen:  # the first chosen answer with a rejected one that differs from it
-            worse = next((r for r in rejected if r.poem != better.poem), None)  # (a real poem, written word for word)
+            worse = next((r for r in rejected if r.response != better.response), None)  # (a real poem, written word for word)
             if worse is not None:
-                pairs.append(Pair(title, better.poem, worse.poem))
+                pairs.append(Pair(title, better.response, worse.response))
                 break
     counts = PairCounts(len(titles), answers, sum(map(len, chosen_side)), sum(map(len, rejected_side)), len(pairs))
     return pairs, counts

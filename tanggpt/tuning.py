@@ -62,8 +62,13 @@ class TuneConfig(TrainConfig):
         """--sample-titles, or 春夜喜雨 and the given titles."""
         return [t.strip() for t in self.sample_titles.split(",") if t.strip()] or ["春夜喜雨"] + defaults
 
-    def total_steps(self, steps_per_epoch: int) -> int:
-        """The run's length: --epochs, cut by --max-iters; and, for --eval-interval 0, once per epoch."""
+    def fill_defaults(self) -> None:
+        """Settle the defaults that depend on other flags, before any check (a stage that has
+        such defaults overrides this: finetune.py's learning rate follows --tasks)."""
+
+    def settle_schedule(self, steps_per_epoch: int) -> int:
+        """Fix the run's length, --epochs cut by --max-iters, and return it; for --eval-interval 0
+        set it to once per epoch."""
         max_iters = self.epochs * steps_per_epoch
         if self.max_iters:
             max_iters = min(max_iters, self.max_iters)
@@ -84,6 +89,7 @@ def open_run(config: TuneConfig, explicit: set[str], kind: str, fixed: set[str],
     if config.resume:  # the run's own settings first, then check them like any others
         ckpt = resume_checkpoint(config.out, kind)
         notes += restore_run_flags(config, explicit, ckpt["train_config"], fixed, config.out)
+    config.fill_defaults()
     config.validate()
     unused = sorted(name for name in explicit & LORA_FIXED if name != "lora_rank") if not config.lora_rank else []
     if unused:
@@ -100,9 +106,10 @@ def open_run(config: TuneConfig, explicit: set[str], kind: str, fixed: set[str],
     return ckpt, source, notes
 
 
-def tuned_model(config: TuneConfig, ckpt: dict | None, source: dict) -> tuple[GPT, Tokenizer, dict]:
-    """The model a run trains and its tokenizer, plus what its checkpoints store beside the
-    weights about adapters ({"lora": ...}, or {} for full tuning).
+def model_to_tune(config: TuneConfig, ckpt: dict | None, source: dict) -> tuple[GPT, Tokenizer, dict]:
+    """The model a run is about to train (not yet tuned: --init's weights, or the resumed
+    run's) and its tokenizer, plus what its checkpoints store beside the weights about
+    adapters ({"lora": ...}, or {} for full tuning).
 
     A new run starts from --init (an adapter checkpoint as --init is merged first: its
     tuned weights are the new base); with --lora-rank the model is frozen and adapters are

@@ -197,7 +197,7 @@ def test_the_learning_rate_follows_the_job_unless_given():
     mixture, book, given = (finetune.FinetuneConfig(), finetune.FinetuneConfig(tasks="book"),
                             finetune.FinetuneConfig(tasks="book", lr=5e-4, min_lr=0.0))
     for config in (mixture, book, given):
-        config.validate()
+        config.fill_defaults()
     assert (mixture.lr, mixture.min_lr) == (1e-3, 1e-4)
     assert (book.lr, book.min_lr) == (3e-4, 3e-5)  # the book's run as it always was
     assert (given.lr, given.min_lr) == (5e-4, 5e-5)
