@@ -64,7 +64,7 @@ class FinetuneConfig(TuneConfig):
         # The book's run adjusts the model to one format: the lower rate is enough, and keeps
         # `--tasks book` the run it always was. A mixture teaches skills the base model lacks
         # (copying an acrostic head, counting lines to a form): measured, 1e-3 learns them
-        # faster and reaches a lower finetune-val loss in the same steps (see README).
+        # faster and reaches a lower finetune-val loss in the same steps (docs/results.md).
         lr, min_lr = (3e-4, 3e-5) if self.tasks.strip() == "book" else (1e-3, 1e-4)
         if self.lr == 0:
             self.lr = lr

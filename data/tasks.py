@@ -106,7 +106,7 @@ def instructions(task: Task, held_out: bool = False) -> list[str]:
 # finetune.py's --tasks: every task, the two that teach new skills (counting lines to a form,
 # copying a head into line openings) drawn two and three times as often. Measured against
 # `all` (each task as often) in the same steps: form control 6-30 points higher on every
-# form, common acrostic heads followed in 65 % of answers instead of none (README).
+# form, common acrostic heads followed in 65 % of answers instead of none (docs/results.md).
 DEFAULT_TASKS = "poem,form:2,acrostic:3,continue,title"
 
 

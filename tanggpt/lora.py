@@ -83,7 +83,7 @@ class TokenRows(nn.Module):
     rows were only ever pushed down, as wrong answers for every position. Frozen, they are
     words the adapters must work around, and the one that ends an answer is the hardest to
     reach (LoRA on the linear layers alone learned to stop in a quarter of its answers;
-    README, "LoRA"). So these rows train too: as a change added to the base rows, zero at
+    docs/lora.md). So these rows train too: as a change added to the base rows, zero at
     the start like B, which weight decay pulls back toward the base, not toward zero.
     k rows cost k x n_embd numbers.
     """

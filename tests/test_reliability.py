@@ -1,7 +1,7 @@
 """Nothing lost, ever: what --resume restores, what is never overwritten, what a signal saves,
 and one clear line for every bad input, checked before any long work starts.
 
-Numbered as the classes of faults in the README's "Reliability" section.
+Numbered as the classes of faults in docs/reliability.md.
 """
 
 from __future__ import annotations

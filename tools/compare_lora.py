@@ -1,4 +1,4 @@
-"""LoRA against full tuning, on the same run: the table of the README's LoRA section.
+"""LoRA against full tuning, on the same run: the table of docs/lora.md.
 
     python -m tools.compare_lora --init ckpt.pt                          # full tuning and r = 4, 8, 16, 64
     python -m tools.compare_lora --init ckpt.pt --ranks 0,8 --max-iters 200 --num-titles 50   # a quicker look
