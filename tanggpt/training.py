@@ -6,7 +6,7 @@ and what to sample. The loop does the rest, the same way for every stage: learni
 schedule, gradient accumulation, clipping, progress bar, periodic evaluation with a
 checkpoint, the JSONL log and loss plot, Ctrl-C, exact resume and data parallelism.
 
-The pieces it uses live in their own rooms: checkpoint.py (atomic saves, RNG state),
+The pieces it uses live in their own rooms: checkpoint.py (the checkpoint dict, RNG state),
 run_files.py (log, plot, samples), distributed.py (torchrun), losses.py (the losses).
 """
 
@@ -229,60 +229,140 @@ class StopFlag:
 # The loop
 
 
-def train(model: GPT, config: TrainConfig, stage: Stage, runtime: Runtime, max_iters: int,
-          ckpt: dict | None = None, dist_info: Distributed | None = None) -> dict:
-    """Train `model` for max_iters optimizer steps, resuming from `ckpt` if given.
+class Trainer:
+    """The loop, as a reader follows it: `run` takes steps; `step` is one optimizer step
+    (the learning rate, the stage's batches, their gradients, clipping, the update);
+    `report` logs the train loss; `evaluate_and_save` evaluates, samples and checkpoints.
+    What differs between stages comes from the Stage's hooks (get_batch, loss, evaluate,
+    sample), so nothing here knows what a poem is.
 
-    Returns the last evaluation's figures. Writes checkpoints, the log, plot and samples
-    on the master process only. Raises RunInterrupted after saving when a signal stopped
-    the run, and TrainingDiverged, saving nothing, when the loss or the weights blew up.
+    Checkpoints, the log, plot and samples are written on the master process only.
     """
-    dist_info = dist_info or Distributed()
-    master = dist_info.is_master
-    files = RunFiles(config.out)
-    optimizer = configure_optimizer(model, config, runtime.device)
-    start_step, progress = 0, {"tokens_seen": 0, "best_val_loss": float("inf")}
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_step, progress = ckpt["step"], {key: ckpt[key] for key in progress}
-        set_rng_state(ckpt["rng"])
-    saved_at = start_step if ckpt is not None else None  # the step of the checkpoint at --out, if any
-    if master and max_iters < config.warmup_iters:
-        tqdm.write(f"warning: the run is {max_iters} steps, shorter than --warmup-iters {config.warmup_iters}: "
-                   f"the learning rate never reaches --lr {config.lr:g}")
-    if master:
-        files.start(start_step if ckpt is not None else None)
-        if ckpt is None and stage.sample_before_training:
-            text = stage.sample(model, 0)
-            files.append_sample(f"{stage.describe_step(0)} (before training)", text)
-            tqdm.write(f"before training:\n{text}\n")
 
-    def diverged(what: str) -> TrainingDiverged:
-        kept = (f"the last good checkpoint ({files.checkpoint}, step {saved_at}) is untouched" if saved_at is not None
-                else "no checkpoint was written")
-        return TrainingDiverged(f"{what}; stopping, {kept}. Try a lower --lr or a higher --warmup-iters")
+    def __init__(self, model: GPT, config: TrainConfig, stage: Stage, runtime: Runtime, max_iters: int,
+                 ckpt: dict | None = None, dist_info: Distributed | None = None):
+        self.model, self.config, self.stage, self.runtime, self.max_iters = model, config, stage, runtime, max_iters
+        self.dist_info = dist_info or Distributed()
+        self.master = self.dist_info.is_master
+        self.files = RunFiles(config.out)
+        self.optimizer = configure_optimizer(model, config, runtime.device)
+        self.start_step, self.progress = 0, {"tokens_seen": 0, "best_val_loss": float("inf")}
+        if ckpt is not None:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.start_step, self.progress = ckpt["step"], {key: ckpt[key] for key in self.progress}
+            set_rng_state(ckpt["rng"])
+        self.resumed = ckpt is not None
+        self.saved_at = self.start_step if self.resumed else None  # the step of the checkpoint at --out, if any
+        self.compiled = config.compile and runtime.device.type in ("cpu", "cuda")  # inductor does not target MPS
+        self.runner = step_model(model, self.compiled, runtime, self.dist_info)
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=runtime.device)  # any step's loss so far
+        self.window = {"start": time.perf_counter(), "tokens": 0, "steps": 0}  # throughput since the last report
 
-    def check_weights(step: int) -> None:
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            raise diverged(f"step {step}: the weights are no longer finite numbers")
+    # -- the loop
 
-    def save(step: int) -> None:
-        nonlocal saved_at
-        check_weights(step)
-        save_checkpoint(files.checkpoint, model_checkpoint(
-            stage.kind, model, stage.tokenizer, **stage.checkpoint_extra, optimizer=optimizer.state_dict(),
-            train_config=asdict(config), step=step, **progress, max_iters=max_iters, rng=rng_state()))
-        saved_at = step
+    def run(self) -> dict:
+        """Train to max_iters; return the last evaluation's figures. Raises RunInterrupted after
+        saving when a signal stopped the run, and TrainingDiverged, saving nothing, when the
+        loss or the weights blew up."""
+        config, stage, files = self.config, self.stage, self.files
+        if self.master and self.max_iters < config.warmup_iters:
+            tqdm.write(f"warning: the run is {self.max_iters} steps, shorter than --warmup-iters "
+                       f"{config.warmup_iters}: the learning rate never reaches --lr {config.lr:g}")
+        if self.master:
+            files.start(self.start_step if self.resumed else None)
+            if not self.resumed and stage.sample_before_training:
+                text = stage.sample(self.model, 0)
+                files.append_sample(f"{stage.describe_step(0)} (before training)", text)
+                tqdm.write(f"before training:\n{text}\n")
+        figures: dict = {}
+        done = self.start_step
+        bar = tqdm(total=self.max_iters, initial=self.start_step, disable=not self.master, dynamic_ncols=True,
+                   unit="step")
+        with StopFlag() as stop, contextlib.closing(bar):
+            for step in range(self.start_step, self.max_iters):
+                loss, lr = self.step(step)
+                bar.update(1)
+                done = step + 1
+                eval_now = done % config.eval_interval == 0 or done == self.max_iters
+                # Every process must stop at the same step, or the others would wait forever.
+                if sum_over_processes(float(stop.requested), self.dist_info, self.runtime.device) and not stop.requested:
+                    stop.signum = signal.SIGTERM
+                if done % config.log_interval == 0 or eval_now or stop.requested or done == self.start_step + 1:
+                    self.report(done, loss, lr, bar)
+                if self.master and eval_now:
+                    figures = self.evaluate_and_save(done)
+                    self.window.update(start=time.perf_counter(), tokens=0, steps=0)  # eval time is not training
+                if stop.requested:
+                    break
+        if stop.requested and not (done == self.max_iters and self.saved_at == done):  # a signal in the final save
+            if self.master and self.saved_at != done:
+                self.save(done)
+            barrier(self.dist_info)
+            raise RunInterrupted(f"saved {files.checkpoint} at step {done} of {self.max_iters}; continue with "
+                                 f"--resume --out {files.checkpoint}", stop.signum)
+        barrier(self.dist_info)
+        return figures
 
-    def evaluate_and_save(step: int) -> dict:
-        check_weights(step)  # before evaluating and sampling from them
-        figures = stage.evaluate(model)
+    def step(self, step: int) -> tuple[torch.Tensor, float]:
+        """One optimizer step: the scheduled learning rate, the stage's micro-batches, their
+        gradients, clipping, the update. Returns this process's mean loss (detached) and the lr."""
+        config = self.config
+        lr = lr_at(step, config, self.max_iters)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.runner.train()
+        batches = [self.stage.get_batch(step, micro) for micro in range(config.grad_accum)]
+        loss = self.gradients(step, batches)
+        self.nonfinite |= ~torch.isfinite(loss)
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        step_tokens = sum(self.stage.batch_tokens(batch) for batch in batches) * self.dist_info.world_size
+        self.progress["tokens_seen"] += step_tokens
+        self.window["tokens"] += step_tokens
+        self.window["steps"] += 1
+        return loss, lr
+
+    def gradients(self, step: int, batches: list) -> torch.Tensor:
+        """accumulate_gradients through the step's model; if torch.compile fails on the first
+        step (it needs a working C++/Triton toolchain, found only then), carry on uncompiled."""
+        try:
+            return accumulate_gradients(self.runner, batches, self.stage, self.runtime, self.dist_info)
+        except Exception as e:
+            if not (self.compiled and step == self.start_step):
+                raise
+            tqdm.write(f"warning: torch.compile failed ({type(e).__name__}); continuing without --compile")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.compiled, self.runner = False, step_model(self.model, False, self.runtime, self.dist_info)
+            return accumulate_gradients(self.runner, batches, self.stage, self.runtime, self.dist_info)
+
+    def report(self, done: int, loss: torch.Tensor, lr: float, bar: tqdm) -> None:
+        """The progress bar and, every --log-interval steps, a train-loss record. The loss is read
+        (a device sync) only here, and a non-finite one at any step since stops the run."""
+        if self.nonfinite.item():
+            raise self.diverged(f"step {done}: training loss is {loss.item()}")
+        seconds = max(time.perf_counter() - self.window["start"], 1e-9)
+        tokens_per_s = self.window["tokens"] / seconds
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+        if self.master and done % self.config.log_interval == 0:
+            self.files.append_log({"step": done, "tokens": self.progress["tokens_seen"], "train_loss": loss.item(),
+                                   "lr": lr, "tokens_per_s": round(tokens_per_s),
+                                   "seconds_per_step": round(seconds / self.window["steps"], 4)})
+        self.window.update(start=time.perf_counter(), tokens=0, steps=0)
+
+    # -- evaluation and checkpoints
+
+    def evaluate_and_save(self, step: int) -> dict:
+        stage, files = self.stage, self.files
+        self.check_weights(step)  # before evaluating and sampling from them
+        figures = stage.evaluate(self.model)
         if not math.isfinite(figures["val_loss"]) or figures["val_loss"] > stage.max_val_loss:
-            raise diverged(f"step {step}: validation loss is {figures['val_loss']:.4g}")
-        progress["best_val_loss"] = min(progress["best_val_loss"], figures["val_loss"])
-        text = stage.sample(model, step)
-        save(step)  # first: the log and the samples never run ahead of the checkpoint
-        files.append_log({"step": step, "tokens": progress["tokens_seen"], **figures})
+            raise self.diverged(f"step {step}: validation loss is {figures['val_loss']:.4g}")
+        self.progress["best_val_loss"] = min(self.progress["best_val_loss"], figures["val_loss"])
+        text = stage.sample(self.model, step)
+        self.save(step)  # first: the log and the samples never run ahead of the checkpoint
+        files.append_log({"step": step, "tokens": self.progress["tokens_seen"], **figures})
         files.append_sample(stage.describe_step(step), text)
         summary = "  ".join(f"{k} {v:.4f}" for k, v in figures.items() if isinstance(v, float))
         tqdm.write(f"{stage.describe_step(step)}: {summary}\n{text}\n")
@@ -290,75 +370,29 @@ def train(model: GPT, config: TrainConfig, stage: Stage, runtime: Runtime, max_i
         release_freed_memory()  # evaluation's eager activations would otherwise stay resident
         return figures
 
-    compiled = config.compile and runtime.device.type in ("cpu", "cuda")  # inductor does not target MPS
-    runner = step_model(model, compiled, runtime, dist_info)
+    def save(self, step: int) -> None:
+        self.check_weights(step)
+        save_checkpoint(self.files.checkpoint, model_checkpoint(
+            self.stage.kind, self.model, self.stage.tokenizer, **self.stage.checkpoint_extra,
+            optimizer=self.optimizer.state_dict(), train_config=asdict(self.config), step=step, **self.progress,
+            max_iters=self.max_iters, rng=rng_state()))
+        self.saved_at = step
 
-    def gradients(step: int, batches: list) -> torch.Tensor:
-        nonlocal compiled, runner
-        try:
-            return accumulate_gradients(runner, batches, stage, runtime, dist_info)
-        except Exception as e:
-            # torch.compile needs a working C++/Triton toolchain, found only when the first
-            # step compiles. Without one, carry on uncompiled rather than fail.
-            if not (compiled and step == start_step):
-                raise
-            tqdm.write(f"warning: torch.compile failed ({type(e).__name__}); continuing without --compile")
-            optimizer.zero_grad(set_to_none=True)
-            compiled, runner = False, step_model(model, False, runtime, dist_info)
-            return accumulate_gradients(runner, batches, stage, runtime, dist_info)
+    def check_weights(self, step: int) -> None:
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise self.diverged(f"step {step}: the weights are no longer finite numbers")
 
-    figures: dict = {}
-    nonfinite = torch.zeros((), dtype=torch.bool, device=runtime.device)  # any step's loss so far, read when logging
-    window = {"start": time.perf_counter(), "tokens": 0, "steps": 0}  # training throughput since the last report
-    bar = tqdm(total=max_iters, initial=start_step, disable=not master, dynamic_ncols=True, unit="step")
-    with StopFlag() as stop, contextlib.closing(bar):
-        for step in range(start_step, max_iters):
-            lr = lr_at(step, config, max_iters)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            runner.train()
-            batches = [stage.get_batch(step, micro) for micro in range(config.grad_accum)]
-            loss = gradients(step, batches)
-            nonfinite |= ~torch.isfinite(loss)
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step_tokens = sum(stage.batch_tokens(batch) for batch in batches) * dist_info.world_size
-            progress["tokens_seen"] += step_tokens
-            window["tokens"] += step_tokens
-            window["steps"] += 1
-            bar.update(1)
+    def diverged(self, what: str) -> TrainingDiverged:
+        kept = (f"the last good checkpoint ({self.files.checkpoint}, step {self.saved_at}) is untouched"
+                if self.saved_at is not None else "no checkpoint was written")
+        return TrainingDiverged(f"{what}; stopping, {kept}. Try a lower --lr or a higher --warmup-iters")
 
-            done = step + 1
-            eval_now = done % config.eval_interval == 0 or done == max_iters
-            # Every process must stop at the same step, or the others would wait forever.
-            if sum_over_processes(float(stop.requested), dist_info, runtime.device) and not stop.requested:
-                stop.signum = signal.SIGTERM
-            if done % config.log_interval == 0 or eval_now or stop.requested or done == start_step + 1:
-                if nonfinite.item():
-                    raise diverged(f"step {done}: training loss is {loss.item()}")
-                seconds = max(time.perf_counter() - window["start"], 1e-9)
-                tokens_per_s = window["tokens"] / seconds
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
-                if master and done % config.log_interval == 0:
-                    files.append_log({"step": done, "tokens": progress["tokens_seen"], "train_loss": loss.item(),
-                                      "lr": lr, "tokens_per_s": round(tokens_per_s),
-                                      "seconds_per_step": round(seconds / window["steps"], 4)})
-                window.update(start=time.perf_counter(), tokens=0, steps=0)
-            if master and eval_now:
-                figures = evaluate_and_save(done)
-                window.update(start=time.perf_counter(), tokens=0, steps=0)  # don't count eval time as training
-            if stop.requested:
-                break
-    if stop.requested and not (done == max_iters and saved_at == done):  # a signal during the final save: done
-        if master and saved_at != done:
-            save(done)
-        barrier(dist_info)
-        raise RunInterrupted(f"saved {files.checkpoint} at step {done} of {max_iters}; continue with --resume "
-                             f"--out {files.checkpoint}", stop.signum)
-    barrier(dist_info)
-    return figures
+
+def train(model: GPT, config: TrainConfig, stage: Stage, runtime: Runtime, max_iters: int,
+          ckpt: dict | None = None, dist_info: Distributed | None = None) -> dict:
+    """Train `model` for max_iters optimizer steps, resuming from `ckpt` if given; return the
+    last evaluation's figures (see Trainer)."""
+    return Trainer(model, config, stage, runtime, max_iters, ckpt, dist_info).run()
 
 
 def finished(ckpt: dict | None, max_iters: int, out: str, further: str, master: bool = True) -> bool:
