@@ -287,7 +287,7 @@ def run(config: AlignConfig, explicit: set[str]) -> dict:
         pairs = load_pairs(config.pairs_path(), key)[0]
     train_pairs, val_pairs = split_pairs(pairs, config.val_share, config.seed)
     val_poems = tuning_poems(splits)[1]
-    finetune_val = finetune_val_rows(tokenizer, val_poems, block_size)[0]  # the val loss finetune.py reports
+    finetune_val = finetune_val_rows(tokenizer, val_poems, block_size)  # the val loss finetune.py reports
     gallery = config.gallery_titles([p.title for p in val_poems[:3]])
 
     batches = EpochBatches(train_pairs, config.batch_size, config.grad_accum, dist_info.world_size, config.seed)

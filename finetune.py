@@ -151,7 +151,7 @@ def run(config: FinetuneConfig, explicit: set[str]) -> dict:
     mixture = TaskMixture([] if extra and config.data_mode == "replace" else train_poems, parse_tasks(config.tasks),
                           tokenizer, block_size, config.loss_on, config.seed, extra, unknown)
     # The val loss is always the book's task, title -> poem: comparable between runs of any --tasks.
-    val_rows, _ = finetune_val_rows(tokenizer, val_poems, block_size, unknown)
+    val_rows = finetune_val_rows(tokenizer, val_poems, block_size, unknown)
     dropped_val = len(val_poems) - len(val_rows)
     if not len(mixture):
         raise UserError(f"the finetune-train split is empty ({len(train_poems)} poems before dropping "

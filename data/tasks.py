@@ -121,15 +121,13 @@ def tuning_poems(splits: dict[str, list[Poem]], forms: str = "regular") -> tuple
 
 
 def finetune_val_rows(tokenizer: Tokenizer, val_poems: list[Poem], block_size: int,
-                      unknown: Counter | None = None) -> tuple[list[tuple[list[int], list[int]]], list[Poem]]:
+                      unknown: Counter | None = None) -> list[tuple[list[int], list[int]]]:
     """The rows of the finetune-val loss, the one every stage logs and evaluate.py reports:
     each finetune-val poem as the book's task, title -> poem in its one sentence, as
     (inputs, response labels), whatever --tasks or --loss-on a run trains with, so runs
-    compare. Poems whose sample does not fit block_size are left out (never truncated).
-    Returns the rows and the poems they came from."""
-    rows = response_rows(tokenizer, [poem_sample(p) for p in val_poems], block_size, unknown)
-    kept = [(row, poem) for row, poem in zip(rows, val_poems) if row is not None]
-    return [row for row, _ in kept], [poem for _, poem in kept]
+    compare. Poems whose sample does not fit block_size are left out (never truncated)."""
+    return [row for row in response_rows(tokenizer, [poem_sample(p) for p in val_poems], block_size, unknown)
+            if row is not None]
 
 
 @dataclass(frozen=True)
