@@ -161,80 +161,85 @@ class AlignBatch(NamedTuple):
     poem_labels: torch.Tensor | None  # their response labels
 
 
-def align_stage(config: AlignConfig, model: GPT, tokenizer: Tokenizer, batches: EpochBatches,
-                rhymes: EpochBatches | None, group_masks: torch.Tensor, val_pairs: list[Pair],
-                finetune_val: list, titles: list[str], runtime: Runtime, rank: int, init_fingerprint: str,
-                adapters: dict) -> Stage:
-    device = runtime.device
-    train_pairs = batches.rows
-    group_masks = group_masks.to(device)
+class AlignStage(Stage):
+    """Batches of training pairs (and, with --rhyme-weight, of real rhyming poems); the loss is
+    DPO + the anchor (+ the rhyme loss); evaluated on held-out pairs and finetune-val;
+    sampled on the gallery, each poem marked by the Pingshui table."""
 
-    def get_batch(step: int, micro: int) -> AlignBatch:
-        pairs = pair_batch(tokenizer, [train_pairs[i] for i in batches.indices(step, micro, rank)])
+    def __init__(self, config: AlignConfig, tokenizer: Tokenizer, runtime: Runtime, rank: int, pairs: EpochBatches,
+                 val_pairs: list[Pair], finetune_val: list, gallery: list[str], rhymes: EpochBatches | None,
+                 group_masks: torch.Tensor, checkpoint_extra: dict):
+        self.config, self.tokenizer, self.runtime, self.rank = config, tokenizer, runtime, rank
+        self.pairs, self.val_pairs, self.finetune_val, self.gallery = pairs, val_pairs, finetune_val, gallery
+        self.rhymes, self.group_masks = rhymes, group_masks.to(runtime.device)
+        self.saved_with = checkpoint_extra
+        self.kind = DPO
+        self.plot_title = (f"preference tuning (DPO, {config.preference}): train = DPO + {config.sft_weight:g} x "
+                           f"anchor" + (f" + {config.rhyme_weight:g} x rhyme" if rhymes is not None else ""))
+        self.plot_ylabel = "loss per pair"
+        self.sample_before_training = True
+
+    def get_batch(self, step: int, micro_step: int) -> AlignBatch:
+        device, tokenizer = self.runtime.device, self.tokenizer
+        train_pairs = self.pairs.rows
+        pairs = pair_batch(tokenizer, [train_pairs[i] for i in self.pairs.indices(step, micro_step, self.rank)])
         pairs = PreferenceBatch(*(t.to(device) for t in pairs))
-        if rhymes is None:
+        if self.rhymes is None:
             return AlignBatch(pairs, None, None, None)
-        rows = [rhymes.rows[i] for i in rhymes.indices(step, micro, rank)]
+        rows = [self.rhymes.rows[i] for i in self.rhymes.indices(step, micro_step, self.rank)]
         x, rhyme_labels = pad_batch([(r.inputs, r.labels) for r in rows], tokenizer.eot_id)
         _, poem_labels = pad_batch([(r.inputs, r.response_labels) for r in rows], tokenizer.eot_id)
         return AlignBatch(pairs, x.to(device), rhyme_labels.to(device), poem_labels.to(device))
 
-    def loss(model: torch.nn.Module, batch: AlignBatch) -> torch.Tensor:
+    def loss(self, model: torch.nn.Module, batch: AlignBatch) -> torch.Tensor:
         """DPO + the anchor on the pairs; with the rhyme loss, the real poems' rhyme loss, and
         the anchor on them too: a rhyme learned at the rhyme positions, the rest held in place."""
+        config = self.config
         total = preference_loss(model, batch.pairs, config.beta, config.sft_weight)
         if batch.rhyme_inputs is not None:
             logits, poem_nll = model(batch.rhyme_inputs, batch.poem_labels)
-            total = total + config.rhyme_weight * rhyme_group_loss(logits, batch.rhyme_labels, group_masks)
+            total = total + config.rhyme_weight * rhyme_group_loss(logits, batch.rhyme_labels, self.group_masks)
             total = total + config.sft_weight * poem_nll
         return total
 
-    def rhyme_loss(model: GPT) -> float | None:
-        if rhymes is None:
-            return None
+    def batch_weight(self, batch: AlignBatch) -> int:
+        return len(batch.pairs.inputs) // 2  # a pair is the unit DPO averages over
+
+    def batch_tokens(self, batch: AlignBatch) -> int:
+        return batch.pairs.inputs.numel() + (0 if batch.rhyme_inputs is None else batch.rhyme_inputs.numel())
+
+    def evaluate(self, model: GPT) -> dict:
+        config, runtime = self.config, self.runtime
+        held_out = pair_figures(model, self.tokenizer, self.val_pairs, config.beta, config.batch_size, runtime)
+        seen = pair_figures(model, self.tokenizer, self.pairs.rows[:256], config.beta, config.batch_size, runtime)
+        figures = {"eval_train_loss": seen["dpo_loss"], "val_loss": held_out["dpo_loss"],
+                   **{k: v for k, v in held_out.items() if k != "dpo_loss"},
+                   "finetune_val_loss": response_loss(model, self.finetune_val, self.tokenizer.eot_id,
+                                                      2 * config.batch_size, runtime)}
+        if self.rhymes is not None:  # the rhyme loss on (training) poems: exp(-loss) ~ the rhyme group's probability
+            figures["rhyme_loss"] = self.rhyme_loss(model)
+        return figures
+
+    def rhyme_loss(self, model: GPT) -> float:
         was_training = model.training
         model.eval()
-        x, y = pad_batch([(r.inputs, r.labels) for r in rhymes.rows[:256]], tokenizer.eot_id)
-        with torch.no_grad(), runtime.autocast():
-            value = float(rhyme_group_loss(model(x.to(device))[0], y.to(device), group_masks))
+        x, y = pad_batch([(r.inputs, r.labels) for r in self.rhymes.rows[:256]], self.tokenizer.eot_id)
+        device = self.runtime.device
+        with torch.no_grad(), self.runtime.autocast():
+            value = float(rhyme_group_loss(model(x.to(device))[0], y.to(device), self.group_masks))
         model.train(was_training)
         return value
 
-    def evaluate(model: GPT) -> dict:
-        held_out = pair_figures(model, tokenizer, val_pairs, config.beta, config.batch_size, runtime)
-        seen = pair_figures(model, tokenizer, train_pairs[:256], config.beta, config.batch_size, runtime)
-        figures = {"eval_train_loss": seen["dpo_loss"], "val_loss": held_out["dpo_loss"],
-                   **{k: v for k, v in held_out.items() if k != "dpo_loss"},
-                   "finetune_val_loss": response_loss(model, finetune_val, tokenizer.eot_id, 2 * config.batch_size,
-                                                      runtime)}
-        if rhymes is not None:  # the rhyme loss on (training) poems: exp(-loss) ~ the rhyme group's probability
-            figures["rhyme_loss"] = rhyme_loss(model)
-        return figures
-
-    def sample(model: GPT, step: int) -> str:
-        answers = answer_titles(model, tokenizer, titles, runtime, config.sample_tokens, seed=config.seed)
+    def sample(self, model: GPT, step: int) -> str:
+        answers = answer_titles(model, self.tokenizer, self.gallery, self.runtime, self.config.sample_tokens,
+                                seed=self.config.seed)
         return format_answers(answers, note=prosody_marks)
 
-    def describe_step(step: int) -> str:
-        return f"step {step} (epoch {step / batches.steps_per_epoch:.2g})"
+    def describe_step(self, step: int) -> str:
+        return f"step {step} (epoch {step / self.pairs.steps_per_epoch:.2g})"
 
-    return Stage(
-        get_batch=get_batch,
-        evaluate=evaluate,
-        sample=sample,
-        kind=DPO,
-        tokenizer=tokenizer,
-        checkpoint_extra={"init": config.init, "init_fingerprint": init_fingerprint, "preference": config.preference,
-                          "beta": config.beta, **adapters},
-        plot_title=f"preference tuning (DPO, {config.preference}): train = DPO + {config.sft_weight:g} x anchor"
-                   + (f" + {config.rhyme_weight:g} x rhyme" if rhymes is not None else ""),
-        plot_ylabel="loss per pair",
-        loss=loss,
-        batch_weight=lambda batch: len(batch.pairs.inputs) // 2,  # a pair is the unit DPO averages over
-        batch_tokens=lambda batch: batch.pairs.inputs.numel() + (0 if rhymes is None else batch.rhyme_inputs.numel()),
-        describe_step=describe_step,
-        sample_before_training=True,
-    )
+    def checkpoint_extra(self) -> dict:
+        return self.saved_with
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -287,7 +292,7 @@ def run(config: AlignConfig, explicit: set[str]) -> dict:
         pairs = load_pairs(config.pairs_path(), key)[0]
     train_pairs, val_pairs = split_pairs(pairs, config.val_share, config.seed)
     val_poems = tuning_poems(splits)[1]
-    finetune_val = finetune_val_rows(tokenizer, val_poems, block_size)  # the val loss finetune.py reports
+    finetune_val = finetune_val_rows(tokenizer, splits, block_size)  # the val loss finetune.py reports
     gallery = config.gallery_titles([p.title for p in val_poems[:3]])
 
     batches = EpochBatches(train_pairs, config.batch_size, config.grad_accum, dist_info.world_size, config.seed)
@@ -302,8 +307,10 @@ def run(config: AlignConfig, explicit: set[str]) -> dict:
     max_iters = config.settle_schedule(batches.steps_per_epoch)
     if finished(ckpt, max_iters, config.out, MORE_EPOCHS, master):
         return {}
-    stage = align_stage(config, model, tokenizer, batches, rhymes, group_masks, val_pairs, finetune_val, gallery,
-                        runtime, dist_info.rank, init_fingerprint, adapters)
+    stage = AlignStage(config, tokenizer, runtime, dist_info.rank, pairs=batches, val_pairs=val_pairs,
+                       finetune_val=finetune_val, gallery=gallery, rhymes=rhymes, group_masks=group_masks,
+                       checkpoint_extra={"init": config.init, "init_fingerprint": init_fingerprint,
+                                         "preference": config.preference, "beta": config.beta, **adapters})
     if master:
         print(f"device {runtime.describe()}; model {model.num_params():,} parameters from "
               f"{config.out if config.resume else config.init}; preference {config.preference}, beta {config.beta:g}, "

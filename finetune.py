@@ -25,6 +25,8 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
+import torch
+
 from data.corpus import Poem, load_corpus
 from data.errors import UserError
 from data.instruct import INSTRUCTION, EpochBatches, load_instruction_jsonl
@@ -92,38 +94,40 @@ def gallery_requests(config: FinetuneConfig, tasks: dict, val_poems: list[Poem])
     return requests + [(task_instruction(name, form="七言絕句"), inputs[name]) for name in tasks if name in inputs]
 
 
-def finetune_stage(config: FinetuneConfig, model: GPT, tokenizer: Tokenizer, batches: EpochBatches,
-                   val_rows: list[tuple[list[int], list[int]]], gallery: list[tuple[str, str]], runtime: Runtime,
-                   rank: int, adapters: dict) -> Stage:
-    device = runtime.device
-    pad_id = batches.pad_id
+class FinetuneStage(Stage):
+    """The mixture's rows in epochs; evaluated by the response loss on finetune-val (the book's
+    title -> poem task, comparable between runs of any --tasks); sampled on the gallery."""
 
-    def get_batch(step: int, micro: int):
-        x, y = batches.batch(step, micro, rank)
-        return x.to(device), y.to(device)
+    def __init__(self, config: FinetuneConfig, tokenizer: Tokenizer, batches: EpochBatches,
+                 val_rows: list[tuple[list[int], list[int]]], gallery: list[tuple[str, str]], runtime: Runtime,
+                 rank: int, adapters: dict):
+        self.config, self.tokenizer, self.batches, self.val_rows = config, tokenizer, batches, val_rows
+        self.gallery, self.runtime, self.rank, self.adapters = gallery, runtime, rank, adapters
+        self.train_rows = [(row.inputs, row.response_labels) for row in batches.rows[:512]]
+        self.kind = SFT
+        self.plot_title = f"instruction tuning: loss on {config.loss_on} tokens, val on response tokens"
+        self.sample_before_training = True
+        self.max_val_loss = 2 * math.log(tokenizer.vocab_size)  # far worse than a uniform guess: diverged
 
-    train_rows = [(row.inputs, row.response_labels) for row in batches.rows[:512]]
+    def get_batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.batches.batch(step, micro_step, self.rank)
+        return x.to(self.runtime.device), y.to(self.runtime.device)
 
-    def evaluate(model: GPT) -> dict:  # labelled_nll puts the model in eval mode and back
-        return {"eval_train_loss": response_loss(model, train_rows, pad_id, config.batch_size, runtime),
-                "val_loss": response_loss(model, val_rows, pad_id, config.batch_size, runtime)}
+    def evaluate(self, model: GPT) -> dict:  # response_loss puts the model in eval mode and back
+        pad_id, batch_size = self.batches.pad_id, self.config.batch_size
+        return {"eval_train_loss": response_loss(model, self.train_rows, pad_id, batch_size, self.runtime),
+                "val_loss": response_loss(model, self.val_rows, pad_id, batch_size, self.runtime)}
 
-    def sample(model: GPT, step: int) -> str:
-        answers = answer_requests(model, tokenizer, gallery, runtime, config.sample_tokens, seed=config.seed)
+    def sample(self, model: GPT, step: int) -> str:
+        answers = answer_requests(model, self.tokenizer, self.gallery, self.runtime, self.config.sample_tokens,
+                                  seed=self.config.seed)
         return format_answers(answers)
 
-    return Stage(
-        get_batch=get_batch,
-        evaluate=evaluate,
-        sample=sample,
-        kind=SFT,
-        tokenizer=tokenizer,
-        checkpoint_extra={"init": config.init, "loss_on": config.loss_on, **adapters},
-        plot_title=f"instruction tuning: loss on {config.loss_on} tokens, val on response tokens",
-        describe_step=lambda step: f"epoch {step / batches.steps_per_epoch:g}",
-        sample_before_training=True,
-        max_val_loss=2 * math.log(tokenizer.vocab_size),  # far worse than a uniform guess: diverged
-    )
+    def describe_step(self, step: int) -> str:
+        return f"epoch {step / self.batches.steps_per_epoch:g}"
+
+    def checkpoint_extra(self) -> dict:
+        return {"init": self.config.init, "loss_on": self.config.loss_on, **self.adapters}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -150,9 +154,9 @@ def run(config: FinetuneConfig, explicit: set[str]) -> dict:
     unknown: Counter = Counter()
     mixture = TaskMixture([] if extra and config.data_mode == "replace" else train_poems, parse_tasks(config.tasks),
                           tokenizer, block_size, config.loss_on, config.seed, extra, unknown)
-    # The val loss is always the book's task, title -> poem: comparable between runs of any --tasks.
-    val_rows = finetune_val_rows(tokenizer, val_poems, block_size, unknown)
-    dropped_val = len(val_poems) - len(val_rows)
+    # The val loss is always the book's task, title -> poem: comparable between runs of any --tasks or --forms.
+    val_rows = finetune_val_rows(tokenizer, splits, block_size, unknown)
+    dropped_val = len(tuning_poems(splits)[1]) - len(val_rows)
     if not len(mixture):
         raise UserError(f"the finetune-train split is empty ({len(train_poems)} poems before dropping "
                         f"those over block_size {block_size}); use more poems or --data")
@@ -167,7 +171,7 @@ def run(config: FinetuneConfig, explicit: set[str]) -> dict:
     max_iters = config.settle_schedule(steps_per_epoch)
     if finished(ckpt, max_iters, config.out, MORE_EPOCHS, master):
         return {}
-    stage = finetune_stage(config, model, tokenizer, batches, val_rows, gallery, runtime, dist_info.rank, adapters)
+    stage = FinetuneStage(config, tokenizer, batches, val_rows, gallery, runtime, dist_info.rank, adapters)
     if master:
         n_tokens = sum(len(row.inputs) for row in batches.rows)
         print(f"device {runtime.describe()}; model {model.num_params():,} parameters from "

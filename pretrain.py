@@ -24,7 +24,7 @@ from data import all_poems, build_tokenizer, load_corpus, pretrain_text
 from data.batches import random_windows
 from data.errors import UserError
 from data.tasks import tokenizer_texts
-from data.tokenizer import check_tokenizer_name
+from data.tokenizer import Tokenizer, check_tokenizer_name
 from model import GPT, GPTConfig
 from tanggpt.checkpoint import PRETRAIN, model_and_tokenizer, resume_checkpoint
 from tanggpt.cli import flag, flag_name, require_positive, restore_run_flags, resume_rule, run_cli
@@ -65,56 +65,58 @@ RESUME_FIXED = {"seed", "batch_size", "grad_accum", "tokenizer", "block_size", "
                 "dropout", "preset"}
 
 
-def pretrain_stage(
-    config: PretrainConfig, model: GPT, tokenizer, streams: dict, runtime: Runtime, rank: int, world_size: int
-) -> Stage:
-    block, device = config.block_size, runtime.device
+class PretrainStage(Stage):
+    """Random windows of the token stream; evaluated on fixed windows of each split; sampled
+    by continuing --sample-title."""
 
-    def to_device(x: torch.Tensor, y: torch.Tensor):
+    def __init__(self, config: PretrainConfig, model: GPT, tokenizer: Tokenizer, streams: dict, runtime: Runtime,
+                 rank: int, world_size: int):
+        self.config, self.tokenizer, self.streams, self.runtime = config, tokenizer, streams, runtime
+        self.rank, self.world_size = rank, world_size
+        self.kind = PRETRAIN
+        self.plot_title = f"pretraining: {model.num_params() / 1e6:.2f}M params, {tokenizer.name} tokenizer"
+        self.max_val_loss = 2 * math.log(tokenizer.vocab_size)  # far worse than a uniform guess: diverged
+
+    def to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.runtime.device
         if device.type == "cuda":  # pinned memory lets the copy overlap with compute
             return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
         return x.to(device), y.to(device)
 
-    def get_batch(step: int, micro: int):
+    def get_batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        config = self.config
         # Seeded by (seed, step, micro-step, rank) alone: a resumed run draws the same windows.
-        index = (step * config.grad_accum + micro) * world_size + rank
+        index = (step * config.grad_accum + micro_step) * self.world_size + self.rank
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + index)
-        return to_device(*random_windows(streams["train"]["tokens"], config.batch_size, block, generator))
+        return self.to_device(*random_windows(self.streams["train"]["tokens"], config.batch_size, config.block_size,
+                                              generator))
 
     @torch.no_grad()
-    def evaluate(model: GPT) -> dict:
+    def evaluate(self, model: GPT) -> dict:
+        config = self.config
         model.eval()
         figures = {}
         for name, key in (("train", "eval_train_loss"), ("val", "val_loss")):
             # The same batches at every evaluation, so the curve moves only with the model.
             generator = torch.Generator().manual_seed(config.seed + (1 if name == "val" else 2))
+            stream = self.streams[name]
             losses = []
             for _ in range(config.eval_iters):
-                x, y = random_windows(streams[name]["tokens"], config.batch_size, block, generator)
+                x, y = random_windows(stream["tokens"], config.batch_size, config.block_size, generator)
                 # In chunks of 8 rows: the same mean, a quarter of the activation memory.
                 for xc, yc in zip(x.split(8), y.split(8)):
-                    with runtime.autocast():
-                        _, loss = model(*to_device(xc, yc))
+                    with self.runtime.autocast():
+                        _, loss = model(*self.to_device(xc, yc))
                     losses.append(loss.item() * len(xc) / len(x))
             figures[key] = sum(losses) / config.eval_iters
             # Bits per character compares char and tiktoken runs.
-            stream = streams[name]
             figures[f"{name}_bpc"] = bits_per_char(figures[key], len(stream["tokens"]), stream["chars"])
         model.train()
         return figures
 
-    def sample(model: GPT, step: int) -> str:
-        return continue_text(model, tokenizer, config.sample_title + "\n", runtime, 120, top_k=200, seed=config.seed)
-
-    return Stage(
-        get_batch=get_batch,
-        evaluate=evaluate,
-        sample=sample,
-        kind=PRETRAIN,
-        tokenizer=tokenizer,
-        plot_title=f"pretraining: {model.num_params() / 1e6:.2f}M params, {tokenizer.name} tokenizer",
-        max_val_loss=2 * math.log(tokenizer.vocab_size),  # far worse than a uniform guess: diverged
-    )
+    def sample(self, model: GPT, step: int) -> str:
+        return continue_text(model, self.tokenizer, self.config.sample_title + "\n", self.runtime, 120, top_k=200,
+                             seed=self.config.seed)
 
 
 def resolve_config(config: PretrainConfig, explicit: set[str], ckpt: dict | None) -> list[str]:
@@ -176,7 +178,7 @@ def run(config: PretrainConfig, explicit: set[str]) -> dict:
                             f"fewer than --block-size {config.block_size}")
     del splits  # the token streams are all training needs; free the poems
     release_freed_memory()
-    stage = pretrain_stage(config, model, tokenizer, streams, runtime, dist_info.rank, dist_info.world_size)
+    stage = PretrainStage(config, model, tokenizer, streams, runtime, dist_info.rank, dist_info.world_size)
 
     if master:
         start = ckpt["step"] if ckpt else 0

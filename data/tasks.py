@@ -120,14 +120,22 @@ def tuning_poems(splits: dict[str, list[Poem]], forms: str = "regular") -> tuple
     return [p for p in splits["finetune_train"] if keep(p)], [p for p in splits["finetune_val"] if keep(p)]
 
 
-def finetune_val_rows(tokenizer: Tokenizer, val_poems: list[Poem], block_size: int,
+def finetune_val_poems(tokenizer: Tokenizer, splits: dict[str, list[Poem]], block_size: int,
+                       unknown: Counter | None = None) -> list[tuple[Poem, tuple[list[int], list[int]]]]:
+    """The finetune-val set every stage and evaluate.py report a loss on, one definition so
+    their figures compare: each regular-form finetune-val poem (tuning_poems' default) as the
+    book's task, title -> poem in its one sentence, as (inputs, response labels), beside its
+    poem, whatever --tasks, --forms or --loss-on a run trains with. Poems whose sample does
+    not fit block_size are left out (never truncated)."""
+    val_poems = tuning_poems(splits)[1]
+    rows = response_rows(tokenizer, [poem_sample(p) for p in val_poems], block_size, unknown)
+    return [(poem, row) for poem, row in zip(val_poems, rows) if row is not None]
+
+
+def finetune_val_rows(tokenizer: Tokenizer, splits: dict[str, list[Poem]], block_size: int,
                       unknown: Counter | None = None) -> list[tuple[list[int], list[int]]]:
-    """The rows of the finetune-val loss, the one every stage logs and evaluate.py reports:
-    each finetune-val poem as the book's task, title -> poem in its one sentence, as
-    (inputs, response labels), whatever --tasks or --loss-on a run trains with, so runs
-    compare. Poems whose sample does not fit block_size are left out (never truncated)."""
-    return [row for row in response_rows(tokenizer, [poem_sample(p) for p in val_poems], block_size, unknown)
-            if row is not None]
+    """finetune_val_poems' rows alone: what finetune.py and align.py evaluate."""
+    return [row for _, row in finetune_val_poems(tokenizer, splits, block_size, unknown)]
 
 
 @dataclass(frozen=True)

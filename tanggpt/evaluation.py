@@ -2,8 +2,9 @@
 
 For each checkpoint:
 - loss (nats per token) and bits per character on the whole pretrain-val text, in
-  consecutive block_size windows, and on the responses of the finetune-val samples
-  (every finetune-val poem whose sample fits block_size; poem and end-of-text tokens);
+  consecutive block_size windows, and on the responses of the finetune-val samples, the
+  figure finetune.py and align.py log too (data.tasks.finetune_val_rows: the regular-form
+  finetune-val poems whose sample fits block_size; poem and end-of-text tokens);
 - poems written for unseen titles (the first --num-titles of finetune-val, or every poem
   of --eval-poems DIR): stop rate (ended with end-of-text within the limit), regular-form
   rate, mean length, distinct-2, and the share of generated lines found verbatim in the
@@ -33,15 +34,15 @@ from dataclasses import dataclass
 from data.corpus import Poem, pretrain_text
 from data.errors import UserError
 from data.forms import FORMS, acrostic_head, clauses, form_name, is_regular_form
-from data.instruct import INSTRUCTION, Sample, response_rows, sample_length
-from data.tasks import TASKS, instructions, task_instruction
+from data.instruct import IGNORE, INSTRUCTION, Sample, response_rows, sample_length
+from data.tasks import TASKS, finetune_val_poems, instructions, task_instruction
 from data.tokenizer import Tokenizer
 from model import GPT
 from tanggpt.checkpoint import answers_prompts
 from tanggpt.cli import flag
 from tanggpt.device import Runtime
 from tanggpt.generation import SamplingConfig, answer_requests, answer_titles, for_generation
-from tanggpt.losses import bits_per_char, input_swap_nll, labelled_nll, stream_loss, title_swap_nll
+from tanggpt.losses import bits_per_char, input_swap_nll, labelled_nll, response_loss, stream_loss, title_swap_nll
 from tanggpt.metrics import acrostic_hits, follows_acrostic, generation_figures, mean_and_standard_error
 from tanggpt.prosody import prosody_figures
 
@@ -64,14 +65,17 @@ def loss_figures(model: GPT, tokenizer: Tokenizer, splits: dict[str, list[Poem]]
     figures = {"pretrain_val_loss": stream_loss(model, tokens, batch_size, runtime)}
     figures["pretrain_val_bpc"] = bits_per_char(figures["pretrain_val_loss"], len(tokens), len(text))
 
-    poems = splits["finetune_val"]
-    swap = title_swap_nll(model, tokenizer, poems, batch_size, runtime, seed)
-    if len(swap.poems) < 2:
-        raise UserError(f"only {len(swap.poems)} finetune-val poems fit block_size {model.config.block_size}; "
-                        "use a larger --poems folder")
-    response_tokens = int(swap.count.sum())
-    figures["finetune_val_loss"] = float(swap.nll_own.sum() / swap.count.sum())
-    response_chars = sum(len(poems[i].body) for i in swap.poems)
+    # The finetune-val loss every stage logs (data.tasks.finetune_val_rows), over the same rows.
+    fitting = finetune_val_poems(tokenizer, splits, model.config.block_size)
+    # The title gain, on every finetune-val poem whose sample fits under its own title and another's.
+    swap = title_swap_nll(model, tokenizer, splits["finetune_val"], batch_size, runtime, seed)
+    if min(len(fitting), len(swap.poems)) < 2:
+        raise UserError(f"only {min(len(fitting), len(swap.poems))} finetune-val poems fit block_size "
+                        f"{model.config.block_size}; use a larger --poems folder")
+    rows = [row for _, row in fitting]
+    figures["finetune_val_loss"] = response_loss(model, rows, tokenizer.eot_id, batch_size, runtime)
+    response_tokens = sum(sum(label != IGNORE for label in labels) for _, labels in rows)
+    response_chars = sum(len(poem.body) for poem, _ in fitting)
     figures["finetune_val_bpc"] = bits_per_char(figures["finetune_val_loss"], response_tokens, response_chars)
     gain, gain_se = mean_and_standard_error(swap.gains.tolist())
     figures.update(title_gain=gain, title_gain_se=gain_se, title_gain_poems=len(swap.poems))

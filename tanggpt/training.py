@@ -1,6 +1,6 @@
 """The training loop every stage shares, and what it needs: flags, optimizer, schedule.
 
-A stage (pretrain.py, finetune.py) supplies a Stage: how to draw a batch for a step,
+A stage (pretrain.py, finetune.py, align.py) supplies a Stage: how to draw a batch for a step,
 how a batch becomes a loss (by default the model's causal-LM loss), how to evaluate
 and what to sample. The loop does the rest, the same way for every stage: learning-rate
 schedule, gradient accumulation, clipping, progress bar, periodic evaluation with a
@@ -17,8 +17,9 @@ import math
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -122,39 +123,57 @@ def start_runtime(config: TrainConfig) -> tuple[Distributed, Runtime]:
 # One optimizer step's gradients
 
 
-@dataclass
-class Stage:
-    """What a training stage plugs into the loop.
+class Stage(ABC):
+    """What a training stage plugs into the loop: a subclass per stage (pretrain.py's
+    PretrainStage, finetune.py's FinetuneStage, align.py's AlignStage) overrides these hooks.
 
-    get_batch(step, micro_step) -> a batch on the device. It must depend only on its
-    arguments (and the rank), never on hidden state, so a resumed run sees exactly
-    the batches an uninterrupted one would have.
-    loss(model, batch) -> the batch's mean loss (default: causal-LM cross-entropy of (x, y)).
-    batch_weight(batch) -> how many units loss averages over (default: labelled tokens),
-    so that micro-batches are weighted by what they carry (see accumulate_gradients).
-    batch_tokens(batch) -> tokens the step processed, for tokens_seen and tokens/s.
-    evaluate(model) -> dict of figures, including "val_loss" (lower is better; above
-    max_val_loss, e.g. far worse than a uniform guess, the run has diverged).
-    sample(model, step) -> text to print and append to the samples file.
+    Every stage sets, in its __init__:
     kind, tokenizer: what every checkpoint of the stage records (checkpoint.model_checkpoint);
-    checkpoint_extra: the stage's own settings stored beside them (the --init it tuned, ...).
-    describe_step(step) names a point in training for the samples file ("step 500", "epoch 2").
+    plot_title: the loss plot's title.
+    It may change the class defaults below (plot_ylabel, sample_before_training, max_val_loss).
     """
 
-    get_batch: Callable[[int, int], Any]
-    evaluate: Callable[[torch.nn.Module], dict]
-    sample: Callable[[torch.nn.Module, int], str]
     kind: str
     tokenizer: Tokenizer
     plot_title: str
-    checkpoint_extra: dict = field(default_factory=dict)
-    loss: Callable[[torch.nn.Module, Any], torch.Tensor] = causal_lm_loss
-    batch_weight: Callable[[Any], int] = labelled_tokens
-    batch_tokens: Callable[[Any], int] = lambda batch: batch[0].numel()
-    describe_step: Callable[[int], str] = lambda step: f"step {step}"
+    plot_ylabel: str = "loss (nats per token)"
     sample_before_training: bool = False  # also sample the untrained model, as a "before" picture
     max_val_loss: float = math.inf  # a validation loss above this means the run diverged: nothing is saved
-    plot_ylabel: str = "loss (nats per token)"
+
+    @abstractmethod
+    def get_batch(self, step: int, micro_step: int) -> Any:
+        """A batch on the device. It must depend only on its arguments (and the rank), never
+        on hidden state, so a resumed run sees exactly the batches an uninterrupted one would have."""
+
+    @abstractmethod
+    def evaluate(self, model: GPT) -> dict:
+        """Figures to log, including "val_loss" (lower is better; above max_val_loss, e.g. far
+        worse than a uniform guess, the run has diverged)."""
+
+    @abstractmethod
+    def sample(self, model: GPT, step: int) -> str:
+        """Text to print and append to the samples file."""
+
+    def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        """The batch's mean loss: by default the causal-LM cross-entropy of (x, y)."""
+        return causal_lm_loss(model, batch)
+
+    def batch_weight(self, batch: Any) -> int:
+        """How many units loss averages over (by default labelled tokens), so that micro-batches
+        are weighted by what they carry (see accumulate_gradients)."""
+        return labelled_tokens(batch)
+
+    def batch_tokens(self, batch: Any) -> int:
+        """Tokens the step processed, for tokens_seen and tokens/s."""
+        return batch[0].numel()
+
+    def describe_step(self, step: int) -> str:
+        """A point in training as the samples file names it ("step 500", "epoch 2")."""
+        return f"step {step}"
+
+    def checkpoint_extra(self) -> dict:
+        """The stage's own settings, stored in each checkpoint beside the model (the --init it tuned, ...)."""
+        return {}
 
 
 def step_model(model: torch.nn.Module, compile: bool, runtime: Runtime, dist_info: Distributed) -> torch.nn.Module:
@@ -373,7 +392,7 @@ class Trainer:
     def save(self, step: int) -> None:
         self.check_weights(step)
         save_checkpoint(self.files.checkpoint, model_checkpoint(
-            self.stage.kind, self.model, self.stage.tokenizer, **self.stage.checkpoint_extra,
+            self.stage.kind, self.model, self.stage.tokenizer, **self.stage.checkpoint_extra(),
             optimizer=self.optimizer.state_dict(), train_config=asdict(self.config), step=step, **self.progress,
             max_iters=self.max_iters, rng=rng_state()))
         self.saved_at = step

@@ -125,6 +125,16 @@ def test_bits_per_character_follow_from_the_loss(report):
         assert figures["pretrain_val_bpc"] == pytest.approx(figures["pretrain_val_loss"] / math.log(2))
 
 
+def test_the_finetune_val_loss_is_the_one_finetune_py_logs(report, tiny_tuned):
+    # One definition (data.tasks.finetune_val_rows): evaluate.py's figure for the tuned
+    # checkpoint is the val_loss finetune.py logged when it saved that checkpoint.
+    records = [json.loads(line) for line in tiny_tuned.with_name("ckpt_sft.log.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "val_loss" in r][-1]
+    assert logged["step"] == load_checkpoint(tiny_tuned)["step"]
+    figures = report["checkpoints"][str(tiny_tuned)]
+    assert figures["finetune_val_loss"] == pytest.approx(logged["val_loss"], rel=1e-5)
+
+
 def test_stream_loss_is_the_mean_over_consecutive_windows(tiny_pretrained, small_poems):
     model, tokenizer = model_and_tokenizer(load_checkpoint(tiny_pretrained))
     model.eval()

@@ -136,13 +136,25 @@ def test_finetune_out_equal_to_init_is_refused(tmp_path, small_poems, tiny_pretr
 # 3. A diverged update is never saved
 
 
-def synthetic_stage(loss, evaluate=lambda model: {"val_loss": 1.0}, max_val_loss=math.inf) -> Stage:
-    def get_batch(step: int, micro: int):
+class SyntheticStage(Stage):
+    """Random token batches, a loss and an evaluation a test passes in."""
+
+    def __init__(self, loss, evaluate=lambda model: {"val_loss": 1.0}, max_val_loss=math.inf):
+        self.loss_fn, self.evaluate_fn, self.max_val_loss = loss, evaluate, max_val_loss
+        self.kind, self.tokenizer, self.plot_title = "test", CharTokenizer("abc"), "test"
+
+    def get_batch(self, step, micro_step):
         x = torch.randint(20, (4, 8), generator=torch.Generator().manual_seed(step))
         return x, x
 
-    return Stage(get_batch=get_batch, evaluate=evaluate, sample=lambda model, step: "", loss=loss,
-                 kind="test", tokenizer=CharTokenizer("abc"), plot_title="test", max_val_loss=max_val_loss)
+    def loss(self, model, batch):
+        return self.loss_fn(model, batch)
+
+    def evaluate(self, model):
+        return self.evaluate_fn(model)
+
+    def sample(self, model, step):
+        return ""
 
 
 def tiny_model() -> GPT:
@@ -158,7 +170,7 @@ def test_weights_that_blew_up_are_caught_before_the_save(tmp_path):
     config = TrainConfig(out=str(tmp_path / "c.pt"), warmup_iters=0, grad_clip=0, eval_interval=1, log_interval=100)
     with pytest.raises(TrainingDiverged, match=r"step 1: the weights are no longer finite numbers; stopping, no "
                                                r"checkpoint was written"):
-        train(tiny_model(), config, synthetic_stage(poisoned), setup_runtime("cpu", "float32"), max_iters=3)
+        train(tiny_model(), config, SyntheticStage(poisoned), setup_runtime("cpu", "float32"), max_iters=3)
     assert not (tmp_path / "c.pt").exists()
 
 
@@ -166,7 +178,7 @@ def test_a_validation_loss_far_above_chance_is_never_saved(tmp_path):
     """Weights can stay finite while the model is ruined (val loss 1.7e12 was seen): that is divergence too."""
     losses = iter([2.0, 1.7e12])
     config = TrainConfig(out=str(tmp_path / "c.pt"), warmup_iters=0, eval_interval=2, log_interval=100)
-    stage = synthetic_stage(lambda model, batch: model(*batch)[1], evaluate=lambda model: {"val_loss": next(losses)},
+    stage = SyntheticStage(lambda model, batch: model(*batch)[1], evaluate=lambda model: {"val_loss": next(losses)},
                             max_val_loss=2 * math.log(20))
     with pytest.raises(TrainingDiverged, match=r"step 4: validation loss is 1.7e\+12; stopping, the last good "
                                                r"checkpoint \(.*c.pt, step 2\) is untouched"):

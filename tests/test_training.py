@@ -17,9 +17,24 @@ from tanggpt.training import Stage, TrainConfig, accumulate_gradients, train
 CPU = setup_runtime("cpu", "float32")
 
 
-def lm_stage(get_batch=None, loss=causal_lm_loss) -> Stage:
-    return Stage(get_batch=get_batch, evaluate=lambda model: {"val_loss": 0.0}, sample=lambda model, step: "",
-                 kind="test", tokenizer=CharTokenizer("abc"), plot_title="test", loss=loss)
+class LMStage(Stage):
+    """A stage made of the hooks a test passes in: the causal-LM loss unless told otherwise."""
+
+    def __init__(self, get_batch=None, loss=causal_lm_loss):
+        self.get_batch_fn, self.loss_fn = get_batch, loss
+        self.kind, self.tokenizer, self.plot_title = "test", CharTokenizer("abc"), "test"
+
+    def get_batch(self, step, micro_step):
+        return self.get_batch_fn(step, micro_step)
+
+    def loss(self, model, batch):
+        return self.loss_fn(model, batch)
+
+    def evaluate(self, model):
+        return {"val_loss": 0.0}
+
+    def sample(self, model, step):
+        return ""
 
 
 def tiny_model(vocab_size: int) -> GPT:
@@ -39,7 +54,7 @@ def test_accumulated_micro_batches_weigh_every_token_alike(char_tokenizer):
     rows = [encode_sample(char_tokenizer, Sample("寫", "春", "月" * n)) for n in lengths]
     whole = EpochBatches(rows, batch_size=32, seed=1, pad_id=char_tokenizer.eot_id)
     split = EpochBatches(rows, batch_size=8, grad_accum=4, seed=1, pad_id=char_tokenizer.eot_id)
-    model, stage = tiny_model(char_tokenizer.vocab_size), lm_stage()
+    model, stage = tiny_model(char_tokenizer.vocab_size), LMStage()
 
     one_batch = gradients(model, [whole.batch(0)], stage)
     micro = [split.batch(0, m) for m in range(4)]
@@ -71,7 +86,7 @@ def test_the_loop_trains_on_the_stage_loss(tmp_path):
     model = tiny_model(20)
     config = TrainConfig(out=str(tmp_path / "ckpt.pt"), lr=1e-2, warmup_iters=0, grad_accum=2, eval_interval=30,
                          log_interval=1, dtype="float32", device="cpu")
-    train(model, config, lm_stage(get_batch, doubled_loss), CPU, max_iters=30)
+    train(model, config, LMStage(get_batch, doubled_loss), CPU, max_iters=30)
     assert len(calls) == 30 * 2  # every micro-batch of every step
     records = [json.loads(line) for line in (tmp_path / "ckpt.log.jsonl").read_text().splitlines()]
     losses = [r["train_loss"] for r in records if "train_loss" in r]
