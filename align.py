@@ -53,7 +53,7 @@ from tanggpt.preference import (PREFERENCES, Pair, build_pairs, fits, load_pairs
                                 pair_figures, reference_logprobs, save_pairs, split_pairs)
 from tanggpt.prosody import prosody_marks
 from tanggpt.rhyme_targets import rhyme_rows
-from tanggpt.training import Stage, finished, start_runtime, train
+from tanggpt.training import LOOP_FIXED, Stage, finished, start_runtime, train
 from tanggpt.tuning import LORA_FIXED, MORE_EPOCHS, TuneConfig, describe_tuning, open_run, model_to_tune
 
 
@@ -108,7 +108,7 @@ class AlignConfig(TuneConfig):
 
 
 # What --resume never changes: these decide the pairs, their order and the loss.
-RESUME_FIXED = {"seed", "batch_size", "grad_accum", "init", "preference", "prompts", "samples_per_prompt",
+RESUME_FIXED = {*LOOP_FIXED, "init", "preference", "prompts", "samples_per_prompt",
                 "pair_temperature", "pairs", "val_share", "beta", "sft_weight", "rhyme_weight", "rhyme_batch_size",
                 *LORA_FIXED}
 

@@ -38,7 +38,7 @@ from tanggpt.cli import flag, resume_rule, run_cli
 from tanggpt.device import Runtime
 from tanggpt.generation import answer_requests, format_answers
 from tanggpt.losses import response_loss
-from tanggpt.training import Stage, finished, start_runtime, train
+from tanggpt.training import LOOP_FIXED, Stage, finished, start_runtime, train
 from tanggpt.tuning import LORA_FIXED, MORE_EPOCHS, TuneConfig, describe_tuning, open_run, model_to_tune
 
 
@@ -80,7 +80,7 @@ class FinetuneConfig(TuneConfig):
 
 # What --resume never changes: these decide the samples, their order and the loss, so another
 # value would not continue the same run.
-RESUME_FIXED = {"seed", "batch_size", "grad_accum", "init", "loss_on", "forms", "tasks", "data", "data_mode",
+RESUME_FIXED = {*LOOP_FIXED, "init", "loss_on", "forms", "tasks", "data", "data_mode",
                 *LORA_FIXED}
 
 

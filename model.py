@@ -27,6 +27,13 @@ class GPTConfig:
     n_embd: int = 256
     dropout: float = 0.0
     bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2
+    # The choices below default to GPT-2's; each alternative is what recent small-model
+    # recipes (nanochat, modded-nanogpt, Llama) use instead.
+    norm: str = "layernorm"  # or "rmsnorm": scale only, no mean subtracted, no bias
+    activation: str = "gelu"  # or "relu2": ReLU squared, max(0, x)^2
+    positions: str = "learned"  # or "rope": rotate queries and keys by their position
+    qk_norm: bool = False  # RMS-normalise queries and keys before attention
+    tie_head: bool = True  # the head shares the token embedding's weights
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -36,6 +43,27 @@ class GPTConfig:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name, allowed in (("norm", ("layernorm", "rmsnorm")), ("activation", ("gelu", "relu2")),
+                              ("positions", ("learned", "rope"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.positions == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"positions 'rope' needs an even head size, got {self.n_embd // self.n_head}")
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding (RoPE): turn each pair of a head's channels by an angle
+    proportional to the position. The dot product of a query and a key then depends on
+    how far apart they are, not on where they are."""
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
 class KVCache:
@@ -67,17 +95,23 @@ class CausalSelfAttention(nn.Module):
         self.layer = layer  # which slot of a KVCache is ours
         self.n_head = config.n_head
         self.dropout = config.dropout
+        self.qk_norm = config.qk_norm
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+        rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim): each head attends independently.
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.qk_norm:  # bounded attention logits, whatever the weights grow to
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+        if rotation is not None:
+            q, k = rotate(q, *rotation), rotate(k, *rotation)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)
         dropout_p = self.dropout if self.training else 0.0
@@ -97,12 +131,15 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.relu2 = config.activation == "relu2"
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        h = self.c_fc(x)
+        h = F.relu(h).square() if self.relu2 else self.gelu(h)
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
@@ -110,15 +147,16 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config, layer)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
     def forward(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+        rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), attn_mask, kv_cache)
+        x = x + self.attn(self.ln_1(x), attn_mask, kv_cache, rotation)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -127,14 +165,22 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embedding
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)  # learned position embedding
+        if config.positions == "learned":
+            self.wpe = nn.Embedding(config.block_size, config.n_embd)  # learned position embedding
+        else:  # RoPE: fixed angles, position t turns channel pair i by t / 10000^(2i / head_dim)
+            head_dim = config.n_embd // config.n_head
+            inverse_frequency = 1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)
+            angles = torch.outer(torch.arange(config.block_size).float(), inverse_frequency)
+            self.register_buffer("rope_cos", angles.cos(), persistent=False)
+            self.register_buffer("rope_sin", angles.sin(), persistent=False)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_f = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Weight tying: the same matrix maps ids to vectors and vectors back to id scores.
-        # It saves vocab_size x n_embd parameters, a large share of a small model.
-        self.lm_head.weight = self.wte.weight
+        if config.tie_head:
+            # Weight tying: the same matrix maps ids to vectors and vectors back to id scores.
+            # It saves vocab_size x n_embd parameters, a large share of a small model.
+            self.lm_head.weight = self.wte.weight
 
         self.apply(self._init_weights)
         # GPT-2: each residual branch's output projection is scaled down by sqrt(2 * n_layer),
@@ -176,9 +222,16 @@ class GPT(nn.Module):
             if T > self.config.block_size:
                 raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
             positions = torch.arange(T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(positions))
+        x = self.wte(idx)
+        rotation = None
+        if self.config.positions == "learned":
+            x = x + self.wpe(positions)
+        else:  # (T, head_dim/2) or (B, T, head_dim/2) angles; unsqueezed to broadcast over heads
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+            rotation = (cos.unsqueeze(-3), sin.unsqueeze(-3)) if cos.dim() == 3 else (cos, sin)
+        x = self.drop(x)
         for block in self.blocks:
-            x = block(x, attn_mask, kv_cache)
+            x = block(x, attn_mask, kv_cache, rotation)
         if kv_cache is not None:
             kv_cache.length += T
         x = self.ln_f(x)

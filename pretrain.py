@@ -32,7 +32,7 @@ from tanggpt.device import Runtime, release_freed_memory
 from tanggpt.generation import continue_text
 from tanggpt.losses import bits_per_char
 from tanggpt.run_files import RunFiles
-from tanggpt.training import Stage, TrainConfig, finished, start_runtime, train
+from tanggpt.training import LOOP_FIXED, Stage, TrainConfig, finished, start_runtime, train
 
 
 @dataclass
@@ -48,6 +48,13 @@ class PretrainConfig(TrainConfig):
     n_head: int = flag(4, "attention heads per block")
     n_embd: int = flag(256, "width of the residual stream")
     dropout: float = flag(0.0, "dropout probability")
+    norm: str = flag("layernorm", "layernorm (GPT-2) or rmsnorm", choices=["layernorm", "rmsnorm"])
+    activation: str = flag("gelu", "the MLP's activation: gelu (GPT-2) or relu2 (ReLU squared)",
+                           choices=["gelu", "relu2"])
+    positions: str = flag("learned", "learned position embeddings (GPT-2) or rope (rotary)",
+                          choices=["learned", "rope"])
+    qk_norm: bool = flag(False, "RMS-normalise queries and keys before attention")
+    tie_head: bool = flag(True, "the output head shares the token embedding's weights (GPT-2)")
     sample_title: str = flag("春夜喜雨", "title the model continues at each evaluation")
     preset: str = flag("", "gpu: a GPU-sized model and schedule (flags you give still win)", choices=["", "gpu"])
 
@@ -61,8 +68,8 @@ PRESETS = {
 }
 # What --resume never changes: these decide which windows each step reads and which model
 # reads them, so another value would not continue the same run.
-RESUME_FIXED = {"seed", "batch_size", "grad_accum", "tokenizer", "block_size", "n_layer", "n_head", "n_embd",
-                "dropout", "preset"}
+RESUME_FIXED = {*LOOP_FIXED, "tokenizer", "block_size", "n_layer", "n_head", "n_embd",
+                "dropout", "preset", "norm", "activation", "positions", "qk_norm", "tie_head"}
 
 
 class PretrainStage(Stage):
@@ -140,7 +147,9 @@ def resolve_config(config: PretrainConfig, explicit: set[str], ckpt: dict | None
 def model_config(config: PretrainConfig, vocab_size: int) -> GPTConfig:
     try:
         return GPTConfig(vocab_size=vocab_size, block_size=config.block_size, n_layer=config.n_layer,
-                         n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout)
+                         n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout, norm=config.norm,
+                         activation=config.activation, positions=config.positions, qk_norm=config.qk_norm,
+                         tie_head=config.tie_head)
     except ValueError as e:  # GPTConfig names its fields; the user typed flags
         raise UserError(re.sub(r"\b(n_layer|n_head|n_embd|block_size|dropout)\b", lambda m: flag_name(m[1]),
                                str(e))) from None

@@ -10,6 +10,7 @@ instruction format, the tasks, the poem forms), which import nothing from here.
     checkpoint.py   the checkpoint dict, its kinds, save and weights-only load
     run_files.py    the files beside a checkpoint: log, loss plot, samples
     training.py     the loop every stage shares
+    muon.py         Muon: orthogonalised momentum for the blocks' weight matrices
     tuning.py       what the stages that tune a checkpoint share (--init, epochs, LoRA)
     losses.py       every loss and score: causal LM, per-row NLL, DPO, rhyme group
     generation.py   asking a model: sampling flags, requests in, answers out

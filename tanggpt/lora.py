@@ -150,6 +150,10 @@ def add_adapters(model: nn.Module, rank: int, alpha: float, targets: str = "all"
     """
     if targets not in TARGETS:
         raise ValueError(f"targets must be one of {', '.join(TARGETS)}, got {targets!r}")
+    if token_ids and model.lm_head.weight is not model.wte.weight:
+        # TiedHead reads the embedding's rows: right only where the head is the embedding.
+        raise ValueError("training token rows needs a model whose head is tied to its embedding "
+                         "(--lora-tokens none for an untied one)")
     model.requires_grad_(False)
     wrapped = []
     for index, _ in enumerate(model.blocks):

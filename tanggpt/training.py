@@ -33,6 +33,7 @@ from tanggpt.cli import RunInterrupted, RuntimeConfig, flag, require_positive
 from tanggpt.device import Runtime, release_freed_memory, setup_runtime
 from tanggpt.distributed import Distributed, barrier, init_distributed, sum_over_processes
 from tanggpt.losses import causal_lm_loss, labelled_tokens
+from tanggpt.muon import MuonWithAdamW
 from tanggpt.run_files import RunFiles
 
 
@@ -60,6 +61,9 @@ class TrainConfig(RuntimeConfig):
     warmup_iters: int = flag(100, "steps of linear warmup from 0 to --lr")
     weight_decay: float = flag(0.1, "AdamW weight decay, on weight matrices only")
     grad_clip: float = flag(1.0, "clip the gradient norm to this (0 = no clipping)")
+    optimizer: str = flag("adamw", "adamw for every parameter, or muon for the blocks' weight matrices (AdamW for "
+                                   "the rest; tanggpt/muon.py)", choices=["adamw", "muon"])
+    muon_lr_scale: float = flag(10.0, "with --optimizer muon: the Muon matrices' learning rate is --lr times this")
     eval_interval: int = flag(250, "evaluate, sample and checkpoint every this many steps")
     log_interval: int = flag(10, "write a train-loss record to the JSONL log every this many steps")
 
@@ -69,20 +73,39 @@ class TrainConfig(RuntimeConfig):
             raise UserError(f"--lr must be positive and --min-lr in [0, lr], got lr {self.lr}, min-lr {self.min_lr}")
         if self.warmup_iters < 0 or self.grad_clip < 0 or self.weight_decay < 0:
             raise UserError("--warmup-iters, --grad-clip and --weight-decay must not be negative")
+        if self.muon_lr_scale <= 0:
+            raise UserError(f"--muon-lr-scale must be positive, got {self.muon_lr_scale}")
+
+
+# What --resume never changes in any stage: they decide which batches each step draws and
+# what the optimizer's saved state means. Each stage adds its own (its RESUME_FIXED).
+LOOP_FIXED = {"seed", "batch_size", "grad_accum", "optimizer"}
 
 
 # -----------------------------------------------------------------------------
 # Optimizer, schedule, runtime
 
 
-def configure_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def configure_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """AdamW with two groups: weight decay on matrices (>= 2 dims), none on biases and norms.
 
     Decay pulls weights toward zero; for matmul weights and embeddings that is useful
     regularisation, but for LayerNorm gains and biases it only fights their job.
     Frozen parameters (requires_grad False) never reach the optimizer.
+    With --optimizer muon, the blocks' weight matrices take Muon steps instead (muon.py);
+    the embeddings, the head, the gains and biases keep AdamW.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if config.optimizer == "muon":
+        # LoRA's factors stay with AdamW: Muon's fixed step size is meant for full matrices.
+        is_muon = {name: p.dim() == 2 and name.startswith("blocks.") and "lora_" not in name for name, p in named}
+        groups = [
+            {"params": [p for n, p in named if is_muon[n]], "weight_decay": config.weight_decay, "muon": True},
+            {"params": [p for n, p in named if not is_muon[n] and p.dim() >= 2], "weight_decay": config.weight_decay},
+            {"params": [p for n, p in named if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        return MuonWithAdamW([g for g in groups if g["params"]], lr=config.lr, lr_scale=config.muon_lr_scale)
+    params = [p for _, p in named]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},

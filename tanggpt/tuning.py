@@ -123,6 +123,9 @@ def model_to_tune(config: TuneConfig, ckpt: dict | None, source: dict) -> tuple[
     if not config.lora_rank:
         return model, tokenizer, {}
     token_ids = sorted(tokenizer.special_ids.values()) if config.lora_tokens == "specials" else []
+    if token_ids and not model.config.tie_head:
+        raise UserError(f"--init {config.init}: its head is not tied to its embedding, so --lora-tokens specials "
+                        "cannot train the special tokens' rows in both; use --lora-tokens none")
     spec = {"rank": config.lora_rank, "alpha": config.lora_alpha, "targets": config.lora_targets,
             "dropout": config.lora_dropout, "token_ids": token_ids, "base": str(Path(config.init).resolve()),
             "base_fingerprint": model_fingerprint(model.state_dict())}

@@ -315,6 +315,24 @@ def test_bad_lora_flags_are_one_line(tmp_path, tiny_pretrained, capsys, flags, m
     assert len(err.splitlines()) == 1 and message in err, err
 
 
+def test_an_untied_head_refuses_to_train_token_rows_in_one_line(tmp_path, capsys):
+    # TiedHead reads the embedding's rows; an untied head has rows of its own.
+    from tanggpt.checkpoint import PRETRAIN, model_checkpoint, save_checkpoint
+    from data.tokenizer import CharTokenizer
+
+    tokenizer = CharTokenizer.from_texts(["春眠不覺曉，處處聞啼鳥。"])
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16,
+                          tie_head=False))
+    save_checkpoint(tmp_path / "untied.pt", model_checkpoint(PRETRAIN, model, tokenizer, step=1))
+    argv = ["--init", str(tmp_path / "untied.pt"), "--out", str(tmp_path / "x.pt"), "--lora-rank", "4"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "--lora-tokens none" in err, err
+    assert not (tmp_path / "x.pt").exists()
+
+
 @pytest.mark.slow
 def test_compare_lora_measures_each_variant_once_and_tabulates(tmp_path, small_poems, tiny_pretrained, capsys):
     argv = ["--init", str(tiny_pretrained), "--ranks", "0,4", "--max-iters", "2", "--num-titles", "2", "--poems",

@@ -400,3 +400,49 @@ def test_bf16_weights_generate_like_autocast():
     got = cast.generate(prompts, 6, temperature=0)
     agree = sum(a == b for e, g in zip(expected, got) for a, b in zip(e, g))
     assert agree >= 10  # of 12: rounding may flip a near-tie, not the whole output
+
+
+# -----------------------------------------------------------------------------
+# The architecture choices beside GPT-2's (GPTConfig.norm, activation, positions, qk_norm, tie_head)
+
+MODERN = dict(norm="rmsnorm", activation="relu2", positions="rope", qk_norm=True, tie_head=False)
+CHOICES = [{name: value} for name, value in MODERN.items()] + [MODERN]
+
+
+@pytest.mark.parametrize("choice", CHOICES, ids=lambda c: "+".join(f"{k}={v}" for k, v in c.items()))
+def test_each_choice_keeps_causality_cache_and_padding_exact(choice):
+    """Every choice changes the function (other logits than GPT-2's), and keeps what
+    generation relies on: causal, the KV cache exact past block_size, left padding invisible."""
+    model = tiny_model(**choice).eval()
+    torch.manual_seed(1)
+    idx = torch.randint(0, 64, (2, 16))
+    changed = idx.clone()
+    changed[:, 9:] = (changed[:, 9:] + 1) % 64
+    with torch.no_grad():
+        a, b, gpt2 = model(idx)[0], model(changed)[0], tiny_model().eval()(idx)[0]
+    assert torch.allclose(a[:, :9], b[:, :9], atol=1e-6) and not torch.allclose(a[:, 9:], b[:, 9:], atol=1e-4)
+    assert a.shape == gpt2.shape and not torch.allclose(a, gpt2, atol=1e-3)
+    with torch.no_grad():
+        for p in model.parameters():  # large weights, so greedy choices are not near-ties
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.5)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]]
+    cached = model.generate(prompts, 20, temperature=0)  # crosses block_size 16
+    assert cached == model.generate(prompts, 20, temperature=0, use_cache=False)
+    assert cached == [greedy_alone(model, p, 20) for p in prompts]
+
+
+def test_rope_has_no_position_table_and_an_untied_head_its_own_matrix():
+    model = tiny_model(positions="rope", tie_head=False)
+    assert not hasattr(model, "wpe")
+    assert model.lm_head.weight is not model.wte.weight
+    # Without the position table, with a second vocab x n_embd matrix.
+    gpt2 = tiny_model()
+    assert model.num_params() == gpt2.num_params() - 16 * 32 + 64 * 32
+
+
+@pytest.mark.parametrize("bad", [dict(norm="batchnorm"), dict(activation="tanh"), dict(positions="alibi"),
+                                 dict(positions="rope", n_embd=30, n_head=2)])
+def test_config_rejects_unknown_choices(bad):
+    with pytest.raises(ValueError):
+        GPTConfig(**{**TINY, **bad})

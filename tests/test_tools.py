@@ -1,0 +1,35 @@
+"""tools.bench and tools.profile_step on a tiny model: what they print, and their flags' errors."""
+
+import re
+
+import pytest
+
+from tools import bench, profile_step
+
+TINY = ["--vocab-size", "50", "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "8",
+        "--batch-size", "2", "--dtype", "float32", "--device", "cpu"]
+
+
+def test_profile_step_times_every_part_and_they_add_up(capsys):
+    profile_step.main([*TINY, "--repeats", "2", "--optimizer", "muon"])
+    out = capsys.readouterr().out
+    parts = re.findall(r"^  (.+?)\s+([\d.]+) ms\s+([\d.]+)%$", out, re.M)
+    names = [name for name, _, _ in parts]
+    assert names[0].startswith("data") and names[-1].startswith("optimizer (muon") and len(parts) == 6
+    assert sum(float(share) for _, _, share in parts) == pytest.approx(100, abs=0.5)
+    total = float(re.search(r"the step\s+([\d.]+) ms", out)[1])
+    assert total == pytest.approx(sum(float(ms) for _, ms, _ in parts), abs=0.5)
+    assert "output layer" in out and "16 tokens a step" in out
+
+
+def test_bench_prints_training_and_generation_figures(capsys):
+    bench.main([*TINY, "--steps", "1", "--repeats", "1", "--new-tokens", "4", "--gen-batch", "2"])
+    out = capsys.readouterr().out
+    assert re.search(r"train: [\d,]+ tokens/s \| model [\d.]+ GFLOP/s of a measured [\d.]+ GFLOP/s matmul = MFU", out)
+    assert re.search(r"generate 4 tokens: [\d,]+ tokens/s with KV cache, [\d,]+ without", out)
+
+
+def test_a_bad_flag_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        profile_step.main(["--optimizer", "sgd"])
+    assert exit_info.value.code == 2 and "--optimizer" in capsys.readouterr().err
