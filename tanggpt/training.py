@@ -96,20 +96,18 @@ def configure_optimizer(model: torch.nn.Module, config: TrainConfig, device: tor
     the embeddings, the head, the gains and biases keep AdamW.
     """
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    if config.optimizer == "muon":
-        # LoRA's factors stay with AdamW: Muon's fixed step size is meant for full matrices.
-        is_muon = {name: p.dim() == 2 and name.startswith("blocks.") and "lora_" not in name for name, p in named}
-        groups = [
-            {"params": [p for n, p in named if is_muon[n]], "weight_decay": config.weight_decay, "muon": True},
-            {"params": [p for n, p in named if not is_muon[n] and p.dim() >= 2], "weight_decay": config.weight_decay},
-            {"params": [p for n, p in named if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        return MuonWithAdamW([g for g in groups if g["params"]], lr=config.lr, lr_scale=config.muon_lr_scale)
-    params = [p for _, p in named]
+    # With Muon, the blocks' matrices leave AdamW; LoRA's factors stay with it: Muon's fixed
+    # step size is meant for full matrices.
+    muon = {n for n, p in named if config.optimizer == "muon" and p.dim() == 2 and n.startswith("blocks.")
+            and "lora_" not in n}
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for n, p in named if p.dim() >= 2 and n not in muon], "weight_decay": config.weight_decay},
+        {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0},
     ]
+    if config.optimizer == "muon":
+        groups.append({"params": [p for n, p in named if n in muon], "weight_decay": config.weight_decay,
+                       "muon": True})
+        return MuonWithAdamW([g for g in groups if g["params"]], lr=config.lr, lr_scale=config.muon_lr_scale)
     # The fused kernel does the whole update in one pass (on CPU since torch 2.4, and CUDA).
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), fused=device.type in ("cpu", "cuda"))
 

@@ -123,13 +123,13 @@ def model_to_tune(config: TuneConfig, ckpt: dict | None, source: dict) -> tuple[
     if not config.lora_rank:
         return model, tokenizer, {}
     token_ids = sorted(tokenizer.special_ids.values()) if config.lora_tokens == "specials" else []
-    if token_ids and not model.config.tie_head:
-        raise UserError(f"--init {config.init}: its head is not tied to its embedding, so --lora-tokens specials "
-                        "cannot train the special tokens' rows in both; use --lora-tokens none")
     spec = {"rank": config.lora_rank, "alpha": config.lora_alpha, "targets": config.lora_targets,
             "dropout": config.lora_dropout, "token_ids": token_ids, "base": str(Path(config.init).resolve()),
             "base_fingerprint": model_fingerprint(model.state_dict())}
-    add_adapters(model, config.lora_rank, config.lora_alpha, config.lora_targets, config.lora_dropout, token_ids)
+    try:
+        add_adapters(model, config.lora_rank, config.lora_alpha, config.lora_targets, config.lora_dropout, token_ids)
+    except ValueError as e:  # a model the adapters cannot fit (the flags themselves are checked before)
+        raise UserError(f"--init {config.init}: {e}") from None
     return model, tokenizer, {"lora": spec}
 
 
