@@ -20,4 +20,5 @@ instruction format, the tasks, the poem forms), which import nothing from here.
     preference.py   preference pairs for DPO: building, scoring, caching, their DPO figures
     rhyme_targets.py  the rhyme loss's rows: real rhyming poems and what may rhyme where
     evaluation.py   what evaluate.py measures: every figure of its table, and the tables
+    speed.py        what the speed tools share: the model they measure, its description, a device clock
 """

@@ -24,18 +24,12 @@ from dataclasses import dataclass
 import torch
 
 from model import GPT, GPTConfig
-from tanggpt.cli import RuntimeConfig, flag, run_cli
-from tanggpt.device import Runtime, setup_runtime
+from tanggpt.cli import flag, run_cli
+from tanggpt.device import Runtime
+from tanggpt.speed import ReferenceModelConfig, describe, reference_model, sync
 from tanggpt.generation import for_generation
 from tanggpt.losses import causal_lm_loss
 from tanggpt.training import TrainConfig, configure_optimizer
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def timed(fn, repeats: int, device: torch.device) -> list[float]:
@@ -131,13 +125,7 @@ def bench_generation(model: GPT, runtime: Runtime, args) -> dict:
 
 
 @dataclass
-class BenchConfig(RuntimeConfig):
-    vocab_size: int = flag(GPTConfig.vocab_size, "the char vocabulary of the Tang corpus (the model's default)")
-    n_layer: int = flag(4, "transformer blocks")
-    n_head: int = flag(4, "attention heads")
-    n_embd: int = flag(256, "model width")
-    block_size: int = flag(128, "context length")
-    batch_size: int = flag(32, "training batch size")
+class BenchConfig(ReferenceModelConfig):
     compile: bool = flag(False, "torch.compile the training step")
     steps: int = flag(5, "training steps per timed window")
     repeats: int = flag(5, "timed windows; the median is reported")
@@ -151,14 +139,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(args: BenchConfig, explicit: set[str]) -> None:
-    runtime = setup_runtime(args.device, args.dtype)
-    torch.manual_seed(0)
-    config = GPTConfig(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
-                       n_head=args.n_head, n_embd=args.n_embd)
-    model = GPT(config).to(runtime.device)
-    print(f"device {runtime.describe()}, {torch.get_num_threads()} threads; {model.num_params():,} parameters "
-          f"({args.n_layer} layers, {args.n_head} heads, {args.n_embd} wide, block {args.block_size}), "
-          f"batch {args.batch_size}, compile {args.compile}")
+    runtime, model = reference_model(args)
+    print(f"{describe(model, runtime, args)}, compile {args.compile}")
     if args.only in ("both", "train"):
         f = bench_training(model, runtime, args)
         print(f"train: {f['train_tokens_per_s']:,.0f} tokens/s | model {f['model_gflops']:.1f} GFLOP/s of a measured "

@@ -21,20 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from data.batches import random_windows
-from model import GPT, GPTConfig
-from tanggpt.cli import RuntimeConfig, flag, run_cli
-from tanggpt.device import setup_runtime
+from tanggpt.cli import flag, run_cli
+from tanggpt.speed import ReferenceModelConfig, describe, reference_model, sync
 from tanggpt.training import TrainConfig, configure_optimizer
 
 
 @dataclass
-class ProfileConfig(RuntimeConfig):
-    vocab_size: int = flag(GPTConfig.vocab_size, "the char vocabulary of the Tang corpus (the model's default)")
-    n_layer: int = flag(4, "transformer blocks")
-    n_head: int = flag(4, "attention heads")
-    n_embd: int = flag(256, "model width")
-    block_size: int = flag(128, "context length")
-    batch_size: int = flag(32, "sequences per step")
+class ProfileConfig(ReferenceModelConfig):
     optimizer: str = flag("adamw", "adamw or muon (tanggpt/muon.py)", choices=["adamw", "muon"])
     repeats: int = flag(7, "steps timed; the median of each part is reported")
 
@@ -44,19 +37,15 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(args: ProfileConfig, explicit: set[str]) -> None:
-    runtime = setup_runtime(args.device, args.dtype)
-    torch.manual_seed(0)
-    config = GPTConfig(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
-                       n_head=args.n_head, n_embd=args.n_embd)
-    model = GPT(config).to(runtime.device)
+    runtime, model = reference_model(args)
+    config = model.config
     optimizer = configure_optimizer(model, TrainConfig(optimizer=args.optimizer), runtime.device)
     stream = torch.randint(config.vocab_size, (1_000_000,)).numpy().astype("uint16")
     generator = torch.Generator().manual_seed(0)
     times: dict[str, list[float]] = {}
 
     def clock(name: str, start: float) -> float:
-        if runtime.device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(runtime.device)
         now = time.perf_counter()
         times.setdefault(name, []).append(now - start)
         return now
@@ -94,8 +83,7 @@ def run(args: ProfileConfig, explicit: set[str]) -> None:
         "blocks": 6 * tokens * L * 12 * C * C + 12 * tokens * L * T * C,
         "head": 6 * tokens * V * C,
     }
-    print(f"device {runtime.describe()}, {torch.get_num_threads()} threads; {model.num_params():,} parameters "
-          f"({L} layers, {args.n_head} heads, {C} wide, block {T}), batch {args.batch_size}: {tokens:,} tokens a step")
+    print(f"{describe(model, runtime, args)}: {tokens:,} tokens a step")
     for name, seconds in medians.items():
         print(f"  {name:<48} {seconds * 1000:8.1f} ms  {seconds / total:6.1%}")
     print(f"  {'the step':<48} {total * 1000:8.1f} ms  = {tokens / total:,.0f} tokens/s")
