@@ -35,10 +35,11 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from data.corpus import Poem, load_corpus
 from data.errors import UserError
-from data.instruct import EpochBatches, pad_batch
+from data.instruct import IGNORE, EpochBatches, pad_batch
 from data.tasks import finetune_val_rows, tuning_poems
 from data.tokenizer import Tokenizer
 from model import GPT
@@ -197,7 +198,8 @@ class AlignStage(Stage):
         config = self.config
         total = preference_loss(model, batch.pairs, config.beta, config.sft_weight)
         if batch.rhyme_inputs is not None:
-            logits, poem_nll = model(batch.rhyme_inputs, batch.poem_labels)
+            logits, _ = model(batch.rhyme_inputs)  # the rhyme loss reads the scores themselves
+            poem_nll = F.cross_entropy(logits.float().flatten(0, 1), batch.poem_labels.flatten(), ignore_index=IGNORE)
             total = total + config.rhyme_weight * rhyme_group_loss(logits, batch.rhyme_labels, self.group_masks)
             total = total + config.sft_weight * poem_nll
         return total

@@ -1,10 +1,13 @@
 """A decoder-only transformer in the GPT-2 mould, from scratch.
 
-    token + position embeddings -> n_layer x [LayerNorm -> causal self-attention -> +,
-                                              LayerNorm -> MLP -> +] -> LayerNorm -> head
+    token embeddings -> n_layer x [RMSNorm -> causal self-attention (RoPE, QK-norm) -> +,
+                                   RMSNorm -> MLP (ReLU²) -> +] -> RMSNorm -> head
 
-The head shares its weights with the token embedding (weight tying), as in GPT-2.
-`forward` trains; `generate` / `generate_stream` sample with a KV cache.
+GPT-2's layout (pre-norm blocks, residual stream, weight tying: the head shares its
+weights with the token embedding) with four of its parts replaced by what recent
+small-model recipes use, each a GPTConfig choice; GPT2_BLOCK puts GPT-2's back (learned
+position embeddings, LayerNorm, GELU). `forward` trains; `generate` / `generate_stream`
+sample with a KV cache.
 """
 
 from __future__ import annotations
@@ -21,19 +24,22 @@ from torch.nn import functional as F
 @dataclass
 class GPTConfig:
     vocab_size: int = 9274  # set from the tokenizer; 9,274 is the char vocabulary of the Tang corpus
-    block_size: int = 128  # longest context the model can see (learned positions)
-    n_layer: int = 4
+    block_size: int = 128  # longest context the model can see
+    # Narrow and deep: with 9,274 ids the output layer costs vocab_size x n_embd per token
+    # whatever the depth, so on a CPU budget a narrower model sees more tokens (docs/speed.md).
+    n_layer: int = 8
     n_head: int = 4
-    n_embd: int = 256
+    n_embd: int = 128
     dropout: float = 0.0
     bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2
-    # The choices below default to GPT-2's; each alternative is what recent small-model
-    # recipes (nanochat, modded-nanogpt, Llama) use instead.
-    norm: str = "layernorm"  # or "rmsnorm": scale only, no mean subtracted, no bias
-    activation: str = "gelu"  # or "relu2": ReLU squared, max(0, x)^2
-    positions: str = "learned"  # or "rope": rotate queries and keys by their position
-    qk_norm: bool = False  # RMS-normalise queries and keys before attention
-    tie_head: bool = True  # the head shares the token embedding's weights
+    # The block's choices. The defaults are what recent small-model recipes (nanochat,
+    # modded-nanogpt, Llama) use instead of GPT-2's, each kept because it won at equal
+    # training time on a laptop CPU (docs/speed.md); GPT2_BLOCK below gives GPT-2's.
+    norm: str = "rmsnorm"  # GPT-2: "layernorm". RMSNorm scales only: no mean subtracted, no bias
+    activation: str = "relu2"  # GPT-2: "gelu". ReLU squared, max(0, x)^2
+    positions: str = "rope"  # GPT-2: "learned". RoPE rotates queries and keys by their position
+    qk_norm: bool = True  # GPT-2: False. RMS-normalise queries and keys before attention
+    tie_head: bool = True  # the head shares the token embedding's weights, as in GPT-2
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -51,6 +57,11 @@ class GPTConfig:
             raise ValueError(f"positions 'rope' needs an even head size, got {self.n_embd // self.n_head}")
 
 
+# GPT-2's block: GPTConfig(**GPT2_BLOCK) is GPT-2 in all but size. A checkpoint written
+# before the choices existed holds a model of this block (checkpoint.py fills them in).
+GPT2_BLOCK = dict(norm="layernorm", activation="gelu", positions="learned", qk_norm=False, tie_head=True)
+
+
 def make_norm(config: GPTConfig) -> nn.Module:
     if config.norm == "rmsnorm":
         return nn.RMSNorm(config.n_embd)
@@ -64,6 +75,76 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     half = x.size(-1) // 2
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """The output layer and its cross-entropy in one pass, a chunk of positions at a time.
+
+    Written plainly, logits = x Wᵀ is a (positions x vocab_size) matrix, 9,274 scores per
+    position with the char tokenizer: at batch 16 x 128 positions that is 76 MB of fp32,
+    which the softmax, the loss and their backward read and write several times. On a CPU
+    that memory traffic costs as much as the matmul itself. Here each chunk of positions
+    is scored, turned into its loss and, because the loss is the last thing computed, into
+    its gradients (softmax - one_hot) right away, while the chunk's scores are still in the
+    cache; backward only scales them by the incoming gradient. The FLOPs are the same as
+    the plain way; the full logits never exist.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+                need_x_grad: bool, need_weight_grad: bool) -> torch.Tensor:
+        labelled = targets != -100
+        count = labelled.sum().clamp(min=1)
+        x_grad = torch.zeros_like(x) if need_x_grad else None
+        weight_grad = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_weight_grad else None
+        total = torch.zeros((), device=x.device, dtype=torch.float32)
+        for start in range(0, x.size(0), chunk_size):
+            xc, tc = x[start:start + chunk_size], targets[start:start + chunk_size]
+            keep = labelled[start:start + chunk_size].float()
+            safe = tc.clamp(min=0)  # -100 would be an invalid index; its row is weighted 0 below
+            rows = torch.arange(tc.numel(), device=tc.device)
+            scores = (xc @ weight.t()).float()  # float(): the softmax in fp32, also under bf16 autocast
+            target_score = scores[rows, safe]
+            top = scores.amax(dim=1, keepdim=True)  # subtract the max so exp cannot overflow
+            probs = scores.sub_(top).exp_()  # in place: the chunk's scores are not needed again
+            sums = probs.sum(dim=1, keepdim=True)
+            total += ((top.squeeze(1) + sums.log().squeeze(1) - target_score) * keep).sum()
+            if x_grad is None and weight_grad is None:
+                continue
+            # d(mean loss)/d(scores) = (softmax - one_hot) / count, zero on unlabelled rows
+            weight_per_row = keep / count
+            probs.mul_(weight_per_row[:, None] / sums)
+            probs[rows, safe] -= weight_per_row
+            probs = probs.to(xc.dtype)
+            if x_grad is not None:
+                x_grad[start:start + chunk_size] = probs @ weight.to(probs.dtype)
+            if weight_grad is not None:
+                weight_grad += (probs.t() @ xc).float()
+        ctx.save_for_backward(x_grad, weight_grad)
+        ctx.weight_dtype = weight.dtype
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        x_grad, weight_grad = ctx.saved_tensors
+        return (None if x_grad is None else x_grad * grad_loss,
+                None if weight_grad is None else (weight_grad * grad_loss).to(ctx.weight_dtype),
+                None, None, None, None)
+
+
+def head_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                       chunk_size: int = 512) -> torch.Tensor:
+    """Mean cross-entropy of the scores x Wᵀ against targets, skipping targets == -100.
+
+    x: (N, n_embd), weight: (vocab_size, n_embd), targets: (N,). The same number as
+    F.cross_entropy(x @ weight.t(), targets, ignore_index=-100), and the same gradients,
+    without the (N, vocab_size) scores ever held in memory at once (_HeadCrossEntropy).
+    """
+    grad = torch.is_grad_enabled()
+    # Gradients are computed inside forward, where autograd records nothing: ask for them
+    # only where backward will want them (not at evaluation, not for a frozen head).
+    return _HeadCrossEntropy.apply(x, weight, targets, chunk_size,
+                                   grad and x.requires_grad, grad and weight.requires_grad)
 
 
 class KVCache:
@@ -117,8 +198,10 @@ class CausalSelfAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if attn_mask is None:
             # Training: a plain causal mask, which lets PyTorch pick its fastest kernel
-            # (flash attention on CUDA). Position t sees positions 0..t only.
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            # (flash attention on CUDA). Position t sees positions 0..t only. One query
+            # (generation's step with the cache, no padding) is the newest position: it
+            # sees every key, and needs no mask at all.
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
         else:
             # Generation: an explicit mask that also hides left padding and handles a
             # query block that starts after the cached positions.
@@ -201,23 +284,10 @@ class GPT(nn.Module):
         """Parameters, counting the tied embedding/head matrix once."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(
-        self,
-        idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
-        attn_mask: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
-        last_only: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) token ids -> logits (B, T, vocab_size) and, given targets, the loss.
-
-        The loss is the mean cross-entropy over target positions that are not -100 (the
-        label the fine-tuning stage uses for prompt and padding tokens). positions,
-        attn_mask, kv_cache and last_only (logits of the last position only) are for
-        generation; training leaves them unset.
-        """
-        B, T = idx.shape
+    def hidden(self, idx: torch.Tensor, positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+               kv_cache: KVCache | None = None) -> torch.Tensor:
+        """idx (B, T) -> the last block's output after the final norm (B, T, n_embd): what the head scores."""
+        T = idx.size(1)
         if positions is None:
             if T > self.config.block_size:
                 raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
@@ -234,17 +304,36 @@ class GPT(nn.Module):
             x = block(x, attn_mask, kv_cache, rotation)
         if kv_cache is not None:
             kv_cache.length += T
-        x = self.ln_f(x)
+        return self.ln_f(x)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> (logits (B, T, vocab_size), None), or given targets (None, loss).
+
+        The loss is the mean cross-entropy over target positions that are not -100 (the
+        label the fine-tuning stage uses for prompt and padding tokens); with targets the
+        logits are not returned, because the loss is computed without them. positions,
+        attn_mask, kv_cache and last_only (logits of the last position only) are for
+        generation; training leaves them unset.
+        """
+        x = self.hidden(idx, positions, attn_mask, kv_cache)
         if last_only:
             # Sampling needs only the next token's scores, and the head (n_embd x vocab_size)
             # is the largest matmul of a small model: skip it for the other positions.
             x = x[:, -1:, :]
-        logits = self.lm_head(x)
-        loss = None
         if targets is not None:
-            # float(): under bf16 autocast, take the softmax in fp32 for an accurate loss.
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+            # Training and evaluation need the loss, not the scores: head_cross_entropy
+            # computes it without holding every position's vocab_size scores at once.
+            loss = head_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1))
+            return None, loss
+        return self.lm_head(x), None
 
     # -------------------------------------------------------------------------
     # Generation
@@ -290,8 +379,10 @@ class GPT(nn.Module):
         for row, p in enumerate(prompts):
             seq[row, width - len(p) : width] = torch.tensor(p, dtype=torch.long, device=device)
         # For a one-token step with the cache, the new query may see every real key: the
-        # mask is just "not padding", made once here instead of once per step.
+        # mask is just "not padding", made once here instead of once per step, and none
+        # at all when no prompt is padded.
         key_is_real = (torch.arange(seq.size(1), device=device)[None, :] >= pad[:, None])[:, None, None, :]
+        padded = bool(pad.any())
         finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.wte.weight.dtype
         kv_cache = KVCache(self.config, len(prompts), device, dtype) if use_cache else None
@@ -303,7 +394,7 @@ class GPT(nn.Module):
                 end = width + step
                 if kv_cache is not None and kv_cache.length > 0 and end <= block_size:
                     start = end - 1  # feed only the newest token; the cache holds the rest
-                    positions, mask = (start - pad)[:, None], key_is_real[..., :end]
+                    positions, mask = (start - pad)[:, None], key_is_real[..., :end] if padded else None
                 else:
                     if end > block_size:
                         kv_cache = None  # the cache cannot slide (positions are absolute)

@@ -2,6 +2,7 @@
 
     python pretrain.py                          # the default: a small model, ~15 min on a laptop CPU
     python pretrain.py --preset gpu             # a bigger model for a GPU
+    python pretrain.py --preset gpt2            # GPT-2's block and the AdamW run this course made before
     python pretrain.py --resume                 # continue the run saved at --out
     torchrun --standalone --nproc_per_node=2 pretrain.py    # data-parallel
 
@@ -25,47 +26,59 @@ from data.batches import random_windows
 from data.errors import UserError
 from data.tasks import tokenizer_texts
 from data.tokenizer import Tokenizer, check_tokenizer_name
-from model import GPT, GPTConfig
+from model import GPT, GPT2_BLOCK, GPTConfig
 from tanggpt.checkpoint import PRETRAIN, model_and_tokenizer, resume_checkpoint
 from tanggpt.cli import flag, flag_name, require_positive, restore_run_flags, resume_rule, run_cli
 from tanggpt.device import Runtime, release_freed_memory
 from tanggpt.generation import continue_text
 from tanggpt.losses import bits_per_char
 from tanggpt.run_files import RunFiles
-from tanggpt.training import LOOP_FIXED, Stage, TrainConfig, finished, start_runtime, train
+from tanggpt.training import LOOP_FIXED, OPTIMIZER_HELP, Stage, TrainConfig, finished, start_runtime, train
 
 
 @dataclass
 class PretrainConfig(TrainConfig):
     tokenizer: str = flag("char", "char, or a tiktoken encoding (gpt2, cl100k_base, o200k_base, ...)")
-    compile: bool = flag(True, "torch.compile the model on CPU/CUDA (about 1.3x faster on a 2-core CPU after ~30 s "
-                               "of compiling; falls back to eager if compiling fails)")
-    lr: float = flag(2e-3, "peak learning rate")
-    max_iters: int = flag(1100, "optimizer steps")
+    compile: bool | None = flag(None, "torch.compile the model; auto: on CUDA and on a CPU training in bf16, where it "
+                                      "is faster after ~30 s of compiling, not on a CPU in fp32, where it is slower "
+                                      "(falls back to eager if compiling fails)")
+    batch_size: int = flag(16, "sequences per micro-batch (per process under torchrun)")
+    lr: float = flag(4e-3, "peak learning rate (with --optimizer muon: of the embeddings and gains)")
+    muon_lr_scale: float = flag(5.0, "with --optimizer muon: the Muon matrices' learning rate is --lr times this")
+    warmup_iters: int = flag(30, "steps of linear warmup from 0 to --lr")
+    optimizer: str = flag("muon", OPTIMIZER_HELP, choices=["adamw", "muon"])
+    max_iters: int = flag(1000, "optimizer steps")
     eval_iters: int = flag(20, "batches per split in each evaluation")
-    block_size: int = flag(128, "context length in tokens")
-    n_layer: int = flag(4, "transformer blocks")
-    n_head: int = flag(4, "attention heads per block")
-    n_embd: int = flag(256, "width of the residual stream")
+    block_size: int = flag(GPTConfig.block_size, "context length in tokens")
+    n_layer: int = flag(GPTConfig.n_layer, "transformer blocks")
+    n_head: int = flag(GPTConfig.n_head, "attention heads per block")
+    n_embd: int = flag(GPTConfig.n_embd, "width of the residual stream")
     dropout: float = flag(0.0, "dropout probability")
-    norm: str = flag("layernorm", "layernorm (GPT-2) or rmsnorm", choices=["layernorm", "rmsnorm"])
-    activation: str = flag("gelu", "the MLP's activation: gelu (GPT-2) or relu2 (ReLU squared)",
+    norm: str = flag(GPTConfig.norm, "rmsnorm, or layernorm (GPT-2)", choices=["layernorm", "rmsnorm"])
+    activation: str = flag(GPTConfig.activation, "the MLP's activation: relu2 (ReLU squared) or gelu (GPT-2)",
                            choices=["gelu", "relu2"])
-    positions: str = flag("learned", "learned position embeddings (GPT-2) or rope (rotary)",
+    positions: str = flag(GPTConfig.positions, "rope (rotary), or learned position embeddings (GPT-2)",
                           choices=["learned", "rope"])
-    qk_norm: bool = flag(False, "RMS-normalise queries and keys before attention")
-    tie_head: bool = flag(True, "the output head shares the token embedding's weights (GPT-2)")
+    qk_norm: bool = flag(GPTConfig.qk_norm, "RMS-normalise queries and keys before attention (GPT-2: no)")
+    tie_head: bool = flag(GPTConfig.tie_head, "the output head shares the token embedding's weights (as GPT-2)")
     sample_title: str = flag("春夜喜雨", "title the model continues at each evaluation")
-    preset: str = flag("", "gpu: a GPU-sized model and schedule (flags you give still win)", choices=["", "gpu"])
+    preset: str = flag("", "gpu: a GPU-sized model and schedule; gpt2: the run this course made before "
+                           "docs/speed.md, GPT-2's block (learned positions, LayerNorm, GELU), 4 x 256, AdamW, batch "
+                           "32, 1,100 steps (flags you give still win)", choices=["", "gpu", "gpt2"])
 
 
 # Flags a preset changes unless given on the command line.
 PRESETS = {
     "gpu": dict(
         n_layer=8, n_head=8, n_embd=512, block_size=256, dropout=0.1, batch_size=64, max_iters=10_000,
-        lr=6e-4, min_lr=6e-5, warmup_iters=500, eval_interval=500, eval_iters=50, compile=True,
+        lr=6e-4, min_lr=6e-5, warmup_iters=500, eval_interval=500, eval_iters=50, compile=True, optimizer="adamw",
     ),
+    # The default run before docs/speed.md's measurements: GPT-2's block, 4 x 256, AdamW, batch 32.
+    "gpt2": dict(**GPT2_BLOCK, n_layer=4, n_embd=256, optimizer="adamw", batch_size=32, lr=2e-3, warmup_iters=100,
+                 max_iters=1100),
 }
+# A run started before a flag existed was trained with the value it had then.
+BEFORE_THE_FLAG = {**GPT2_BLOCK, "optimizer": "adamw"}
 # What --resume never changes: these decide which windows each step reads and which model
 # reads them, so another value would not continue the same run.
 RESUME_FIXED = {*LOOP_FIXED, "tokenizer", "block_size", "n_layer", "n_head", "n_embd",
@@ -131,7 +144,8 @@ def resolve_config(config: PretrainConfig, explicit: set[str], ckpt: dict | None
     typed win), a resumed one the values it was started with (see --resume); then check
     them all. Returns notes to print."""
     if ckpt is not None:
-        notes = restore_run_flags(config, explicit, ckpt["train_config"], RESUME_FIXED, config.out)
+        notes = restore_run_flags(config, explicit, {**BEFORE_THE_FLAG, **ckpt["train_config"]}, RESUME_FIXED,
+                                  config.out)
     else:
         notes = []
         for name, value in PRESETS.get(config.preset, {}).items():

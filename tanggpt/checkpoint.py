@@ -28,7 +28,7 @@ import torch
 
 from data.errors import UserError
 from data.tokenizer import Tokenizer, tokenizer_from_dict
-from model import GPT, GPTConfig
+from model import GPT, GPT2_BLOCK, GPTConfig
 from tanggpt.atomic import atomic_write
 from tanggpt.lora import adapter_layers, adapter_state_dict, add_adapters, load_adapter_state_dict, merge_adapters
 
@@ -107,7 +107,8 @@ def model_and_tokenizer(ckpt: dict, path: str | Path = "", base: str = "", merge
     run resuming).
     """
     if "lora" not in ckpt:
-        model = GPT(GPTConfig(**ckpt["model_config"]))
+        # Fields a checkpoint lacks are choices made after it was written: it used GPT-2's.
+        model = GPT(GPTConfig(**{**GPT2_BLOCK, **ckpt["model_config"]}))
         model.load_state_dict(ckpt["model"])
         return model, tokenizer_from_dict(ckpt["tokenizer"])
     spec = ckpt["lora"]

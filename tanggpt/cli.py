@@ -73,14 +73,14 @@ def parse_config(cls: type, argv: list[str] | None, description: str, epilog: st
     parser = _Parser(description=description, epilog=epilog or None, allow_abbrev=False,
                      argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(cls):
-        shown = "" if f.default in ("", ()) else f" (default: {f.default})"
+        shown = "" if f.default in ("", ()) else " (default: auto)" if f.default is None else f" (default: {f.default})"
         kwargs: dict[str, Any] = {"help": f.metadata.get("help", "") + shown}
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         kind = f.type if isinstance(f.type, str) else f.type.__name__
         if f.metadata.get("positional"):
             parser.add_argument(f.name, nargs="*", type=str, **kwargs)
-        elif kind == "bool":
+        elif kind in ("bool", "bool | None"):  # None: neither flag typed, the script decides
             parser.add_argument(flag_name(f.name), action=argparse.BooleanOptionalAction, **kwargs)
         else:
             parser.add_argument(flag_name(f.name), type={"int": int, "float": float}.get(kind, str), **kwargs)

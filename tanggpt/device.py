@@ -84,6 +84,13 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def compile_pays(runtime: Runtime) -> bool:
+    """Whether torch.compile is the default: where it made training steps faster (CUDA; a CPU
+    training in bf16). On a CPU in fp32 the step is already mostly large matmuls, and the
+    compiled one was slower (docs/speed.md). Inductor does not target MPS."""
+    return runtime.device.type == "cuda" or (runtime.device.type == "cpu" and runtime.dtype == torch.bfloat16)
+
+
 def setup_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
     """Resolve --device and --dtype (auto, float32 or bfloat16) into a Runtime."""
     dev = pick_device(device)

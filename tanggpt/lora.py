@@ -131,8 +131,13 @@ class TiedHead(nn.Module):
         # would list its weights twice in the model's state_dict.
         object.__setattr__(self, "rows", rows)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The matrix the head scores against (GPT.forward's loss reads it, as it reads nn.Linear's)."""
+        return self.rows.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.rows.weight)
+        return F.linear(x, self.weight)
 
 
 def _parent_and_name(model: nn.Module, path: str) -> tuple[nn.Module, str]:

@@ -23,16 +23,18 @@ def orthogonalise(matrix: torch.Tensor, steps: int = 5) -> torch.Tensor:
     Each step maps every singular value s to a s + b s^3 + c s^5, a polynomial picked
     (Keller Jordan's coefficients) to push values in (0, 1] towards 1 fast; it need not
     land on 1 exactly (it ends in about [0.7, 1.2]), which works as well for training.
+    A stack of matrices (..., rows, cols) is orthogonalised each on its own, in one
+    batched matmul per product instead of one call per matrix.
     """
-    x = matrix / (matrix.norm() + 1e-7)  # singular values now at most 1
-    wide = x.size(0) > x.size(1)
-    if wide:
-        x = x.T  # iterate on the smaller Gram matrix x x^T
+    x = matrix / (matrix.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # singular values now at most 1
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT  # iterate on the smaller Gram matrix x x^T
     a, b, c = 3.4445, -4.7750, 2.0315
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.T if wide else x
+    return x.mT if tall else x
 
 
 class MuonWithAdamW(torch.optim.Optimizer):
@@ -61,18 +63,26 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     def _muon(self, group: dict, params: list[torch.Tensor]) -> None:
         lr, beta = group["lr"] * group["lr_scale"], group["momentum"]
+        updates = []
         for p in params:
             state = self.state[p]
             if not state:
                 state["momentum"] = torch.zeros_like(p)
             momentum = state["momentum"]
             momentum.lerp_(p.grad, 1 - beta)
-            update = p.grad.lerp(momentum, beta)  # Nesterov: look one momentum step ahead
-            update = orthogonalise(update.float()).to(p.dtype)
-            # A tall matrix's orthogonal update has smaller entries; scale them up to match.
-            update *= max(1.0, p.size(0) / p.size(1)) ** 0.5
-            p.mul_(1 - lr * group["weight_decay"])
-            p.add_(update, alpha=-lr)
+            updates.append(p.grad.lerp(momentum, beta))  # Nesterov: look one momentum step ahead
+        # Matrices of one shape (every block's c_attn, say) are orthogonalised together.
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, p in enumerate(params):
+            by_shape.setdefault(tuple(p.shape), []).append(i)
+        for indices in by_shape.values():
+            stacked = orthogonalise(torch.stack([updates[i] for i in indices]).float())
+            for i, update in zip(indices, stacked.unbind()):
+                p = params[i]
+                # A tall matrix's orthogonal update has smaller entries; scale them up to match.
+                update = update.to(p.dtype) * max(1.0, p.size(0) / p.size(1)) ** 0.5
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update, alpha=-lr)
 
     def _adamw(self, group: dict, params: list[torch.Tensor]) -> None:
         """torch.optim.AdamW's update, written out: decoupled decay, bias-corrected moments."""

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model import GPT, GPTConfig
+from model import GPT, GPT2_BLOCK, GPTConfig
 from tanggpt.cli import RuntimeConfig, flag
 from tanggpt.device import Runtime, setup_runtime
 
@@ -26,11 +26,16 @@ class ReferenceModelConfig(RuntimeConfig):
     """The flags of the model a speed tool measures; the defaults are the reference config."""
 
     vocab_size: int = flag(GPTConfig.vocab_size, "the char vocabulary of the Tang corpus (the model's default)")
-    n_layer: int = flag(4, "transformer blocks")
-    n_head: int = flag(4, "attention heads")
-    n_embd: int = flag(256, "model width")
-    block_size: int = flag(128, "context length")
-    batch_size: int = flag(32, "training batch size (sequences per step)")
+    n_layer: int = flag(GPTConfig.n_layer, "transformer blocks")
+    n_head: int = flag(GPTConfig.n_head, "attention heads")
+    n_embd: int = flag(GPTConfig.n_embd, "model width")
+    block_size: int = flag(GPTConfig.block_size, "context length")
+    gpt2: bool = flag(False, "GPT-2's block (model.GPT2_BLOCK: learned positions, LayerNorm, GELU) instead of "
+                             "the default one")
+    # batch_size and optimizer: pretrain.py's defaults
+    batch_size: int = flag(16, "training batch size (sequences per step)")
+    optimizer: str = flag("muon", "the training step's optimizer: adamw or muon (tanggpt/muon.py)",
+                          choices=["adamw", "muon"])
 
 
 def reference_model(args: ReferenceModelConfig) -> tuple[Runtime, GPT]:
@@ -38,12 +43,12 @@ def reference_model(args: ReferenceModelConfig) -> tuple[Runtime, GPT]:
     runtime = setup_runtime(args.device, args.dtype)
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
-                       n_head=args.n_head, n_embd=args.n_embd)
+                       n_head=args.n_head, n_embd=args.n_embd, **(GPT2_BLOCK if args.gpt2 else {}))
     return runtime, GPT(config).to(runtime.device)
 
 
 def describe(model: GPT, runtime: Runtime, args: ReferenceModelConfig) -> str:
     """The first line a speed tool prints: the path it measured and the model's shape."""
     return (f"device {runtime.describe()}, {torch.get_num_threads()} threads; {model.num_params():,} parameters "
-            f"({args.n_layer} layers, {args.n_head} heads, {args.n_embd} wide, block {args.block_size}), "
-            f"batch {args.batch_size}")
+            f"({args.n_layer} layers, {args.n_head} heads, {args.n_embd} wide, block {args.block_size}, "
+            f"{'GPT-2' if args.gpt2 else 'the default'} block), batch {args.batch_size}, {args.optimizer}")

@@ -30,7 +30,7 @@ from data.tokenizer import Tokenizer
 from model import GPT
 from tanggpt.checkpoint import model_checkpoint, rng_state, save_checkpoint, set_rng_state
 from tanggpt.cli import RunInterrupted, RuntimeConfig, flag, require_positive
-from tanggpt.device import Runtime, release_freed_memory, setup_runtime
+from tanggpt.device import Runtime, compile_pays, release_freed_memory, setup_runtime
 from tanggpt.distributed import Distributed, barrier, init_distributed, sum_over_processes
 from tanggpt.losses import causal_lm_loss, labelled_tokens
 from tanggpt.muon import MuonWithAdamW
@@ -39,6 +39,9 @@ from tanggpt.run_files import RunFiles
 
 class TrainingDiverged(UserError):
     """The loss or the weights stopped being finite numbers; the message says what to try."""
+
+
+OPTIMIZER_HELP = "adamw for every parameter, or muon for the blocks' weight matrices (AdamW for the rest; tanggpt/muon.py)"
 
 
 @dataclass
@@ -61,8 +64,7 @@ class TrainConfig(RuntimeConfig):
     warmup_iters: int = flag(100, "steps of linear warmup from 0 to --lr")
     weight_decay: float = flag(0.1, "AdamW weight decay, on weight matrices only")
     grad_clip: float = flag(1.0, "clip the gradient norm to this (0 = no clipping)")
-    optimizer: str = flag("adamw", "adamw for every parameter, or muon for the blocks' weight matrices (AdamW for "
-                                   "the rest; tanggpt/muon.py)", choices=["adamw", "muon"])
+    optimizer: str = flag("adamw", OPTIMIZER_HELP, choices=["adamw", "muon"])
     muon_lr_scale: float = flag(10.0, "with --optimizer muon: the Muon matrices' learning rate is --lr times this")
     eval_interval: int = flag(250, "evaluate, sample and checkpoint every this many steps")
     log_interval: int = flag(10, "write a train-loss record to the JSONL log every this many steps")
@@ -293,7 +295,8 @@ class Trainer:
             set_rng_state(ckpt["rng"])
         self.resumed = ckpt is not None
         self.saved_at = self.start_step if self.resumed else None  # the step of the checkpoint at --out, if any
-        self.compiled = config.compile and runtime.device.type in ("cpu", "cuda")  # inductor does not target MPS
+        wanted = compile_pays(runtime) if config.compile is None else config.compile
+        self.compiled = wanted and runtime.device.type in ("cpu", "cuda")  # inductor does not target MPS
         self.runner = step_model(model, self.compiled, runtime, self.dist_info)
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=runtime.device)  # any step's loss so far
         self.window = {"start": time.perf_counter(), "tokens": 0, "steps": 0}  # throughput since the last report

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tanggpt import device
-from tanggpt.device import DeviceError, default_dtype, pick_device, setup_runtime
+from tanggpt.device import DeviceError, Runtime, compile_pays, default_dtype, pick_device, setup_runtime
 
 
 @pytest.fixture
@@ -116,3 +116,11 @@ def test_describe_names_device_and_precision():
     """describe() says which device and which precision, for the startup log line."""
     assert setup_runtime("cpu", "float32").describe() == "cpu, fp32"
     assert setup_runtime("cpu", "bf16").describe() == "cpu, bf16 autocast"
+
+
+def test_compiling_is_the_default_only_where_it_was_measured_faster():
+    cpu = torch.device("cpu")
+    assert not compile_pays(Runtime(cpu, torch.float32))  # slower on a CPU in fp32 (docs/speed.md)
+    assert compile_pays(Runtime(cpu, torch.bfloat16))
+    assert compile_pays(Runtime(torch.device("cuda"), torch.float32))
+    assert not compile_pays(Runtime(torch.device("mps"), torch.float32))

@@ -51,7 +51,8 @@ def test_the_two_readmes_have_the_same_sections_commands_and_numbers():
 def test_the_sync_check_sees_a_drift():
     """A number changed in one language only, or a command in one only, is caught."""
     en = READMES["README.en.md"]
-    assert sorted(numbers(en.replace("52 min", "51 min"))) != sorted(numbers(en))
+    figure = numbers(en)[0]  # the first number of the prose, whatever it says today
+    assert sorted(numbers(en.replace(figure, figure + "1", 1))) != sorted(numbers(en))
     assert code_blocks(en.replace("python pretrain.py", "python pretrain.py --max-iters 9", 1)) != code_blocks(en)
 
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from model import GPT, GPTConfig, sample_next
+from model import GPT, GPT2_BLOCK, GPTConfig, head_cross_entropy, sample_next
 
 TINY = dict(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
@@ -67,8 +67,9 @@ def test_loss_at_init_is_close_to_uniform(config):
     idx = torch.randint(0, V, (8, T))
     targets = torch.randint(0, V, (8, T))
     with torch.no_grad():
-        logits, loss = model(idx, targets)
-    assert logits.shape == (8, T, V)
+        logits, _ = model(idx)
+        none, loss = model(idx, targets)
+    assert logits.shape == (8, T, V) and none is None
     assert abs(loss.item() - math.log(V)) < 0.1
 
 
@@ -90,6 +91,29 @@ def test_overfits_one_small_batch():
     assert loss.item() < 0.1
 
 
+@pytest.mark.parametrize("chunk_size", [7, 512])
+def test_head_cross_entropy_matches_the_plain_loss_and_its_gradients(chunk_size):
+    """The chunked head-and-loss gives F.cross_entropy's value and gradients, for x and the head."""
+    torch.manual_seed(0)
+    x = torch.randn(30, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (30,))
+    targets[[0, 5, 29]] = -100
+    plain = torch.nn.functional.cross_entropy(x @ weight.t(), targets, ignore_index=-100)
+    (2 * plain).backward()  # a gradient other than 1 reaches backward's scaling
+    plain_grads = x.grad.clone(), weight.grad.clone()
+    x.grad = weight.grad = None
+    chunked = head_cross_entropy(x, weight, targets, chunk_size)
+    (2 * chunked).backward()
+    assert torch.allclose(chunked, plain, atol=1e-6)
+    assert torch.allclose(x.grad, plain_grads[0], atol=1e-6)
+    assert torch.allclose(weight.grad, plain_grads[1], atol=1e-6)
+    frozen = weight.detach()  # a frozen head: only x gets a gradient
+    x.grad = None
+    head_cross_entropy(x, frozen, targets, chunk_size).backward()
+    assert torch.allclose(x.grad, plain_grads[0] / 2, atol=1e-6)
+
+
 def test_loss_ignores_minus_100_targets():
     """Targets == -100 are left out of the mean cross-entropy (prompt/padding masking)."""
     model = tiny_model().eval()
@@ -100,7 +124,8 @@ def test_loss_ignores_minus_100_targets():
     targets[2, 10:] = -100
     targets[1, 7] = -100
     with torch.no_grad():
-        logits, loss = model(idx, targets)
+        logits, _ = model(idx)
+        _, loss = model(idx, targets)
     keep = targets != -100
     log_probs = logits.log_softmax(dim=-1)[keep]  # (n_kept, V)
     by_hand = -log_probs.gather(1, targets[keep][:, None]).mean()
@@ -111,20 +136,22 @@ def test_loss_ignores_minus_100_targets():
     assert not torch.allclose(loss, loss_all, atol=1e-4)
 
 
-def _param_formula(V, T, L, C, bias):
-    if bias:
-        # per layer: c_attn 3C^2+3C, attn c_proj C^2+C, c_fc 4C^2+4C, mlp c_proj 4C^2+C, 2 LN 4C
-        return V * C + T * C + L * (12 * C * C + 13 * C) + 2 * C
-    # no Linear biases; LayerNorms keep their weight only: 2C per layer + C for ln_f
-    return V * C + T * C + L * (12 * C * C + 2 * C) + C
+def _param_formula(V, T, L, C, bias, gpt2):
+    """GPT-2's block: a position table, LayerNorms with a scale and (with bias) a shift. The
+    default block: no position table (RoPE), RMSNorms with a scale only (QK-norm has no weights)."""
+    linear_biases = 13 * C - 4 * C if bias else 0  # c_attn 3C, attn c_proj C, c_fc 4C, mlp c_proj C
+    norm = 2 * C if gpt2 and bias else C  # per norm
+    positions = T * C if gpt2 else 0
+    return V * C + positions + L * (12 * C * C + linear_biases + 2 * norm) + norm
 
 
+@pytest.mark.parametrize("gpt2", [True, False], ids=["gpt2-block", "default-block"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_parameter_count_matches_formula(bias):
+def test_parameter_count_matches_formula(bias, gpt2):
     """num_params counts the tied embedding/head once and matches the closed-form count."""
-    cfg = dict(vocab_size=70, block_size=24, n_layer=3, n_head=4, n_embd=48, bias=bias)
+    cfg = dict(vocab_size=70, block_size=24, n_layer=3, n_head=4, n_embd=48, bias=bias, **(GPT2_BLOCK if gpt2 else {}))
     model = GPT(GPTConfig(**cfg))
-    expected = _param_formula(70, 24, 3, 48, bias)
+    expected = _param_formula(70, 24, 3, 48, bias, gpt2)
     assert model.num_params() == expected
     assert sum(p.numel() for p in model.parameters()) == expected
 
@@ -136,7 +163,7 @@ def test_head_is_tied_to_token_embedding():
 
 
 def test_forward_rejects_sequence_longer_than_block_size():
-    """forward raises ValueError past block_size rather than indexing past wpe."""
+    """forward raises ValueError past block_size rather than indexing past the position table."""
     model = tiny_model().eval()
     model(torch.zeros(1, 16, dtype=torch.long))  # exactly block_size is fine
     with pytest.raises(ValueError, match="block_size"):
@@ -406,7 +433,11 @@ def test_bf16_weights_generate_like_autocast():
 # The architecture choices beside GPT-2's (GPTConfig.norm, activation, positions, qk_norm, tie_head)
 
 MODERN = dict(norm="rmsnorm", activation="relu2", positions="rope", qk_norm=True, tie_head=False)
-CHOICES = [{name: value} for name, value in MODERN.items()] + [MODERN]
+CHOICES = [{**GPT2_BLOCK, name: value} for name, value in MODERN.items()] + [MODERN]
+
+
+def test_the_default_block_makes_the_modern_choices_with_a_tied_head():
+    assert {name: getattr(GPTConfig(), name) for name in MODERN} == {**MODERN, "tie_head": True}
 
 
 @pytest.mark.parametrize("choice", CHOICES, ids=lambda c: "+".join(f"{k}={v}" for k, v in c.items()))
@@ -419,7 +450,7 @@ def test_each_choice_keeps_causality_cache_and_padding_exact(choice):
     changed = idx.clone()
     changed[:, 9:] = (changed[:, 9:] + 1) % 64
     with torch.no_grad():
-        a, b, gpt2 = model(idx)[0], model(changed)[0], tiny_model().eval()(idx)[0]
+        a, b, gpt2 = model(idx)[0], model(changed)[0], tiny_model(**GPT2_BLOCK).eval()(idx)[0]
     assert torch.allclose(a[:, :9], b[:, :9], atol=1e-6) and not torch.allclose(a[:, 9:], b[:, 9:], atol=1e-4)
     assert a.shape == gpt2.shape and not torch.allclose(a, gpt2, atol=1e-3)
     with torch.no_grad():
@@ -433,11 +464,11 @@ def test_each_choice_keeps_causality_cache_and_padding_exact(choice):
 
 
 def test_rope_has_no_position_table_and_an_untied_head_its_own_matrix():
-    model = tiny_model(positions="rope", tie_head=False)
+    model = tiny_model(**{**GPT2_BLOCK, "positions": "rope", "tie_head": False})
     assert not hasattr(model, "wpe")
     assert model.lm_head.weight is not model.wte.weight
     # Without the position table, with a second vocab x n_embd matrix.
-    gpt2 = tiny_model()
+    gpt2 = tiny_model(**GPT2_BLOCK)
     assert model.num_params() == gpt2.num_params() - 16 * 32 + 64 * 32
 
 

@@ -19,6 +19,14 @@ def test_orthogonalise_brings_every_singular_value_near_one():
         assert after.min() > 0.5 and after.max() < 1.25  # every direction moves by about as much
 
 
+def test_a_stack_of_matrices_is_orthogonalised_each_on_its_own():
+    torch.manual_seed(0)
+    stack = torch.randn(3, 24, 8) * torch.tensor([0.01, 1.0, 100.0])[:, None, None]  # scales far apart
+    together = orthogonalise(stack)
+    for matrix, result in zip(stack, together):
+        assert torch.allclose(result, orthogonalise(matrix), atol=1e-5)
+
+
 def test_the_adamw_groups_take_torch_adamw_steps():
     torch.manual_seed(0)
     params = [torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True)]

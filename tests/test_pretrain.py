@@ -96,6 +96,16 @@ def test_gpu_preset_sets_defaults_but_explicit_flags_win():
     assert config.n_layer == 3
 
 
+def test_gpt2_preset_is_the_run_made_before_the_speed_measurements():
+    config, explicit = parse_config(pretrain.PretrainConfig, ["--preset", "gpt2", "--max-iters", "7"], "")
+    pretrain.resolve_config(config, explicit, None)
+    assert (config.norm, config.activation, config.positions, config.qk_norm) == ("layernorm", "gelu", "learned", False)
+    assert (config.optimizer, config.batch_size, config.n_layer, config.n_embd) == ("adamw", 32, 4, 256)
+    assert config.max_iters == 7  # a flag typed still wins
+    default, _ = parse_config(pretrain.PretrainConfig, [], "")
+    assert (default.optimizer, default.positions) == ("muon", "rope")
+
+
 # -----------------------------------------------------------------------------
 # Resume
 
@@ -134,6 +144,24 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path, smal
     assert vals(log) == vals(straight / "ckpt.log.jsonl")
     # The samples file too: no entry lost or repeated across the interruption.
     assert (broken / "ckpt.samples.txt").read_text() == (straight / "ckpt.samples.txt").read_text()
+
+
+@pytest.mark.slow
+def test_a_run_saved_before_the_block_choices_resumes_as_it_was_trained(tmp_path, small_poems):
+    """A checkpoint written before --optimizer and the block choices existed records neither:
+    it was GPT-2's block with AdamW, and resumes as that, whatever today's defaults are."""
+    gpt2 = ["--norm", "layernorm", "--activation", "gelu", "--positions", "learned", "--no-qk-norm",
+            "--optimizer", "adamw"]
+    pretrain.main(cli(tmp_path, small_poems, *gpt2, "--max-iters", "2", "--eval-interval", "2"))
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    for key in ("norm", "activation", "positions", "qk_norm", "tie_head", "optimizer", "muon_lr_scale"):
+        ckpt["train_config"].pop(key)
+        ckpt["model_config"].pop(key, None)
+    save_checkpoint(tmp_path / "ckpt.pt", ckpt)
+    pretrain.main(cli(tmp_path, small_poems, "--resume", "--max-iters", "4"))
+    resumed = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert resumed["step"] == 4 and resumed["train_config"]["optimizer"] == "adamw"
+    assert resumed["model_config"]["positions"] == "learned" and resumed["model_config"]["norm"] == "layernorm"
 
 
 @pytest.mark.slow

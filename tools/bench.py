@@ -1,15 +1,18 @@
 """Benchmark: training tokens/s, MFU and peak memory; generation tokens/s with and without the KV cache.
 
-    python -m tools.bench                              # the reference config, default precision
-    python -m tools.bench --compile --dtype bfloat16   # what pretrain.py runs by default on a CPU with fast bf16
+    python -m tools.bench                              # pretrain.py's model and step, default precision
+    python -m tools.bench --gpt2 --optimizer adamw --batch-size 32   # the step before docs/speed.md's changes
     python -m tools.bench --only generate              # just the generation figures
 
-The reference config is the char tokenizer on the Tang corpus (9,274 ids), 4 layers,
-4 heads, 256 wide, block 128, batch 32. Tokens are random ids: speed does not depend on
-the text. Each figure is the median of --repeats timed windows. MFU compares the
-model's FLOPs per second with a matmul this script times on the same machine in the
-same precision, so it says how close the training step gets to what the hardware does
-on the one operation that dominates it.
+The model is pretrain.py's default: the char tokenizer on the Tang corpus (9,274 ids), 4
+layers, 4 heads, 256 wide, block 128, batch 16, Muon. Tokens are random ids: speed does
+not depend on the text. Each figure is the median of --repeats timed windows. MFU
+compares the model's FLOPs per second with a matmul this script times on the same
+machine in the same precision, so it says how close the training step gets to what the
+hardware does on the one operation that dominates it; the fp32 and bf16 matmuls are both
+timed, so the first line shows which path a machine takes and why. Each training and
+generation figure comes with the same model run as plain GPT code would run it (nanoGPT:
+all logits then F.cross_entropy, torch's AdamW, no cache), in the same run.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from model import GPT, GPTConfig
 from tanggpt.cli import flag, run_cli
@@ -44,12 +48,20 @@ def timed(fn, repeats: int, device: torch.device) -> list[float]:
 
 
 def matmul_flops(runtime: Runtime, size: int = 2048, repeats: int = 5) -> float:
-    """Measured FLOP/s of one square matmul in the runtime's precision: the machine's practical peak."""
-    a = torch.randn(size, size, device=runtime.device, dtype=runtime.dtype)
-    b = torch.randn(size, size, device=runtime.device, dtype=runtime.dtype)
-    a @ b  # warm up
+    """Measured FLOP/s of a square matmul in the runtime's precision: the machine's practical peak.
+
+    The matrices are size x size, or smaller where one product would take over 0.1 s: a CPU
+    without native bf16 emulates it about a hundred times slower than fp32."""
+    n = 256
+    while True:
+        a = torch.randn(n, n, device=runtime.device, dtype=runtime.dtype)
+        b = torch.randn(n, n, device=runtime.device, dtype=runtime.dtype)
+        seconds = timed(lambda: a @ b, 1, runtime.device)[0]  # also the warm-up
+        if n >= size or seconds * 8 > 0.1:  # the next size up costs 8 times as much
+            break
+        n *= 2
     times = timed(lambda: [a @ b for _ in range(3)], repeats, runtime.device)
-    return 3 * 2 * size**3 / statistics.median(times)
+    return 3 * 2 * n**3 / statistics.median(times)
 
 
 def flops_per_token(config: GPTConfig) -> float:
@@ -71,23 +83,38 @@ def forward_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, r
     loss.backward()
 
 
-def bench_training(model: GPT, runtime: Runtime, args) -> dict:
+def plain_forward_backward(model: GPT, x: torch.Tensor, y: torch.Tensor, runtime: Runtime) -> None:
+    """The step as plain GPT code writes it (nanoGPT): every position's logits, then F.cross_entropy."""
+    logits, _ = model(x)
+    F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1)).backward()
+
+
+def bench_training(model: GPT, runtime: Runtime, args, plain: bool = False) -> dict:
+    """Training tokens/s of the project's step, or with plain=True of plain fp32 eager GPT code
+    for the same model: plain_forward_backward and torch's AdamW, no compile, no autocast."""
     config = model.config
-    optimizer = configure_optimizer(model, TrainConfig(), runtime.device)
-    step_model = torch.compile(model) if args.compile else model
+    if plain:
+        model = copy.deepcopy(model).float()
+        runtime = Runtime(runtime.device, torch.float32)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        step_model, forward_backward_ = model, plain_forward_backward
+    else:
+        optimizer = configure_optimizer(model, TrainConfig(optimizer=args.optimizer), runtime.device)
+        step_model = torch.compile(model) if args.compile else model
+        forward_backward_ = forward_backward
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(config.vocab_size, (args.batch_size, config.block_size), generator=gen).to(runtime.device)
     y = torch.randint(config.vocab_size, (args.batch_size, config.block_size), generator=gen).to(runtime.device)
 
     def steps() -> None:
         for _ in range(args.steps):
-            forward_backward(step_model, x, y, runtime)
+            forward_backward_(step_model, x, y, runtime)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
     start = time.perf_counter()
-    forward_backward(step_model, x, y, runtime)  # compiles, if compiling
+    forward_backward_(step_model, x, y, runtime)  # compiles, if compiling
     optimizer.zero_grad(set_to_none=True)
     first_step = time.perf_counter() - start
     steps()  # warm up
@@ -105,6 +132,18 @@ def bench_training(model: GPT, runtime: Runtime, args) -> dict:
     }
 
 
+@torch.no_grad()
+def plain_generate(model: GPT, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy decoding as plain GPT code writes it (nanoGPT's generate): no cache, the whole
+    context (cropped to block_size) through the model for each new token, the last position's
+    logits only."""
+    idx = torch.tensor([prompt], device=model.wte.weight.device)
+    for _ in range(new_tokens):
+        logits, _ = model(idx[:, -model.config.block_size:], last_only=True)
+        idx = torch.cat((idx, logits[:, -1].argmax(dim=-1, keepdim=True)), dim=1)
+    return idx[0, len(prompt):].tolist()
+
+
 def bench_generation(model: GPT, runtime: Runtime, args) -> dict:
     model = for_generation(copy.deepcopy(model), runtime)  # as sample.py and evaluate.py do
     gen = torch.Generator().manual_seed(1)
@@ -119,6 +158,8 @@ def bench_generation(model: GPT, runtime: Runtime, args) -> dict:
         one(use_cache, prompts[:1])  # warm up
         t = statistics.median(timed(lambda: one(use_cache, prompts[:1]), args.repeats, runtime.device))
         figures[f"gen_tokens_per_s_{'cache' if use_cache else 'no_cache'}"] = n / t
+    t = statistics.median(timed(lambda: plain_generate(model, prompts[0], n), args.repeats, runtime.device))
+    figures["gen_tokens_per_s_plain"] = n / t
     t = statistics.median(timed(lambda: one(True, prompts), args.repeats, runtime.device))
     figures["gen_tokens_per_s_batched"] = n * len(prompts) / t
     return figures
@@ -141,16 +182,26 @@ def main(argv: list[str] | None = None) -> None:
 def run(args: BenchConfig, explicit: set[str]) -> None:
     runtime, model = reference_model(args)
     print(f"{describe(model, runtime, args)}, compile {args.compile}")
+    roofs = {name: matmul_flops(Runtime(runtime.device, dtype)) / 1e9
+             for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    print(f"square matmul: fp32 {roofs['fp32']:.1f} GFLOP/s, bf16 {roofs['bf16']:.1f} GFLOP/s: this machine trains "
+          f"in {runtime.describe().split(', ')[-1]} (tanggpt/device.py)")
     if args.only in ("both", "train"):
         f = bench_training(model, runtime, args)
         print(f"train: {f['train_tokens_per_s']:,.0f} tokens/s | model {f['model_gflops']:.1f} GFLOP/s of a measured "
               f"{f['matmul_gflops']:.1f} GFLOP/s matmul = MFU {f['mfu']:.1%} | peak memory {f['peak_memory_mib']:,.0f} MiB"
               f" | first step {f['first_step_s']:.1f} s")
+        p = bench_training(model, runtime, args, plain=True)
+        print(f"plain fp32 eager GPT code, the same model (all logits, F.cross_entropy, torch AdamW): "
+              f"{p['train_tokens_per_s']:,.0f} tokens/s, MFU {p['mfu']:.1%} of a measured {p['matmul_gflops']:.1f} "
+              f"GFLOP/s fp32 matmul | this step is {f['train_tokens_per_s'] / p['train_tokens_per_s']:.2f}x as fast")
     if args.only in ("both", "generate"):
         g = bench_generation(model, runtime, args)
         print(f"generate {args.new_tokens} tokens: {g['gen_tokens_per_s_cache']:,.0f} tokens/s with KV cache, "
               f"{g['gen_tokens_per_s_no_cache']:,.0f} without "
-              f"({g['gen_tokens_per_s_cache'] / g['gen_tokens_per_s_no_cache']:.1f}x); batch of {args.gen_batch}: "
+              f"({g['gen_tokens_per_s_cache'] / g['gen_tokens_per_s_no_cache']:.1f}x); plain GPT code's loop "
+              f"(nanoGPT's generate, no cache) {g['gen_tokens_per_s_plain']:,.0f} "
+              f"({g['gen_tokens_per_s_cache'] / g['gen_tokens_per_s_plain']:.1f}x); batch of {args.gen_batch}: "
               f"{g['gen_tokens_per_s_batched']:,.0f} tokens/s "
               f"({g['gen_tokens_per_s_batched'] / g['gen_tokens_per_s_cache']:.1f}x one at a time)")
 

@@ -2,12 +2,12 @@
 (forward and backward apart), the optimizer; and the same split's FLOPs.
 
     python -m tools.profile_step                      # the pretraining defaults, default precision
-    python -m tools.profile_step --dtype float32 --optimizer muon
+    python -m tools.profile_step --dtype float32 --optimizer adamw --gpt2 --batch-size 32   # the old defaults
 
-The step is taken apart the way autograd allows it: the blocks run up to the final norm,
-their output is detached, and the head and loss run on that copy, so the two backward
-passes can be timed one after the other (the head's first, as autograd does). Each part's
-time is the median of --repeats steps. Tokens are random ids: speed does not depend on
+The step is taken apart the way autograd allows it: the blocks run up to the final norm
+(GPT.hidden), their output is detached, and the head and loss run on that copy, so the two
+backward passes can be timed one after the other (the head's first, as autograd does).
+Each part's time is the median of --repeats steps. Tokens are random ids: speed does not depend on
 the text.
 """
 
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from data.batches import random_windows
+from model import head_cross_entropy
 from tanggpt.cli import flag, run_cli
 from tanggpt.speed import ReferenceModelConfig, describe, reference_model, sync
 from tanggpt.training import TrainConfig, configure_optimizer
@@ -28,8 +29,9 @@ from tanggpt.training import TrainConfig, configure_optimizer
 
 @dataclass
 class ProfileConfig(ReferenceModelConfig):
-    optimizer: str = flag("adamw", "adamw or muon (tanggpt/muon.py)", choices=["adamw", "muon"])
     repeats: int = flag(7, "steps timed; the median of each part is reported")
+    plain_head: bool = flag(False, "the head and loss written plainly (all logits, then F.cross_entropy) instead of "
+                                   "model.head_cross_entropy, to see what the chunked one saves")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -56,15 +58,15 @@ def run(args: ProfileConfig, explicit: set[str]) -> None:
         x, y = x.to(runtime.device), y.to(runtime.device)
         t = clock("data: draw a batch", t)
         with runtime.autocast():
-            h = model.wte(x) + model.wpe(torch.arange(config.block_size, device=runtime.device))
-            for block in model.blocks:
-                h = block(h)
-            h = model.ln_f(h)
+            h = model.hidden(x)
         t = clock("forward: embeddings and blocks", t)
         hidden = h.detach().requires_grad_()
         with runtime.autocast():
-            logits = model.lm_head(hidden)
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+            if args.plain_head:
+                logits = model.lm_head(hidden)
+                loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+            else:  # as GPT.forward computes it
+                loss = head_cross_entropy(hidden.view(-1, config.n_embd), model.lm_head.weight, y.reshape(-1))
         t = clock(f"forward: output layer ({config.vocab_size:,}-way) and loss", t)
         loss.backward()
         t = clock("backward: output layer and loss", t)
