@@ -4,8 +4,8 @@
     python -m tools.bench --gpt2 --optimizer adamw --batch-size 32   # the step before docs/speed.md's changes
     python -m tools.bench --only generate              # just the generation figures
 
-The model is pretrain.py's default: the char tokenizer on the Tang corpus (9,274 ids), 4
-layers, 4 heads, 256 wide, block 128, batch 16, Muon. Tokens are random ids: speed does
+The model is pretrain.py's default: the char tokenizer on the Tang corpus (9,274 ids), 8
+layers, 4 heads, 128 wide, block 128, the default block, batch 16, Muon. Tokens are random ids: speed does
 not depend on the text. Each figure is the median of --repeats timed windows. MFU
 compares the model's FLOPs per second with a matmul this script times on the same
 machine in the same precision, so it says how close the training step gets to what the
