@@ -60,6 +60,10 @@ class FinetuneConfig(TuneConfig):
     data: str = flag("", "JSONL file of {\"instruction\", \"input\", \"output\"} records to tune on as well")
     data_mode: str = flag("mix", "mix: --data samples join the poem samples; replace: use --data alone",
                           choices=["mix", "replace"])
+    length_buckets: bool = flag(False, "batch samples of about one length together (each 50 steps' samples sorted "
+                                       "by length, the steps shuffled): far less padding and faster steps, but a "
+                                       "step then holds mostly one task, and the acrostic was learned worse "
+                                       "(docs/speed.md)")
 
     def fill_defaults(self) -> None:
         """--lr 0 and --min-lr 0 follow --tasks (see the flags' help)."""
@@ -80,8 +84,10 @@ class FinetuneConfig(TuneConfig):
 
 # What --resume never changes: these decide the samples, their order and the loss, so another
 # value would not continue the same run.
-RESUME_FIXED = {*LOOP_FIXED, "init", "loss_on", "forms", "tasks", "data", "data_mode",
+RESUME_FIXED = {*LOOP_FIXED, "init", "loss_on", "forms", "tasks", "data", "data_mode", "length_buckets",
                 *LORA_FIXED}
+# A run started before a flag existed was trained with the value it had then.
+BEFORE_THE_FLAG = {"length_buckets": False}
 
 
 def gallery_requests(config: FinetuneConfig, tasks: dict, val_poems: list[Poem]) -> list[tuple[str, str]]:
@@ -135,7 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def run(config: FinetuneConfig, explicit: set[str]) -> dict:
-    ckpt, source, notes = open_run(config, explicit, SFT, RESUME_FIXED, init_example="ckpt.pt")
+    ckpt, source, notes = open_run(config, explicit, SFT, RESUME_FIXED, init_example="ckpt.pt",
+                                   before_the_flag=BEFORE_THE_FLAG)
     extra = load_instruction_jsonl(config.data) if config.data else []  # a bad file fails before the corpus loads
     dist_info, runtime = start_runtime(config)
     master = dist_info.is_master
@@ -166,7 +173,7 @@ def run(config: FinetuneConfig, explicit: set[str]) -> dict:
 
     # Padding comes after each row's end and carries no label, so any id works as pad_id.
     batches = EpochBatches(mixture.rows, config.batch_size, config.grad_accum, dist_info.world_size, config.seed,
-                           pad_id=tokenizer.eot_id)
+                           pad_id=tokenizer.eot_id, length=(lambda row: len(row.inputs)) if config.length_buckets else None)
     steps_per_epoch, per_step = batches.steps_per_epoch, batches.samples_per_step
     max_iters = config.settle_schedule(steps_per_epoch)
     if finished(ckpt, max_iters, config.out, MORE_EPOCHS, master):
@@ -185,6 +192,8 @@ def run(config: FinetuneConfig, explicit: set[str]) -> dict:
         if unknown:
             print(f"{sum(unknown.values()):,} characters outside the vocabulary became <unk>: "
                   + "".join(c for c, _ in unknown.most_common(20)))
+        print(f"batches: {batches.padding_share():.0%} of epoch 1's positions are padding"
+              + (" (length buckets)" if config.length_buckets else " (no length buckets)"))
         print(f"loss on {config.loss_on} tokens; {per_step} samples per step, {steps_per_epoch} steps per epoch, "
               f"{config.epochs} epochs" + (f", stopped at --max-iters {max_iters}" if config.max_iters else "")
               + f" = {max_iters} steps")

@@ -88,6 +88,11 @@ class _HeadCrossEntropy(torch.autograd.Function):
     its gradients (softmax - one_hot) right away, while the chunk's scores are still in the
     cache; backward only scales them by the incoming gradient. The FLOPs are the same as
     the plain way; the full logits never exist.
+
+    The gradients kept are those of the *sum* of the losses; backward divides by the count.
+    Per position they are O(1), where the mean's would be thousands of times smaller: under
+    fp16 autocast, whose smallest normal number is 6e-5, those would round away in the
+    matmuls below before the gradient scaler could lift them.
     """
 
     @staticmethod
@@ -111,24 +116,24 @@ class _HeadCrossEntropy(torch.autograd.Function):
             total += ((top.squeeze(1) + sums.log().squeeze(1) - target_score) * keep).sum()
             if x_grad is None and weight_grad is None:
                 continue
-            # d(mean loss)/d(scores) = (softmax - one_hot) / count, zero on unlabelled rows
-            weight_per_row = keep / count
-            probs.mul_(weight_per_row[:, None] / sums)
-            probs[rows, safe] -= weight_per_row
+            # d(summed loss)/d(scores) = softmax - one_hot, zero on unlabelled rows
+            probs.mul_(keep[:, None] / sums)
+            probs[rows, safe] -= keep
             probs = probs.to(xc.dtype)
             if x_grad is not None:
                 x_grad[start:start + chunk_size] = probs @ weight.to(probs.dtype)
             if weight_grad is not None:
                 weight_grad += (probs.t() @ xc).float()
-        ctx.save_for_backward(x_grad, weight_grad)
+        ctx.save_for_backward(x_grad, weight_grad, count)
         ctx.weight_dtype = weight.dtype
         return total / count
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        x_grad, weight_grad = ctx.saved_tensors
-        return (None if x_grad is None else x_grad * grad_loss,
-                None if weight_grad is None else (weight_grad * grad_loss).to(ctx.weight_dtype),
+        x_grad, weight_grad, count = ctx.saved_tensors
+        grad_sum = grad_loss / count  # the loss is the mean: each position's share
+        return (None if x_grad is None else x_grad * grad_sum,
+                None if weight_grad is None else (weight_grad * grad_sum).to(ctx.weight_dtype),
                 None, None, None, None)
 
 
@@ -140,6 +145,13 @@ def head_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     F.cross_entropy(x @ weight.t(), targets, ignore_index=-100), and the same gradients,
     without the (N, vocab_size) scores ever held in memory at once (_HeadCrossEntropy).
     """
+    labelled = targets != -100
+    if not bool(labelled.all()):
+        # Tuning labels the response alone: the prompt's and the padding's positions would
+        # be scored against all vocab_size ids and then weighted 0. Score the labelled ones
+        # only (autograd gives the others a zero gradient).
+        rows = labelled.nonzero().squeeze(1)
+        x, targets = x[rows], targets[rows]
     grad = torch.is_grad_enabled()
     # Gradients are computed inside forward, where autograd records nothing: ask for them
     # only where backward will want them (not at evaluation, not for a frozen head).
@@ -153,21 +165,37 @@ class KVCache:
     Without a cache, each new token re-runs the whole context through the model. With
     one, each step computes keys and values for the new position only and attends to
     the stored ones, so a step costs O(context) instead of O(context^2).
+
+    It is allocated once, for block_size positions, and written in two ways. The prompt
+    is written at `length`, and attends to what is stored so far. A decoding step's one
+    new position is written at `slot`, a tensor, and attends to all block_size slots,
+    its attention mask hiding those not written yet: the step then has the same shapes
+    every time, so it can be compiled once (GPT.generate_stream's `compile`).
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, device: torch.device, dtype: torch.dtype):
         head_dim = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, config.block_size, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0  # positions stored; advanced by GPT.forward after all layers ran
+        shape = (batch_size, config.n_head, config.block_size, head_dim)
+        # A tensor per layer, not one with a layer dimension: a compiled step then writes
+        # into each in place (a write into a view of a shared tensor is compiled as a copy
+        # of all of it).
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.length = 0  # positions stored; advanced by GPT.hidden after all layers ran
+        self.slot: torch.Tensor | None = None  # (1,): where a decoding step writes, if set
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's (B, n_head, T, head_dim) keys/values; return all stored so far."""
+        """Store this step's (B, n_head, T, head_dim) keys/values; return all stored so far
+        (at a slot: all block_size slots, those not written yet included)."""
+        keys, values = self.k[layer], self.v[layer]
+        if self.slot is not None:
+            keys[:, :, self.slot] = k.to(keys.dtype)  # under autocast k may be fp32
+            values[:, :, self.slot] = v.to(values.dtype)
+            return keys, values
         end = self.length + k.size(2)
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        keys[:, :, self.length : end] = k
+        values[:, :, self.length : end] = v
+        return keys[:, :, :end], values[:, :, :end]
 
 
 class CausalSelfAttention(nn.Module):
@@ -186,13 +214,16 @@ class CausalSelfAttention(nn.Module):
         rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        # (B, T, C) -> (B, n_head, T, head_dim): each head attends independently.
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        # q, k and v in one matmul, then (B, T, 3C) -> (B, 3 n_head, T, head_dim): each head
+        # attends independently. q's and k's heads stay side by side, so the norm and the
+        # rotation below treat both in one call each.
+        qkv = self.c_attn(x).view(B, T, 3 * self.n_head, C // self.n_head).transpose(1, 2)
+        qk, v = qkv[:, : 2 * self.n_head], qkv[:, 2 * self.n_head :]
         if self.qk_norm:  # bounded attention logits, whatever the weights grow to
-            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+            qk = F.rms_norm(qk, (qk.size(-1),))
         if rotation is not None:
-            q, k = rotate(q, *rotation), rotate(k, *rotation)
+            qk = rotate(qk, *rotation)
+        q, k = qk.split(self.n_head, dim=1)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)
         dropout_p = self.dropout if self.training else 0.0
@@ -302,7 +333,7 @@ class GPT(nn.Module):
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, attn_mask, kv_cache, rotation)
-        if kv_cache is not None:
+        if kv_cache is not None and kv_cache.slot is None:
             kv_cache.length += T
         return self.ln_f(x)
 
@@ -350,6 +381,7 @@ class GPT(nn.Module):
         use_cache: bool = True,
         generator: torch.Generator | None = None,
         allowed: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
+        compile: bool = False,
     ) -> Iterator[torch.Tensor]:
         """Sample continuations of a batch of prompts, yielding a (B,) tensor of new ids per step.
 
@@ -366,6 +398,10 @@ class GPT(nn.Module):
         With use_cache, the prompt is run once and each step feeds one new token. When
         the context outgrows block_size, both modes crop it to the last block_size
         tokens and recompute (the cache cannot slide, since positions are absolute).
+
+        compile: run the one-token decoding step through torch.compile. Its shapes are the
+        same at every step (KVCache's slot), so it is compiled once per batch size, and
+        the many small operations of a step at batch 1 become a few fused kernels.
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs at least one prompt, and every prompt needs at least one token")
@@ -378,30 +414,42 @@ class GPT(nn.Module):
         seq = torch.zeros(len(prompts), width + max_new_tokens, dtype=torch.long, device=device)
         for row, p in enumerate(prompts):
             seq[row, width - len(p) : width] = torch.tensor(p, dtype=torch.long, device=device)
-        # For a one-token step with the cache, the new query may see every real key: the
-        # mask is just "not padding", made once here instead of once per step, and none
-        # at all when no prompt is padded.
-        key_is_real = (torch.arange(seq.size(1), device=device)[None, :] >= pad[:, None])[:, None, None, :]
+        # A one-token step with the cache sees every key stored so far that is not left
+        # padding (column j of seq is slot j of the cache): the mask is made once here, and
+        # is none at all when no prompt is padded, unless the step is compiled, which
+        # attends to all block_size slots and hides those not written yet.
+        columns = torch.arange(max(seq.size(1), block_size), device=device)
+        key_is_real = (columns[None, :] >= pad[:, None])[:, None, None, :]  # (B, 1, 1, columns)
         padded = bool(pad.any())
+        slot = torch.zeros(1, dtype=torch.long, device=device)
         finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.wte.weight.dtype
         kv_cache = KVCache(self.config, len(prompts), device, dtype) if use_cache else None
+        decode = torch.compile(self, dynamic=False) if compile else self
 
         was_training = self.training
         self.eval()
         try:
             for step in range(max_new_tokens):
                 end = width + step
-                if kv_cache is not None and kv_cache.length > 0 and end <= block_size:
+                cached = kv_cache is not None and kv_cache.length > 0 and end <= block_size
+                if cached and compile:
+                    # Feed only the newest token, written at slot end - 1; it sees the slots up to its own.
+                    kv_cache.slot = slot.fill_(end - 1)
+                    mask = key_is_real[..., :block_size] & (columns[:block_size] <= slot)
+                    logits, _ = decode(seq[:, end - 1:end].clone(), positions=(slot - pad)[:, None], attn_mask=mask,
+                                       kv_cache=kv_cache, last_only=True)
+                elif cached:
                     start = end - 1  # feed only the newest token; the cache holds the rest
-                    positions, mask = (start - pad)[:, None], key_is_real[..., :end] if padded else None
+                    logits, _ = self(seq[:, start:end], positions=(start - pad)[:, None], kv_cache=kv_cache,
+                                     attn_mask=key_is_real[..., :end] if padded else None, last_only=True)
                 else:
                     if end > block_size:
                         kv_cache = None  # the cache cannot slide (positions are absolute)
                     start = max(0, end - block_size)  # the whole context, cropped to block_size
                     positions, mask = _window(start, end, pad)
-                logits, _ = self(seq[:, start:end], positions=positions, attn_mask=mask, kv_cache=kv_cache,
-                                 last_only=True)
+                    logits, _ = self(seq[:, start:end], positions=positions, attn_mask=mask, kv_cache=kv_cache,
+                                     last_only=True)
                 scores = logits[:, -1, :].float()
                 mask = allowed(seq[:, width:end]) if allowed is not None else None
                 if mask is not None:

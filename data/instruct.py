@@ -160,6 +160,10 @@ def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[tor
     return x, y
 
 
+# With length buckets, the samples of this many steps are sorted by length together.
+BUCKET_STEPS = 50
+
+
 class EpochBatches:
     """Padded (inputs, labels) micro-batches of encoded samples, one seeded shuffle per epoch.
 
@@ -170,23 +174,58 @@ class EpochBatches:
 
     `rows` is the list of samples, or a function epoch -> that epoch's samples, as many
     every epoch (data/tasks.py's TaskMixture draws each poem's task anew each epoch).
+
+    A batch is padded to its longest row, so a batch of one long and many short samples
+    is mostly padding. With `length` (a row's length), the shuffled order is cut into
+    spans of BUCKET_STEPS steps' samples, each span is sorted by length and cut into
+    steps, and the steps are shuffled: a step holds samples of about one length, and
+    which lengths come when is still random.
     """
 
     def __init__(self, rows: list | Callable[[int], list], batch_size: int, grad_accum: int = 1,
-                 world_size: int = 1, seed: int = 0, pad_id: int = 0):
+                 world_size: int = 1, seed: int = 0, pad_id: int = 0, length: Callable[[object], int] | None = None):
         self.rows_of = rows if callable(rows) else lambda epoch: rows
         self.rows = self.rows_of(0)  # the first epoch's
         self.batch_size, self.grad_accum, self.world_size = batch_size, grad_accum, world_size
-        self.seed, self.pad_id = seed, pad_id
+        self.seed, self.pad_id, self.length = seed, pad_id, length
         self.samples_per_step = batch_size * grad_accum * world_size
         self.steps_per_epoch = math.ceil(len(self.rows) / self.samples_per_step)
+        self._order: tuple[int, list[int]] | None = None  # the last epoch's order, computed once
+
+    def order(self, epoch: int) -> list[int]:
+        """The epoch's rows in the order its steps take them (a function of seed and epoch alone)."""
+        if self._order is not None and self._order[0] == epoch:
+            return self._order[1]
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(len(self.rows), generator=generator).tolist()
+        if self.length is not None:
+            rows, per_step = self.rows_of(epoch), self.samples_per_step
+            span = per_step * BUCKET_STEPS
+            # sorted() is stable: rows of one length keep their shuffled order.
+            order = [i for start in range(0, len(order), span)
+                     for i in sorted(order[start:start + span], key=lambda i: self.length(rows[i]))]
+            whole_steps = len(order) // per_step  # a last, partial step stays last: steps stay aligned
+            steps = torch.randperm(whole_steps, generator=generator).tolist()
+            order = [i for s in steps for i in order[s * per_step:(s + 1) * per_step]] + order[whole_steps * per_step:]
+        self._order = (epoch, order)
+        return order
 
     def indices(self, step: int, micro: int = 0, rank: int = 0) -> list[int]:
         """Which rows make up the micro-batch (indices into the epoch's rows)."""
         epoch, position = divmod(step, self.steps_per_epoch)
-        order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed + epoch))
+        order = self.order(epoch)
         first = position * self.samples_per_step + (micro * self.world_size + rank) * self.batch_size
-        return [int(order[(first + i) % len(self.rows)]) for i in range(self.batch_size)]
+        return [order[(first + i) % len(self.rows)] for i in range(self.batch_size)]
+
+    def padding_share(self, epoch: int = 0) -> float:
+        """The share of the epoch's batch positions that are padding (rows of `inputs`)."""
+        rows, real, padded = self.rows_of(epoch), 0, 0
+        for step in range(epoch * self.steps_per_epoch, (epoch + 1) * self.steps_per_epoch):
+            for micro in range(self.grad_accum):
+                for rank in range(self.world_size):
+                    lengths = [len(rows[i].inputs) for i in self.indices(step, micro, rank)]
+                    real, padded = real + sum(lengths), padded + max(lengths) * len(lengths)
+        return 1 - real / padded
 
     def batch(self, step: int, micro: int = 0, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         epoch_rows = self.rows_of(step // self.steps_per_epoch)

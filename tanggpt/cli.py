@@ -42,7 +42,8 @@ class RuntimeConfig:
     """Flags every script has: where to run, in which precision."""
 
     device: str = flag("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    dtype: str = flag("auto", "auto (bf16 where the device has fast bf16, else fp32), float32 or bfloat16")
+    dtype: str = flag("auto", "auto (bf16 where the device computes in bf16, fp16 with loss scaling on an older "
+                               "CUDA GPU, else fp32), float32, bfloat16 or float16 (tanggpt/device.py)")
 
 
 def require_positive(config: object, names: tuple[str, ...]) -> None:

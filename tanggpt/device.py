@@ -2,8 +2,12 @@
 
 `--device auto` picks CUDA, then Apple's MPS, then the CPU. The precision policy:
 
-- CUDA: bf16 autocast where the GPU supports it (Ampere and newer), else fp32. bf16 has
-  fp32's range, so unlike fp16 it needs no loss scaling.
+- CUDA: bf16 autocast where the GPU computes in bf16 (Ampere and newer). Older GPUs (a T4,
+  what free notebook services lend) compute in fp16 instead: fp16 autocast with a gradient
+  scaler. fp16 has 5 exponent bits to bf16's 8, so small gradients would round to zero;
+  the scaler multiplies the loss by a large factor before backward and divides the
+  gradients by it before the update, skipping a step whose gradients overflowed
+  (training.py). bf16 has fp32's range and needs no scaling.
 - CPU: bf16 autocast where the CPU has native bf16 instructions (AVX512-BF16 or AMX).
   Measured on a 2-core AMD EPYC with AVX512-BF16, training the reference 4-layer,
   256-wide model: fp32 3,200 tokens/s, bf16 autocast 4,800 tokens/s (1.5x). Without
@@ -11,7 +15,10 @@
 - MPS: fp32. Autocast support on MPS varies with the macOS and PyTorch version, and we
   have not measured a gain there; fp32 always works.
 
-Parameters and optimizer state stay fp32 in every case; autocast runs matmuls in bf16.
+`--dtype` overrides the policy: `--dtype float16` on a CPU takes the scaled fp16 path too
+(slowly; the tests use it to check that path where no GPU is).
+
+Parameters and optimizer state stay fp32 in every case; autocast runs matmuls in bf16 (or fp16).
 """
 
 from __future__ import annotations
@@ -34,13 +41,19 @@ class Runtime:
     dtype: torch.dtype  # the autocast dtype; float32 means no autocast
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """Context for forward passes: bf16 autocast when the policy says so, else nothing."""
+        """Context for forward passes: bf16 (or fp16) autocast when the policy says so, else nothing."""
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
+    @property
+    def scales_loss(self) -> bool:
+        """Whether training needs a gradient scaler: fp16 autocast (see the module's docstring)."""
+        return self.dtype == torch.float16
+
     def describe(self) -> str:
-        precision = "fp32" if self.dtype == torch.float32 else "bf16 autocast"
+        precision = {torch.float32: "fp32", torch.bfloat16: "bf16 autocast",
+                     torch.float16: "fp16 autocast with loss scaling"}[self.dtype]
         name = self.device.type
         if self.device.type == "cuda":
             name = f"cuda ({torch.cuda.get_device_name(self.device)})"
@@ -75,10 +88,16 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
+def _cuda_has_native_bf16(device: torch.device) -> bool:
+    # torch.cuda.is_bf16_supported() also says yes where bf16 is only emulated (a T4):
+    # the tensor cores compute in bf16 from compute capability 8.0 (Ampere) on.
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     """The precision policy above, as a function."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if _cuda_has_native_bf16(device) else torch.float16
     if device.type == "cpu" and _cpu_has_native_bf16():
         return torch.bfloat16
     return torch.float32
@@ -92,13 +111,14 @@ def compile_pays(runtime: Runtime) -> bool:
 
 
 def setup_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
-    """Resolve --device and --dtype (auto, float32 or bfloat16) into a Runtime."""
+    """Resolve --device and --dtype (auto, float32, bfloat16 or float16) into a Runtime."""
     dev = pick_device(device)
     if dtype == "auto":
         return Runtime(dev, default_dtype(dev))
-    choices = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    choices = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+               "float16": torch.float16, "fp16": torch.float16}
     if dtype not in choices:
-        raise DeviceError(f"--dtype {dtype}: use auto, float32 or bfloat16")
+        raise DeviceError(f"--dtype {dtype}: use auto, float32, bfloat16 or float16")
     return Runtime(dev, choices[dtype])
 
 

@@ -35,6 +35,9 @@ class SamplingConfig(RuntimeConfig):
     seed: int = flag(1337, "random seed: the same seed gives the same poems")
     rhyme: bool = flag(False, "enforce the rhyme: at the end of each even line allow only characters of the poem's "
                               "rhyme group so far (Pingshui table, prosody.py; char tokenizer)")
+    compile: bool = flag(False, "torch.compile the one-token decoding step (model.GPT.generate_stream): its first "
+                                "call of each batch size compiles (tens of seconds on a CPU), and on the fp32 CPU "
+                                "the steps then gained too little to pay for it (docs/speed.md)")
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -49,7 +52,7 @@ class SamplingConfig(RuntimeConfig):
     def generate_kwargs(self) -> dict[str, Any]:
         """temperature, top_k and top_p as GPT.generate takes them (None = no limit)."""
         return {"temperature": self.temperature, "top_k": self.top_k or None,
-                "top_p": self.top_p if self.top_p < 1 else None}
+                "top_p": self.top_p if self.top_p < 1 else None, "compile": self.compile}
 
     def describe(self) -> str:
         return (f"temperature {self.temperature:g}, top-k {self.top_k or 'off'}, top-p "
@@ -103,6 +106,7 @@ def answer_requests(
     seed: int = 1337,
     batch_size: int = 64,
     allowed: Callable | None = None,
+    compile: bool = False,
 ) -> list[Answer]:
     """Answer each (instruction, input) request, in batches, stopping each at end-of-text."""
     generator = torch.Generator(device=runtime.device).manual_seed(seed)
@@ -112,7 +116,7 @@ def answer_requests(
         prompts = [prompt_ids(tokenizer, instruction, input) for instruction, input in chunk]
         with runtime.autocast():
             outputs = model.generate(prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                     allowed=allowed,
+                                     allowed=allowed, compile=compile,
                                      stop_ids=[tokenizer.eot_id], generator=generator)
         for (instruction, input), ids in zip(chunk, outputs):
             stopped = bool(ids) and ids[-1] == tokenizer.eot_id

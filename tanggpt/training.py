@@ -211,7 +211,7 @@ def step_model(model: torch.nn.Module, compile: bool, runtime: Runtime, dist_inf
 
 
 def accumulate_gradients(model: torch.nn.Module, batches: list, stage: Stage, runtime: Runtime,
-                         dist_info: Distributed) -> torch.Tensor:
+                         dist_info: Distributed, scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
     """Forward and backward each micro-batch of one step; return this process's mean loss, detached.
 
     Each micro-batch's loss is a mean over its own tokens (or pairs). Scaled by its share
@@ -219,6 +219,9 @@ def accumulate_gradients(model: torch.nn.Module, batches: list, stage: Stage, ru
     those of the mean over the whole step, exactly as one big batch would give. Scaling by
     1 / grad_accum instead would count a token of a short padded batch more than one of
     a long one.
+
+    Under fp16 autocast, `scaler` multiplies each loss by its loss scale before backward, so
+    that small gradients stay above fp16's smallest number (Trainer.step divides it out).
     """
     weights = [float(stage.batch_weight(batch)) for batch in batches]
     local_total = sum(weights)
@@ -231,7 +234,8 @@ def accumulate_gradients(model: torch.nn.Module, batches: list, stage: Stage, ru
         with contextlib.nullcontext() if dist_info.world_size == 1 or last else model.no_sync():
             with runtime.autocast():
                 loss = stage.loss(model, batch)
-            (loss * (weights[i] * dist_info.world_size / total)).backward()
+            scaled = loss * (weights[i] * dist_info.world_size / total)
+            (scaled if scaler is None else scaler.scale(scaled)).backward()
         mean_loss += loss.detach() * (weights[i] / local_total)
     return mean_loss
 
@@ -288,11 +292,15 @@ class Trainer:
         self.master = self.dist_info.is_master
         self.files = RunFiles(config.out)
         self.optimizer = configure_optimizer(model, config, runtime.device)
+        # fp16 autocast only (device.py); disabled, it passes everything through unchanged.
+        self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.scales_loss)
         self.start_step, self.progress = 0, {"tokens_seen": 0, "best_val_loss": float("inf")}
         if ckpt is not None:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.start_step, self.progress = ckpt["step"], {key: ckpt[key] for key in self.progress}
             set_rng_state(ckpt["rng"])
+            if self.scaler.is_enabled() and "grad_scaler" in ckpt:
+                self.scaler.load_state_dict(ckpt["grad_scaler"])
         self.resumed = ckpt is not None
         self.saved_at = self.start_step if self.resumed else None  # the step of the checkpoint at --out, if any
         wanted = compile_pays(runtime) if config.compile is None else config.compile
@@ -357,9 +365,13 @@ class Trainer:
         batches = [self.stage.get_batch(step, micro) for micro in range(config.grad_accum)]
         loss = self.gradients(step, batches)
         self.nonfinite |= ~torch.isfinite(loss)
+        self.scaler.unscale_(self.optimizer)  # the true gradients, before clipping measures them
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
-        self.optimizer.step()
+        # With the scaler on: the update is skipped if a gradient overflowed, and the scale is
+        # halved (or, after a long run without overflow, doubled). Off: optimizer.step().
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         step_tokens = sum(self.stage.batch_tokens(batch) for batch in batches) * self.dist_info.world_size
         self.progress["tokens_seen"] += step_tokens
@@ -371,14 +383,14 @@ class Trainer:
         """accumulate_gradients through the step's model; if torch.compile fails on the first
         step (it needs a working C++/Triton toolchain, found only then), carry on uncompiled."""
         try:
-            return accumulate_gradients(self.runner, batches, self.stage, self.runtime, self.dist_info)
+            return accumulate_gradients(self.runner, batches, self.stage, self.runtime, self.dist_info, self.scaler)
         except Exception as e:
             if not (self.compiled and step == self.start_step):
                 raise
             tqdm.write(f"warning: torch.compile failed ({type(e).__name__}); continuing without --compile")
             self.optimizer.zero_grad(set_to_none=True)
             self.compiled, self.runner = False, step_model(self.model, False, self.runtime, self.dist_info)
-            return accumulate_gradients(self.runner, batches, self.stage, self.runtime, self.dist_info)
+            return accumulate_gradients(self.runner, batches, self.stage, self.runtime, self.dist_info, self.scaler)
 
     def report(self, done: int, loss: torch.Tensor, lr: float, bar: tqdm) -> None:
         """The progress bar and, every --log-interval steps, a train-loss record. The loss is read
@@ -418,7 +430,8 @@ class Trainer:
         save_checkpoint(self.files.checkpoint, model_checkpoint(
             self.stage.kind, self.model, self.stage.tokenizer, **self.stage.checkpoint_extra(),
             optimizer=self.optimizer.state_dict(), train_config=asdict(self.config), step=step, **self.progress,
-            max_iters=self.max_iters, rng=rng_state()))
+            max_iters=self.max_iters, rng=rng_state(),
+            **({"grad_scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {})))
         self.saved_at = step
 
     def check_weights(self, step: int) -> None:

@@ -77,18 +77,20 @@ class TuneConfig(TrainConfig):
         return max_iters
 
 
-def open_run(config: TuneConfig, explicit: set[str], kind: str, fixed: set[str], init_example: str
-             ) -> tuple[dict | None, dict, list[str]]:
+def open_run(config: TuneConfig, explicit: set[str], kind: str, fixed: set[str], init_example: str,
+             before_the_flag: dict | None = None) -> tuple[dict | None, dict, list[str]]:
     """Check the flags and --out before any work; return (the checkpoint to resume or None,
     the checkpoint to start from, notes to print).
 
     With --resume, the run at --out must be a `kind` run, and continues with its own
-    settings (cli.restore_run_flags; `fixed` are the flags it never changes).
+    settings (cli.restore_run_flags; `fixed` are the flags it never changes; a flag its
+    checkpoint does not record takes its `before_the_flag` value, the one runs had before it).
     """
     ckpt, notes = None, []
     if config.resume:  # the run's own settings first, then check them like any others
         ckpt = resume_checkpoint(config.out, kind)
-        notes += restore_run_flags(config, explicit, ckpt["train_config"], fixed, config.out)
+        saved = {**(before_the_flag or {}), **ckpt["train_config"]}
+        notes += restore_run_flags(config, explicit, saved, fixed, config.out)
     config.fill_defaults()
     config.validate()
     unused = sorted(name for name in explicit & LORA_FIXED if name != "lora_rank") if not config.lora_rank else []

@@ -82,7 +82,7 @@ def test_bfloat16_runtime_autocasts_linear():
     assert layer(x).dtype == torch.float32  # and autocast ends with the block
 
 
-@pytest.mark.parametrize("name", ["float16", "fp16", "int8", "bfloat"])
+@pytest.mark.parametrize("name", ["half", "int8", "bfloat"])
 def test_invalid_dtype_raises(name):
     """An unknown --dtype is a one-line DeviceError naming --dtype."""
     with pytest.raises(DeviceError) as info:
@@ -105,17 +105,33 @@ def test_mps_default_dtype_is_float32(monkeypatch):
     assert default_dtype(torch.device("mps")) == torch.float32
 
 
-@pytest.mark.parametrize("supported, expected", [(True, torch.bfloat16), (False, torch.float32)])
-def test_cuda_default_dtype_follows_bf16_support(monkeypatch, supported, expected):
-    """On CUDA, bf16 autocast is the default only where the GPU supports bf16."""
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: supported)
+@pytest.mark.parametrize("capability, expected", [((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16),
+                                                  ((7, 5), torch.float16), ((6, 0), torch.float16)])
+def test_cuda_default_dtype_is_bf16_from_ampere_on_else_fp16(monkeypatch, capability, expected):
+    """On CUDA, bf16 autocast where the tensor cores compute in bf16 (compute capability 8+),
+    fp16 with loss scaling before that (a T4 is 7.5), even where torch calls bf16 "supported"
+    because it can emulate it."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert default_dtype(torch.device("cuda")) == expected
+
+
+@pytest.mark.parametrize("name", ["float16", "fp16"])
+def test_float16_runtime_autocasts_and_scales_the_loss(name):
+    """--dtype float16: fp16 autocast, and the loop's gradient scaler is on; not in fp32 or bf16."""
+    rt = setup_runtime("cpu", name)
+    assert rt.dtype == torch.float16 and rt.scales_loss
+    with rt.autocast():
+        assert torch.nn.Linear(8, 4)(torch.randn(3, 8)).dtype == torch.float16
+    assert not setup_runtime("cpu", "float32").scales_loss
+    assert not setup_runtime("cpu", "bfloat16").scales_loss
 
 
 def test_describe_names_device_and_precision():
     """describe() says which device and which precision, for the startup log line."""
     assert setup_runtime("cpu", "float32").describe() == "cpu, fp32"
     assert setup_runtime("cpu", "bf16").describe() == "cpu, bf16 autocast"
+    assert setup_runtime("cpu", "fp16").describe() == "cpu, fp16 autocast with loss scaling"
 
 
 def test_compiling_is_the_default_only_where_it_was_measured_faster():

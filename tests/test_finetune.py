@@ -247,6 +247,38 @@ def test_micro_batches_and_ranks_split_a_step_without_overlap(char_tokenizer):
         assert torch.equal(torch.cat(parts), whole.batch(step)[0])
 
 
+def test_length_buckets_cut_padding_and_keep_every_sample_once_in_a_pure_order(char_tokenizer):
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 40, (120,), generator=generator).tolist()
+    rows = [encode_sample(char_tokenizer, Sample("寫", "春", "月" * n)) for n in lengths]
+    length = lambda row: len(row.inputs)  # noqa: E731
+    plain = EpochBatches(rows, batch_size=4, seed=3)
+    bucketed = EpochBatches(rows, batch_size=4, seed=3, length=length)
+    assert bucketed.padding_share() < plain.padding_share() / 4
+    steps = bucketed.steps_per_epoch
+    for epoch in (0, 1):
+        seen = [i for step in range(epoch * steps, (epoch + 1) * steps) for i in bucketed.indices(step)]
+        assert sorted(seen) == list(range(120))  # each sample once per epoch
+    assert bucketed.order(0) != bucketed.order(1)  # a new order each epoch
+    widths = [bucketed.batch(step)[0].size(1) for step in range(steps)]
+    assert widths != sorted(widths) and widths != sorted(widths, reverse=True)  # the lengths come in random order
+    fresh = EpochBatches(rows, batch_size=4, seed=3, length=length)  # a resumed run, asked a late step first
+    assert torch.equal(fresh.batch(steps + 7)[0], bucketed.batch(steps + 7)[0])
+    split = EpochBatches(rows, batch_size=2, grad_accum=2, seed=3, length=length)  # the same steps, in micro-batches
+    assert sorted(split.indices(5, 0) + split.indices(5, 1)) == sorted(bucketed.indices(5))
+
+
+def test_a_run_from_before_length_buckets_resumes_without_them(tmp_path, small_poems, tiny_pretrained, capsys):
+    finetune.main(tune(tmp_path, small_poems, tiny_pretrained, "--max-iters", "2", "--length-buckets"))
+    assert "(length buckets)" in capsys.readouterr().out
+    ckpt = torch.load(tmp_path / "sft.pt", weights_only=True)
+    del ckpt["train_config"]["length_buckets"]  # written before the flag existed
+    torch.save(ckpt, tmp_path / "sft.pt")
+    finetune.main(tune(tmp_path, small_poems, None, "--resume", "--max-iters", "3"))
+    assert "(no length buckets)" in capsys.readouterr().out
+    assert torch.load(tmp_path / "sft.pt", weights_only=True)["train_config"]["length_buckets"] is False
+
+
 def test_samples_longer_than_the_block_are_dropped_not_truncated(char_tokenizer):
     short, long = Sample("寫", "甲", "一二三。"), Sample("寫", "乙", "一" * 40)
     kept, dropped = encode_samples(char_tokenizer, [short, long, short], block_size=20)

@@ -114,6 +114,28 @@ def test_head_cross_entropy_matches_the_plain_loss_and_its_gradients(chunk_size)
     assert torch.allclose(x.grad, plain_grads[0] / 2, atol=1e-6)
 
 
+def test_head_cross_entropy_keeps_small_gradients_under_fp16_autocast():
+    """Under fp16 autocast (an older GPU's path) the head's gradients, scaled up as the
+    gradient scaler scales them, match fp32's: each position's share of a mean over
+    thousands of positions is below fp16's smallest normal number, so the gradients must
+    pass through the fp16 matmuls unscaled by the count (they are, until backward).
+    16,384 positions: the gpu preset's batch, 64 x 256."""
+    torch.manual_seed(0)
+    x = torch.randn(16384, 32, requires_grad=True)
+    weight = (0.02 * torch.randn(500, 32)).requires_grad_()
+    targets = torch.randint(0, 500, (16384,))
+    grads = []
+    for dtype in (torch.float32, torch.float16):
+        x.grad = weight.grad = None
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype == torch.float16):
+            loss = head_cross_entropy(x, weight, targets)
+        (loss * 65536.0).backward()  # the scaler's initial scale
+        grads.append((x.grad.clone(), weight.grad.clone()))
+    for exact, half in zip(*grads):
+        assert torch.isfinite(half).all()
+        assert ((half - exact).norm() / exact.norm()).item() < 0.005  # divided first: 2 % and 7 %
+
+
 def test_loss_ignores_minus_100_targets():
     """Targets == -100 are left out of the mean cross-entropy (prompt/padding masking)."""
     model = tiny_model().eval()
@@ -411,6 +433,20 @@ def test_last_only_gives_the_last_positions_logits():
     last, _ = model(idx, last_only=True)
     assert last.shape == (3, 1, TINY["vocab_size"])
     torch.testing.assert_close(last, full[:, -1:, :])
+
+
+@pytest.mark.slow
+def test_a_compiled_decoding_step_generates_what_the_eager_one_does():
+    """GPT.generate's compile: the one-token step at fixed shapes (all block_size slots of the
+    cache, masked) gives the eager step's greedy output, with left padding, and past the
+    block, where both crop the context and recompute."""
+    model = peaky_model(seed=3)
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10]]
+    steps = model.config.block_size  # the longest prompt runs past the block
+    eager = model.generate(prompts, steps, temperature=0)
+    assert model.generate(prompts, steps, temperature=0, compile=True) == eager
+    assert model.generate(prompts[1:2], 12, temperature=0, compile=True) == model.generate(prompts[1:2], 12,
+                                                                                            temperature=0)
 
 
 def test_bf16_weights_generate_like_autocast():

@@ -19,7 +19,20 @@ def test_profile_step_times_every_part_and_they_add_up(capsys):
     assert sum(float(share) for _, _, share in parts) == pytest.approx(100, abs=0.5)
     total = float(re.search(r"the step\s+([\d.]+) ms", out)[1])
     assert total == pytest.approx(sum(float(ms) for _, ms, _ in parts), abs=0.5)
-    assert "output layer" in out and "16 tokens a step" in out
+    assert "output layer" in out and "16 positions a step" in out
+
+
+def test_profile_step_profiles_finetunes_batches_and_their_padding(capsys, small_poems):
+    """--tuning times finetune.py's batches: with length buckets far less of a step is padding."""
+    shares = []
+    for buckets in ("--length-buckets", "--no-length-buckets"):
+        profile_step.main([*TINY, "--block-size", "96", "--batch-size", "8", "--repeats", "3", "--tuning", buckets,
+                           "--poems", str(small_poems)])
+        out = capsys.readouterr().out
+        match = re.search(r"(\d+)% of them padding, (\d+)% labelled", out)
+        assert match and "the step" in out
+        shares.append(int(match[1]))
+    assert shares[0] < shares[1]
 
 
 def test_bench_prints_training_and_generation_figures(capsys):

@@ -94,3 +94,47 @@ def test_the_loop_trains_on_the_stage_loss(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "ckpt.log.jsonl").read_text().splitlines()]
     losses = [r["train_loss"] for r in records if "train_loss" in r]
     assert losses[0] > 2 * 2.5 and losses[-1] < losses[0] / 2  # starts near 2 ln 20 (the doubled loss), falls
+    assert "grad_scaler" not in torch.load(tmp_path / "ckpt.pt", weights_only=True)  # fp32: no loss scaling
+
+
+def test_fp16_steps_scale_the_loss_skip_an_overflow_and_resume_the_scale(tmp_path):
+    """Under fp16 autocast the loop scales the loss: a step whose gradients overflow is
+    skipped and halves the scale, the checkpoint keeps the scale, and a resumed run goes on
+    from it (a fresh scaler would start again at 65,536)."""
+    fp16 = setup_runtime("cpu", "float16")
+    calls = []
+
+    def get_batch(step: int, micro: int):
+        generator = torch.Generator().manual_seed(step)
+        x = torch.randint(20, (4, 16), generator=generator)
+        return x, x
+
+    def loss(model, batch):
+        calls.append(1)
+        plain = causal_lm_loss(model, batch)
+        return plain * 1e35 if len(calls) == 5 else plain  # step 4's gradients overflow at any scale
+
+    model = tiny_model(20)
+    config = TrainConfig(out=str(tmp_path / "ckpt.pt"), lr=1e-2, warmup_iters=0, eval_interval=20, log_interval=1,
+                         dtype="float16", device="cpu")
+    before_step_4 = {}
+
+    def keep_weights(step, micro):
+        if step == 4:
+            before_step_4.update({n: p.detach().clone() for n, p in model.named_parameters()})
+        if step == 5:
+            moved = [n for n, p in model.named_parameters() if not torch.equal(p, before_step_4[n])]
+            assert not moved  # step 4 was skipped
+        return get_batch(step, micro)
+
+    train(model, config, LMStage(keep_weights, loss), fp16, max_iters=20)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["grad_scaler"]["scale"] == 65536.0 / 2
+    records = [json.loads(line) for line in (tmp_path / "ckpt.log.jsonl").read_text().splitlines()]
+    losses = [r["train_loss"] for r in records if "train_loss" in r and r["train_loss"] < 1e6]
+    assert losses[-1] < losses[0] / 2
+
+    resumed = tiny_model(20)
+    resumed.load_state_dict(ckpt["model"])
+    train(resumed, config, LMStage(get_batch), fp16, max_iters=30, ckpt=ckpt)
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["grad_scaler"]["scale"] == 65536.0 / 2

@@ -145,23 +145,32 @@ def plain_generate(model: GPT, prompt: list[int], new_tokens: int) -> list[int]:
 
 
 def bench_generation(model: GPT, runtime: Runtime, args) -> dict:
+    """Greedy generation's tokens/s: one sample with the KV cache (eager and with the decoding
+    step compiled), without it, plain GPT code's loop, and a batch with the cache (eager and
+    compiled); and the seconds the first compiled call of each batch size took."""
     model = for_generation(copy.deepcopy(model), runtime)  # as sample.py and evaluate.py do
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(5, model.config.vocab_size, (12,), generator=gen).tolist() for _ in range(args.gen_batch)]
     n = args.new_tokens
     figures = {}
 
-    def one(use_cache: bool, batch: list[list[int]]):
-        model.generate(batch, n, temperature=0, use_cache=use_cache)
+    def tokens_per_s(batch: list[list[int]], **kwargs) -> tuple[float, float]:
+        """(tokens/s, seconds of the untimed first call, which compiles if compiling)"""
+        start = time.perf_counter()
+        model.generate(batch, n, temperature=0, **kwargs)
+        first = time.perf_counter() - start
+        t = statistics.median(timed(lambda: model.generate(batch, n, temperature=0, **kwargs), args.repeats,
+                                    runtime.device))
+        return n * len(batch) / t, first
 
-    for use_cache in (True, False):
-        one(use_cache, prompts[:1])  # warm up
-        t = statistics.median(timed(lambda: one(use_cache, prompts[:1]), args.repeats, runtime.device))
-        figures[f"gen_tokens_per_s_{'cache' if use_cache else 'no_cache'}"] = n / t
+    figures["gen_tokens_per_s_cache"] = tokens_per_s(prompts[:1])[0]
+    figures["gen_tokens_per_s_no_cache"] = tokens_per_s(prompts[:1], use_cache=False)[0]
     t = statistics.median(timed(lambda: plain_generate(model, prompts[0], n), args.repeats, runtime.device))
     figures["gen_tokens_per_s_plain"] = n / t
-    t = statistics.median(timed(lambda: one(True, prompts), args.repeats, runtime.device))
-    figures["gen_tokens_per_s_batched"] = n * len(prompts) / t
+    figures["gen_tokens_per_s_batched"] = tokens_per_s(prompts)[0]
+    if args.compile_decode:
+        figures["gen_tokens_per_s_compiled"], figures["compile_s"] = tokens_per_s(prompts[:1], compile=True)
+        figures["gen_tokens_per_s_batched_compiled"] = tokens_per_s(prompts, compile=True)[0]
     return figures
 
 
@@ -173,6 +182,8 @@ class BenchConfig(ReferenceModelConfig):
     new_tokens: int = flag(120, "tokens generated per sample")
     gen_batch: int = flag(32, "prompts in the batched generation figure")
     only: str = flag("both", "which half to run: train, generate or both", choices=["both", "train", "generate"])
+    compile_decode: bool = flag(True, "also time generation with the decoding step compiled (GPT.generate's "
+                                      "compile; its first call compiles, and is not timed)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -204,6 +215,12 @@ def run(args: BenchConfig, explicit: set[str]) -> None:
               f"({g['gen_tokens_per_s_cache'] / g['gen_tokens_per_s_plain']:.1f}x); batch of {args.gen_batch}: "
               f"{g['gen_tokens_per_s_batched']:,.0f} tokens/s "
               f"({g['gen_tokens_per_s_batched'] / g['gen_tokens_per_s_cache']:.1f}x one at a time)")
+        if args.compile_decode:
+            print(f"decoding step compiled: one sample {g['gen_tokens_per_s_compiled']:,.0f} tokens/s "
+                  f"({g['gen_tokens_per_s_compiled'] / g['gen_tokens_per_s_plain']:.1f}x plain GPT code's loop), "
+                  f"batch of {args.gen_batch} {g['gen_tokens_per_s_batched_compiled']:,.0f} tokens/s "
+                  f"({g['gen_tokens_per_s_batched_compiled'] / g['gen_tokens_per_s_batched']:.2f}x eager); its first "
+                  f"call took {g['compile_s']:.1f} s (compiling)")
 
 
 if __name__ == "__main__":
