@@ -84,7 +84,6 @@ class AlignConfig(TuneConfig):
     lr: float = flag(5e-4, "peak learning rate (DPO alone moves far with 3e-5; the rhyme loss needs more)")
     min_lr: float = flag(5e-5, "learning rate at the end of the cosine decay")
     warmup_iters: int = flag(10, "steps of linear warmup")
-    eval_interval: int = flag(39, "evaluate, sample and checkpoint every this many steps (0 = once per epoch)")
     log_interval: int = flag(5, "write a train-loss record to the JSONL log every this many steps")
 
     def validate(self) -> None:

@@ -279,6 +279,14 @@ def test_a_run_from_before_length_buckets_resumes_without_them(tmp_path, small_p
     assert torch.load(tmp_path / "sft.pt", weights_only=True)["train_config"]["length_buckets"] is False
 
 
+def test_the_optimizer_follows_the_tasks_unless_given(tmp_path, small_poems, tiny_pretrained):
+    """A mixture tunes with Muon, the book's one-task run with the AdamW it was measured with;
+    --optimizer wins over both."""
+    for args, expected in ((), "muon"), (("--tasks", "book"), "adamw"), (("--optimizer", "adamw"), "adamw"):
+        finetune.main(tune(tmp_path, small_poems, tiny_pretrained, "--max-iters", "1", "--overwrite", *args))
+        assert torch.load(tmp_path / "sft.pt", weights_only=True)["train_config"]["optimizer"] == expected
+
+
 def test_samples_longer_than_the_block_are_dropped_not_truncated(char_tokenizer):
     short, long = Sample("寫", "甲", "一二三。"), Sample("寫", "乙", "一" * 40)
     kept, dropped = encode_samples(char_tokenizer, [short, long, short], block_size=20)

@@ -36,10 +36,19 @@ def test_profile_step_profiles_finetunes_batches_and_their_padding(capsys, small
 
 
 def test_bench_prints_training_and_generation_figures(capsys):
-    bench.main([*TINY, "--steps", "1", "--repeats", "1", "--new-tokens", "4", "--gen-batch", "2"])
+    bench.main([*TINY, "--steps", "1", "--repeats", "1", "--new-tokens", "4", "--gen-batch", "2", "--no-compile-decode"])
     out = capsys.readouterr().out
     assert re.search(r"train: [\d,]+ tokens/s \| model [\d.]+ GFLOP/s of a measured [\d.]+ GFLOP/s matmul = MFU", out)
     assert re.search(r"generate 4 tokens: [\d,]+ tokens/s with KV cache, [\d,]+ without", out)
+    assert "decoding step compiled" not in out
+
+
+@pytest.mark.slow
+def test_bench_times_the_compiled_decoding_step(capsys):
+    bench.main([*TINY, "--only", "generate", "--repeats", "1", "--new-tokens", "4", "--gen-batch", "2"])
+    out = capsys.readouterr().out
+    assert re.search(r"decoding step compiled: one sample [\d,]+ tokens/s \([\d.]+x plain GPT code's loop\), batch "
+                     r"of 2 [\d,]+ tokens/s \([\d.]+x eager\); its first call took [\d.]+ s", out)
 
 
 def test_a_bad_flag_is_one_line(capsys):
