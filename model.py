@@ -146,7 +146,7 @@ def head_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     without the (N, vocab_size) scores ever held in memory at once (_HeadCrossEntropy).
     """
     labelled = targets != -100
-    if not bool(labelled.all()):
+    if not bool(labelled.all()):  # (on a GPU, this reads one number back: a short wait)
         # Tuning labels the response alone: the prompt's and the padding's positions would
         # be scored against all vocab_size ids and then weighted 0. Score the labelled ones
         # only (autograd gives the others a zero gradient).
@@ -176,9 +176,9 @@ class KVCache:
     def __init__(self, config: GPTConfig, batch_size: int, device: torch.device, dtype: torch.dtype):
         head_dim = config.n_embd // config.n_head
         shape = (batch_size, config.n_head, config.block_size, head_dim)
-        # A tensor per layer, not one with a layer dimension: a compiled step then writes
-        # into each in place (a write into a view of a shared tensor is compiled as a copy
-        # of all of it).
+        # A tensor per layer, not one with a layer dimension: a compiled step writes into
+        # each in place, where it copied the per-layer views of one tensor whole at every
+        # step (docs/speed.md, Sampling).
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.length = 0  # positions stored; advanced by GPT.hidden after all layers ran
