@@ -98,40 +98,37 @@ class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
                 need_x_grad: bool, need_weight_grad: bool) -> torch.Tensor:
-        labelled = targets != -100
-        count = labelled.sum().clamp(min=1)
+        count = max(x.size(0), 1)  # every row is labelled: head_cross_entropy passes those alone
         x_grad = torch.zeros_like(x) if need_x_grad else None
         weight_grad = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_weight_grad else None
         total = torch.zeros((), device=x.device, dtype=torch.float32)
         for start in range(0, x.size(0), chunk_size):
             xc, tc = x[start:start + chunk_size], targets[start:start + chunk_size]
-            keep = labelled[start:start + chunk_size].float()
-            safe = tc.clamp(min=0)  # -100 would be an invalid index; its row is weighted 0 below
             rows = torch.arange(tc.numel(), device=tc.device)
             scores = (xc @ weight.t()).float()  # float(): the softmax in fp32, also under bf16 autocast
-            target_score = scores[rows, safe]
+            target_score = scores[rows, tc]
             top = scores.amax(dim=1, keepdim=True)  # subtract the max so exp cannot overflow
             probs = scores.sub_(top).exp_()  # in place: the chunk's scores are not needed again
             sums = probs.sum(dim=1, keepdim=True)
-            total += ((top.squeeze(1) + sums.log().squeeze(1) - target_score) * keep).sum()
+            total += (top.squeeze(1) + sums.log().squeeze(1) - target_score).sum()
             if x_grad is None and weight_grad is None:
                 continue
-            # d(summed loss)/d(scores) = softmax - one_hot, zero on unlabelled rows
-            probs.mul_(keep[:, None] / sums)
-            probs[rows, safe] -= keep
+            # d(summed loss)/d(scores) = softmax - one_hot
+            probs.mul_(1 / sums)
+            probs[rows, tc] -= 1
             probs = probs.to(xc.dtype)
             if x_grad is not None:
                 x_grad[start:start + chunk_size] = probs @ weight.to(probs.dtype)
             if weight_grad is not None:
                 weight_grad += (probs.t() @ xc).float()
-        ctx.save_for_backward(x_grad, weight_grad, count)
-        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(x_grad, weight_grad)
+        ctx.weight_dtype, ctx.count = weight.dtype, count
         return total / count
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        x_grad, weight_grad, count = ctx.saved_tensors
-        grad_sum = grad_loss / count  # the loss is the mean: each position's share
+        x_grad, weight_grad = ctx.saved_tensors
+        grad_sum = grad_loss / ctx.count  # the loss is the mean: each position's share
         return (None if x_grad is None else x_grad * grad_sum,
                 None if weight_grad is None else (weight_grad * grad_sum).to(ctx.weight_dtype),
                 None, None, None, None)
@@ -147,9 +144,8 @@ def head_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     """
     labelled = targets != -100
     if not bool(labelled.all()):  # (on a GPU, this reads one number back: a short wait)
-        # Tuning labels the response alone: the prompt's and the padding's positions would
-        # be scored against all vocab_size ids and then weighted 0. Score the labelled ones
-        # only (autograd gives the others a zero gradient).
+        # Tuning labels the response alone: the prompt's and the padding's positions need
+        # no scores. Score the labelled ones only (autograd gives the others a zero gradient).
         rows = labelled.nonzero().squeeze(1)
         x, targets = x[rows], targets[rows]
     grad = torch.is_grad_enabled()
