@@ -179,7 +179,7 @@ def run(config: FinetuneConfig, explicit: set[str]) -> dict:
 
     # Padding comes after each row's end and carries no label, so any id works as pad_id.
     batches = EpochBatches(mixture.rows, config.batch_size, config.grad_accum, dist_info.world_size, config.seed,
-                           pad_id=tokenizer.eot_id, length=(lambda row: len(row.inputs)) if config.length_buckets else None)
+                           pad_id=tokenizer.eot_id, length_buckets=config.length_buckets)
     steps_per_epoch, per_step = batches.steps_per_epoch, batches.samples_per_step
     max_iters = config.settle_schedule(steps_per_epoch)
     if finished(ckpt, max_iters, config.out, MORE_EPOCHS, master):

@@ -176,18 +176,18 @@ class EpochBatches:
     every epoch (data/tasks.py's TaskMixture draws each poem's task anew each epoch).
 
     A batch is padded to its longest row, so a batch of one long and many short samples
-    is mostly padding. With `length` (a row's length), the shuffled order is cut into
+    is mostly padding. With length_buckets, the shuffled order is cut into
     spans of BUCKET_STEPS steps' samples, each span is sorted by length and cut into
     steps, and the steps are shuffled: a step holds samples of about one length, and
     which lengths come when is still random.
     """
 
     def __init__(self, rows: list | Callable[[int], list], batch_size: int, grad_accum: int = 1,
-                 world_size: int = 1, seed: int = 0, pad_id: int = 0, length: Callable[[object], int] | None = None):
+                 world_size: int = 1, seed: int = 0, pad_id: int = 0, length_buckets: bool = False):
         self.rows_of = rows if callable(rows) else lambda epoch: rows
         self.rows = self.rows_of(0)  # the first epoch's
         self.batch_size, self.grad_accum, self.world_size = batch_size, grad_accum, world_size
-        self.seed, self.pad_id, self.length = seed, pad_id, length
+        self.seed, self.pad_id, self.length_buckets = seed, pad_id, length_buckets
         self.samples_per_step = batch_size * grad_accum * world_size
         self.steps_per_epoch = math.ceil(len(self.rows) / self.samples_per_step)
         self._order: tuple[int, list[int]] | None = None  # the last epoch's order, computed once
@@ -198,12 +198,12 @@ class EpochBatches:
             return self._order[1]
         generator = torch.Generator().manual_seed(self.seed + epoch)
         order = torch.randperm(len(self.rows), generator=generator).tolist()
-        if self.length is not None:
+        if self.length_buckets:
             rows, per_step = self.rows_of(epoch), self.samples_per_step
             span = per_step * BUCKET_STEPS
             # sorted() is stable: rows of one length keep their shuffled order.
             order = [i for start in range(0, len(order), span)
-                     for i in sorted(order[start:start + span], key=lambda i: self.length(rows[i]))]
+                     for i in sorted(order[start:start + span], key=lambda i: len(rows[i].inputs))]
             whole_steps = len(order) // per_step  # a last, partial step stays last: steps stay aligned
             steps = torch.randperm(whole_steps, generator=generator).tolist()
             order = [i for s in steps for i in order[s * per_step:(s + 1) * per_step]] + order[whole_steps * per_step:]

@@ -251,9 +251,8 @@ def test_length_buckets_cut_padding_and_keep_every_sample_once_in_a_pure_order(c
     generator = torch.Generator().manual_seed(0)
     lengths = torch.randint(1, 40, (120,), generator=generator).tolist()
     rows = [encode_sample(char_tokenizer, Sample("寫", "春", "月" * n)) for n in lengths]
-    length = lambda row: len(row.inputs)  # noqa: E731
     plain = EpochBatches(rows, batch_size=4, seed=3)
-    bucketed = EpochBatches(rows, batch_size=4, seed=3, length=length)
+    bucketed = EpochBatches(rows, batch_size=4, seed=3, length_buckets=True)
     assert bucketed.padding_share() < plain.padding_share() / 4
     steps = bucketed.steps_per_epoch
     for epoch in (0, 1):
@@ -262,9 +261,9 @@ def test_length_buckets_cut_padding_and_keep_every_sample_once_in_a_pure_order(c
     assert bucketed.order(0) != bucketed.order(1)  # a new order each epoch
     widths = [bucketed.batch(step)[0].size(1) for step in range(steps)]
     assert widths != sorted(widths) and widths != sorted(widths, reverse=True)  # the lengths come in random order
-    fresh = EpochBatches(rows, batch_size=4, seed=3, length=length)  # a resumed run, asked a late step first
+    fresh = EpochBatches(rows, batch_size=4, seed=3, length_buckets=True)  # a resumed run, asked a late step first
     assert torch.equal(fresh.batch(steps + 7)[0], bucketed.batch(steps + 7)[0])
-    split = EpochBatches(rows, batch_size=2, grad_accum=2, seed=3, length=length)  # the same steps, in micro-batches
+    split = EpochBatches(rows, batch_size=2, grad_accum=2, seed=3, length_buckets=True)  # the same steps, in micro-batches
     assert sorted(split.indices(5, 0) + split.indices(5, 1)) == sorted(bucketed.indices(5))
 
 

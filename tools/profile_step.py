@@ -53,7 +53,7 @@ def tuning_batches(args: ProfileConfig) -> tuple[EpochBatches, int]:
     tokenizer = build_tokenizer("char", tokenizer_texts(all_poems(splits)))
     mixture = TaskMixture(tuning_poems(splits)[0], parse_tasks(DEFAULT_TASKS), tokenizer, args.block_size)
     batches = EpochBatches(mixture.rows, args.batch_size, pad_id=tokenizer.eot_id,
-                           length=(lambda row: len(row.inputs)) if args.length_buckets else None)
+                           length_buckets=args.length_buckets)
     return batches, tokenizer.vocab_size
 
 
