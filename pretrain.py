@@ -144,8 +144,7 @@ def resolve_config(config: PretrainConfig, explicit: set[str], ckpt: dict | None
     typed win), a resumed one the values it was started with (see --resume); then check
     them all. Returns notes to print."""
     if ckpt is not None:
-        notes = restore_run_flags(config, explicit, {**BEFORE_THE_FLAG, **ckpt["train_config"]}, RESUME_FIXED,
-                                  config.out)
+        notes = restore_run_flags(config, explicit, ckpt["train_config"], RESUME_FIXED, config.out, BEFORE_THE_FLAG)
     else:
         notes = []
         for name, value in PRESETS.get(config.preset, {}).items():

@@ -95,14 +95,19 @@ def parse_config(cls: type, argv: list[str] | None, description: str, epilog: st
     return cls(**given), set(given)
 
 
-def restore_run_flags(config: Any, explicit: set[str], saved: dict, fixed: set[str], out: str) -> list[str]:
+def restore_run_flags(config: Any, explicit: set[str], saved: dict, fixed: set[str], out: str,
+                      before_the_flag: dict | None = None) -> list[str]:
     """--resume continues a run with the settings it was started with (`saved`, from its checkpoint).
+
+    A flag `saved` does not record did not exist when the run started: it takes its
+    `before_the_flag` value, the one such runs were trained with, where one is given.
 
     A flag not typed now takes the run's value. A typed one that differs is refused when it
     is in `fixed` (it decides which batches or which model the run trains: another value
     would not continue the same run), and otherwise applied, with a note returned to print.
     """
     notes = []
+    saved = {**(before_the_flag or {}), **saved}
     for f in dataclasses.fields(config):
         if f.name in ("resume", "out", "overwrite") or f.name not in saved:
             continue

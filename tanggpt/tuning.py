@@ -83,14 +83,13 @@ def open_run(config: TuneConfig, explicit: set[str], kind: str, fixed: set[str],
     the checkpoint to start from, notes to print).
 
     With --resume, the run at --out must be a `kind` run, and continues with its own
-    settings (cli.restore_run_flags; `fixed` are the flags it never changes; a flag its
-    checkpoint does not record takes its `before_the_flag` value, the one runs had before it).
+    settings (cli.restore_run_flags; `fixed` are the flags it never changes, `before_the_flag`
+    the values of flags its checkpoint does not record).
     """
     ckpt, notes = None, []
     if config.resume:  # the run's own settings first, then check them like any others
         ckpt = resume_checkpoint(config.out, kind)
-        saved = {**(before_the_flag or {}), **ckpt["train_config"]}
-        notes += restore_run_flags(config, explicit, saved, fixed, config.out)
+        notes += restore_run_flags(config, explicit, ckpt["train_config"], fixed, config.out, before_the_flag)
     config.fill_defaults()
     config.validate()
     unused = sorted(name for name in explicit & LORA_FIXED if name != "lora_rank") if not config.lora_rank else []
