@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 from data.errors import UserError
@@ -22,6 +23,13 @@ class RunFiles:
     A run owns the files at its --out. `prepare` is called before any long work: it makes
     sure the checkpoint can be written there, and that a new run never deletes or mixes
     with another run's files unless asked (--overwrite), while --resume continues them.
+
+    --overwrite deletes nothing up front. When training starts (`start`, after every input
+    was checked) the previous run's files are moved aside into a hidden folder beside
+    them (`previous`); they are deleted once the new run saves its first checkpoint
+    (`replaced`), and put back if it stops before that (`put_back`), so an --overwrite
+    run that fails or is interrupted never leaves the user with neither run. A kill
+    (SIGKILL, power) in between leaves the folder: the next run at --out settles it.
     """
 
     def __init__(self, out: str | Path):
@@ -31,9 +39,14 @@ class RunFiles:
         self.log = Path(f"{stem}.log.jsonl")
         self.plot = Path(f"{stem}.loss.png")
         self.samples = Path(f"{stem}.samples.txt")
+        self.previous = out.with_name(f".{out.name}.previous")  # the run an --overwrite run replaces
+
+    def paths(self) -> tuple[Path, ...]:
+        """Every file of the run: what no other input or output of a run may be."""
+        return self.checkpoint, self.log, self.plot, self.samples
 
     def existing(self) -> list[Path]:
-        return [p for p in (self.checkpoint, self.log, self.plot, self.samples) if p.exists()]
+        return [p for p in self.paths() if p.exists()]
 
     def prepare(self, resume: bool, overwrite: bool) -> list[str]:
         """Check --out before any work: a file path in a folder we can write, holding no other
@@ -56,27 +69,62 @@ class RunFiles:
         for stale in folder.glob(f".{out.name}.tmp-*"):  # a save that a kill cut short; the checkpoint is whole
             stale.unlink(missing_ok=True)
             notes.append(f"removed {stale}, a partial save left by an interrupted run")
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one process settles it
+            notes += self.settle_previous()
         existing = self.existing()
         if existing and not resume:
             names = ", ".join(p.name for p in existing)
             if not overwrite:
                 raise UserError(f"--out {out}: a run is already there ({names}); continue it with --resume, "
                                 "or replace it with --overwrite")
-            for path in existing:
-                path.unlink(missing_ok=True)  # under torchrun every process gets here; one of them deletes
-            notes.append(f"--overwrite: removed the previous run's {names}")
+            notes.append(f"--overwrite: the previous run's {names} will be replaced when this run saves its first "
+                         "checkpoint (kept until then)")
         return notes
 
-    def start(self, resume_step: int | None) -> None:
-        """A new run needs a clean --out (see prepare); a resumed run drops log records past its checkpoint."""
+    def start(self, resume_step: int | None, overwrite: bool = False) -> None:
+        """A new run needs a clean --out (see prepare): with overwrite, the previous run is moved
+        aside (see the class doc). A resumed run drops log records past its checkpoint."""
         if resume_step is None:
-            if self.existing():
+            existing = self.existing()
+            if existing and not overwrite:
                 raise UserError(f"--out {self.checkpoint}: a run is already there; use --resume or --overwrite")
             self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            if existing:
+                self.previous.mkdir()
+                for path in existing:
+                    os.replace(path, self.previous / path.name)
             return
         if self.log.exists():
             kept = [r for r in self.records() if r["step"] <= resume_step]
             atomic_write_text(self.log, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+
+    def replaced(self) -> None:
+        """The new run saved its first checkpoint: the run it replaces can go."""
+        shutil.rmtree(self.previous, ignore_errors=True)
+
+    def put_back(self) -> bool:
+        """The new run stopped before its first checkpoint: remove what it wrote, and put the
+        run it was to replace back in place. Returns whether there was one to put back."""
+        if not self.previous.is_dir():
+            return False
+        for path in self.paths():
+            path.unlink(missing_ok=True)
+        for path in self.previous.iterdir():
+            os.replace(path, self.checkpoint.parent / path.name)
+        self.previous.rmdir()
+        return True
+
+    def settle_previous(self) -> list[str]:
+        """A `previous` folder left by a killed --overwrite run: if that run saved a checkpoint,
+        it replaced the old one (delete the folder); if not, the old run comes back."""
+        if not self.previous.is_dir():
+            return []
+        if self.checkpoint.exists():
+            self.replaced()
+            return [f"removed {self.previous}: the run an --overwrite run replaced (that run had saved its checkpoint)"]
+        self.put_back()
+        return [f"put back the run in {self.previous}: the --overwrite run that was to replace it was stopped "
+                "before its first checkpoint"]
 
     def append_log(self, record: dict) -> None:
         with open(self.log, "a", encoding="utf-8") as f:

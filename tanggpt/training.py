@@ -54,7 +54,8 @@ class TrainConfig(RuntimeConfig):
                                "now is applied with a note, except those that decide the run's batches or model "
                                "(--seed, --batch-size, --grad-accum, and the stage's own), which are refused")
     overwrite: bool = flag(False, "start a new run even though --out holds one: its checkpoint, log, plot and "
-                                  "samples are deleted first (without it, such a run is refused)")
+                                  "samples are replaced when the new run saves its first checkpoint (kept until "
+                                  "then, and put back if it stops before; without the flag, such a run is refused)")
     compile: bool = flag(False, "torch.compile the model (faster steps after a slower start)")
     seed: int = flag(1337, "seed for initialisation, batches and samples")
     batch_size: int = flag(32, "sequences per micro-batch (per process under torchrun)")
@@ -320,11 +321,22 @@ class Trainer:
             tqdm.write(f"warning: the run is {self.max_iters} steps, shorter than --warmup-iters "
                        f"{config.warmup_iters}: the learning rate never reaches --lr {config.lr:g}")
         if self.master:
-            files.start(self.start_step if self.resumed else None)
-            if not self.resumed and stage.sample_before_training:
-                text = stage.sample(self.model, 0)
-                files.append_sample(f"{stage.describe_step(0)} (before training)", text)
-                tqdm.write(f"before training:\n{text}\n")
+            files.start(self.start_step if self.resumed else None, overwrite=config.overwrite)
+        try:
+            return self.train_steps()
+        except BaseException:
+            # Stopped before its first checkpoint (an error, a divergence, Ctrl-C while sampling):
+            # a run this one was to replace (--overwrite) comes back (RunFiles).
+            if self.master and self.saved_at is None and files.put_back():
+                tqdm.write(f"note: put the previous run at {files.checkpoint} back; this run saved nothing")
+            raise
+
+    def train_steps(self) -> dict:
+        config, stage, files = self.config, self.stage, self.files
+        if self.master and not self.resumed and stage.sample_before_training:
+            text = stage.sample(self.model, 0)
+            files.append_sample(f"{stage.describe_step(0)} (before training)", text)
+            tqdm.write(f"before training:\n{text}\n")
         figures: dict = {}
         done = self.start_step
         bar = tqdm(total=self.max_iters, initial=self.start_step, disable=not self.master, dynamic_ncols=True,
@@ -432,6 +444,8 @@ class Trainer:
             optimizer=self.optimizer.state_dict(), train_config=asdict(self.config), step=step, **self.progress,
             max_iters=self.max_iters, rng=rng_state(),
             **({"grad_scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {})))
+        if self.saved_at is None:
+            self.files.replaced()  # the run --overwrite replaces (if any) can go now
         self.saved_at = step
 
     def check_weights(self, step: int) -> None:

@@ -118,7 +118,8 @@ def test_a_new_run_never_clobbers_an_existing_one(tmp_path, small_poems, capsys)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files  # untouched
 
     pretrain.main(pretrain_argv(out, small_poems, "--max-iters", "3", "--eval-interval", "3", "--overwrite"))
-    assert "--overwrite: removed the previous run's" in capsys.readouterr().out
+    assert ("--overwrite: the previous run's ckpt.pt, ckpt.log.jsonl, ckpt.loss.png, ckpt.samples.txt will be "
+            "replaced") in capsys.readouterr().out
     assert torch.load(out, weights_only=True)["step"] == 3
     assert [r["step"] for r in records(tmp_path / "ckpt.log.jsonl") if "val_loss" in r] == [3]  # a fresh log
 
