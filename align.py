@@ -248,7 +248,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def run(config: AlignConfig, explicit: set[str]) -> dict:
-    ckpt, source, notes = open_run(config, explicit, DPO, RESUME_FIXED, init_example="ckpt_sft.pt")
+    ckpt, source, notes = open_run(config, explicit, DPO, RESUME_FIXED, init_example="ckpt_sft.pt",
+                                   outputs={"--pairs": config.pairs_path()})
     if ckpt is None and source["kind"] == PRETRAIN:
         raise UserError(f"--init {config.init} is a pretrained checkpoint: it continues text but does not answer "
                         "the instruction prompt or stop, so its answers give no pairs. Tune it first (python "

@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def run(config: FinetuneConfig, explicit: set[str]) -> dict:
     ckpt, source, notes = open_run(config, explicit, SFT, RESUME_FIXED, init_example="ckpt.pt",
-                                   before_the_flag=BEFORE_THE_FLAG)
+                                   before_the_flag=BEFORE_THE_FLAG, inputs={"--data": config.data})
     extra = load_instruction_jsonl(config.data) if config.data else []  # a bad file fails before the corpus loads
     dist_info, runtime = start_runtime(config)
     master = dist_info.is_master

@@ -23,6 +23,7 @@ import torch
 
 from data import all_poems, build_tokenizer, load_corpus, pretrain_text
 from data.batches import random_windows
+from data.corpus import DEFAULT_POEMS_DIR
 from data.errors import UserError
 from data.tasks import tokenizer_texts
 from data.tokenizer import Tokenizer, check_tokenizer_name
@@ -32,7 +33,7 @@ from tanggpt.cli import flag, flag_name, require_positive, restore_run_flags, re
 from tanggpt.device import Runtime, release_freed_memory
 from tanggpt.generation import continue_text
 from tanggpt.losses import bits_per_char
-from tanggpt.run_files import RunFiles
+from tanggpt.run_files import RunFiles, refuse_inputs_as_outputs
 from tanggpt.training import LOOP_FIXED, OPTIMIZER_HELP, Stage, TrainConfig, finished, start_runtime, train
 
 
@@ -175,7 +176,9 @@ def main(argv: list[str] | None = None) -> dict:
 def run(config: PretrainConfig, explicit: set[str]) -> dict:
     ckpt = resume_checkpoint(config.out, PRETRAIN) if config.resume else None
     notes = resolve_config(config, explicit, ckpt)
-    notes += RunFiles(config.out).prepare(config.resume, config.overwrite)
+    files = RunFiles(config.out)
+    refuse_inputs_as_outputs(files.outputs(), {}, config.poems or DEFAULT_POEMS_DIR)
+    notes += files.prepare(config.resume, config.overwrite)
     dist_info, runtime = start_runtime(config)
     master = dist_info.is_master
     for note in notes if master else []:

@@ -42,8 +42,13 @@ class RunFiles:
         self.previous = out.with_name(f".{out.name}.previous")  # the run an --overwrite run replaces
 
     def paths(self) -> tuple[Path, ...]:
-        """Every file of the run: what no other input or output of a run may be."""
+        """Every file of the run."""
         return self.checkpoint, self.log, self.plot, self.samples
+
+    def outputs(self) -> dict[str, Path]:
+        """The run's files by name, for refuse_inputs_as_outputs."""
+        return {"--out": self.checkpoint, "--out's log": self.log, "--out's plot": self.plot,
+                "--out's samples": self.samples}
 
     def existing(self) -> list[Path]:
         return [p for p in self.paths() if p.exists()]
@@ -174,3 +179,36 @@ class RunFiles:
         fig.tight_layout()
         atomic_write(self.plot, lambda f: fig.savefig(f, format="png"))
         plt.close(fig)
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: the same path once resolved (links followed), or two
+    names of one existing file (a hard link)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def refuse_inputs_as_outputs(outputs: dict[str, Path], inputs: dict[str, Path], corpus: str | Path = "") -> None:
+    """No output of a run is one of its inputs, nor another of its outputs: one line naming both.
+
+    `outputs` and `inputs` map a name ("--out", "--out's log", "--pairs", "--init", ...) to
+    a path; the flag to change is the name's first word. A JSON output in the `corpus`
+    folder would be read as a poem file by the next run: refused too. Checked before
+    anything is read for long or written, whatever the other flags (--overwrite included).
+    """
+    named = list(outputs.items())
+    for i, (name, path) in enumerate(named):
+        flag = name.split("'")[0]
+        clashes = [(other, p) for other, p in named[:i] if same_file(path, p)] + \
+                  [(other, p) for other, p in inputs.items() if p and same_file(path, Path(p))]
+        if clashes:
+            other = clashes[0][0]
+            what = "one of its own inputs" if other in inputs else "another file it writes"
+            raise UserError(f"{name} {path} is also {other}: the run would write over {what}; give another {flag}")
+        if corpus and path.suffix == ".json" and same_file(path.parent, Path(corpus)):
+            raise UserError(f"{name} {path} is in the --poems folder {corpus}: every .json file there is read as "
+                            f"poems; give another {flag}")

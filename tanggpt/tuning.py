@@ -12,13 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from data.corpus import DEFAULT_POEMS_DIR
 from data.errors import UserError
 from data.tokenizer import Tokenizer
 from model import GPT
 from tanggpt.checkpoint import load_checkpoint, model_and_tokenizer, model_fingerprint, resume_checkpoint
 from tanggpt.cli import flag, flag_name, require_positive, restore_run_flags
 from tanggpt.lora import TARGETS, add_adapters, trainable_parameters
-from tanggpt.run_files import RunFiles
+from tanggpt.run_files import RunFiles, refuse_inputs_as_outputs
 from tanggpt.training import TrainConfig
 
 # What a finished tuning run needs to be trained further (training.finished says it).
@@ -78,13 +79,16 @@ class TuneConfig(TrainConfig):
 
 
 def open_run(config: TuneConfig, explicit: set[str], kind: str, fixed: set[str], init_example: str,
-             before_the_flag: dict | None = None) -> tuple[dict | None, dict, list[str]]:
+             before_the_flag: dict | None = None, inputs: dict[str, str] | None = None,
+             outputs: dict[str, Path] | None = None) -> tuple[dict | None, dict, list[str]]:
     """Check the flags and --out before any work; return (the checkpoint to resume or None,
     the checkpoint to start from, notes to print).
 
     With --resume, the run at --out must be a `kind` run, and continues with its own
     settings (cli.restore_run_flags; `fixed` are the flags it never changes, `before_the_flag`
-    the values of flags its checkpoint does not record).
+    the values of flags its checkpoint does not record). No file the run writes (--out and
+    the files beside it, and the stage's own `outputs`) may be one it reads (--init, the
+    base of --init's adapters, the corpus, the stage's own `inputs`).
     """
     ckpt, notes = None, []
     if config.resume:  # the run's own settings first, then check them like any others
@@ -96,13 +100,16 @@ def open_run(config: TuneConfig, explicit: set[str], kind: str, fixed: set[str],
     if unused:
         notes.append(f"note: {', '.join(flag_name(n) for n in unused)} only apply with --lora-rank R; this run "
                      "tunes every weight")
-    if not config.resume:
-        if not config.init:
-            raise UserError(f"--init: give the checkpoint to tune, e.g. --init {init_example}")
-        if Path(config.init).resolve() == Path(config.out).resolve():
-            raise UserError(f"--out {config.out} is the --init checkpoint: the tuned model would replace the "
-                            "one it started from; give another --out")
+    if not config.resume and not config.init:
+        raise UserError(f"--init: give the checkpoint to tune, e.g. --init {init_example}")
+    read = {"--init": config.init} if not config.resume else {}
+    refuse_inputs_as_outputs({**RunFiles(config.out).outputs(), **(outputs or {})}, {**read, **(inputs or {})},
+                             config.poems or DEFAULT_POEMS_DIR)
     source = ckpt if ckpt is not None else load_checkpoint(config.init, "--init")
+    if "lora" in source:  # adapters are read with their base
+        base = Path(source["lora"]["base"])
+        refuse_inputs_as_outputs({**RunFiles(config.out).outputs(), **(outputs or {})},
+                                 {"the base of the adapters in " + ("--out" if config.resume else "--init"): base})
     notes += RunFiles(config.out).prepare(config.resume, config.overwrite)
     return ckpt, source, notes
 

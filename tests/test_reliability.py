@@ -129,7 +129,7 @@ def test_finetune_out_equal_to_init_is_refused(tmp_path, small_poems, tiny_pretr
     copy.write_bytes(tiny_pretrained.read_bytes())
     for args in ([], ["--overwrite"]):
         err = one_line_error(finetune.main, tune_argv(copy, small_poems, copy, *args), capsys)
-        assert "is the --init checkpoint: the tuned model would replace the one it started from" in err
+        assert f"--out {copy} is also --init: the run would write over one of its own inputs" in err
     assert copy.read_bytes() == tiny_pretrained.read_bytes()
 
 

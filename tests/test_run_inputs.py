@@ -122,3 +122,54 @@ def test_a_killed_overwrite_run_is_settled_by_the_next_run(tmp_path, new_run_sav
                                                                        "ckpt.log.jsonl": b"new log\n"}
     else:
         assert "put back" in notes[0] and folder_contents(tmp_path) == before
+
+
+# -----------------------------------------------------------------------------
+# No output of a run is one of its inputs
+
+
+def test_align_pairs_equal_to_init_is_refused_even_with_overwrite(tmp_path, small_poems, tiny_tuned, capsys):
+    init = tmp_path / "ckpt_sft.pt"
+    init.write_bytes(tiny_tuned.read_bytes())
+    for extra in ([], ["--overwrite"]):
+        err = one_line_error(align.main, tune_argv(tmp_path / "ckpt_dpo.pt", small_poems, init, "--pairs", str(init),
+                                                   *extra), capsys)
+        assert f"--pairs {init} is also --init: the run would write over one of its own inputs" in err
+    assert init.read_bytes() == tiny_tuned.read_bytes()
+
+
+@pytest.mark.parametrize("clash", ["log", "samples", "plot"])
+def test_align_pairs_equal_to_one_of_the_runs_files_is_refused(tmp_path, small_poems, tiny_tuned, capsys, clash):
+    out = tmp_path / "ckpt_dpo.pt"
+    path = getattr(RunFiles(out), clash)
+    err = one_line_error(align.main, tune_argv(out, small_poems, tiny_tuned, "--pairs", str(path)), capsys)
+    assert f"is also --out's {clash}: the run would write over another file it writes; give another --pairs" in err
+
+
+def test_finetune_out_or_its_log_equal_to_data_is_refused(tmp_path, small_poems, tiny_pretrained, capsys):
+    data = tmp_path / "mine.log.jsonl"
+    text = json.dumps({"instruction": "寫詩", "input": "春", "output": "春風"}, ensure_ascii=False) + "\n"
+    data.write_text(text, encoding="utf-8")
+    for out, name in ((data, "--out"), (tmp_path / "mine.pt", "--out's log")):  # mine.pt logs to mine.log.jsonl
+        err = one_line_error(finetune.main, tune_argv(out, small_poems, tiny_pretrained, "--data", str(data),
+                                                      "--overwrite"), capsys)
+        assert f"{name} {data} is also --data: the run would write over one of its own inputs" in err
+    assert data.read_text(encoding="utf-8") == text
+
+
+def test_a_json_output_in_the_corpus_folder_is_refused(tmp_path, small_poems, tiny_tuned, capsys):
+    """The next run would read the checkpoint or the pair cache as a file of poems."""
+    err = one_line_error(pretrain.main, pretrain_argv(small_poems / "ckpt.json", small_poems), capsys)
+    assert "is in the --poems folder" in err and "every .json file there is read as poems" in err
+    err = one_line_error(align.main, tune_argv(tmp_path / "ckpt_dpo.pt", small_poems, tiny_tuned, "--pairs",
+                                               str(small_poems / "pairs.json")), capsys)
+    assert "--pairs" in err and "is in the --poems folder" in err
+    assert sorted(p.name for p in small_poems.iterdir()) == ["poet.tang.0.json", "poet.tang.1000.json"]
+
+
+def test_a_hard_link_to_init_is_the_same_file(tmp_path, small_poems, tiny_pretrained, capsys):
+    init = tmp_path / "ckpt.pt"
+    init.write_bytes(tiny_pretrained.read_bytes())
+    (tmp_path / "other.pt").hardlink_to(init)
+    err = one_line_error(finetune.main, tune_argv(tmp_path / "other.pt", small_poems, init, "--overwrite"), capsys)
+    assert "is also --init" in err
