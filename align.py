@@ -37,13 +37,14 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from data.corpus import Poem, load_corpus
+from data.corpus import Poem, corpus_content, load_corpus
 from data.errors import UserError
 from data.instruct import IGNORE, EpochBatches, pad_batch
 from data.tasks import finetune_val_rows, tuning_poems
 from data.tokenizer import Tokenizer
 from model import GPT
-from tanggpt.checkpoint import DPO, KINDS, PRETRAIN, answers_prompts, load_checkpoint, model_and_tokenizer, model_fingerprint
+from tanggpt.checkpoint import (DPO, KINDS, PRETRAIN, answers_prompts, check_same_inputs, input_fingerprint, load_checkpoint,
+                                model_and_tokenizer, model_fingerprint)
 from tanggpt.cli import flag, resume_rule, run_cli
 from tanggpt.device import Runtime
 from tanggpt.distributed import barrier
@@ -52,10 +53,12 @@ from tanggpt.lora import adapters_disabled
 from tanggpt.losses import PreferenceBatch, preference_loss, response_loss, rhyme_group_loss
 from tanggpt.preference import (PREFERENCES, Pair, build_pairs, fits, load_pairs, no_pairs_error, pair_batch,
                                 pair_figures, reference_logprobs, save_pairs, split_pairs)
-from tanggpt.prosody import prosody_marks
+from tanggpt.prosody import RhymeConstraint, prosody_marks
 from tanggpt.rhyme_targets import rhyme_rows
+from tanggpt.run_files import check_writable
 from tanggpt.training import LOOP_FIXED, Stage, finished, start_runtime, train
-from tanggpt.tuning import LORA_FIXED, MORE_EPOCHS, TuneConfig, describe_tuning, open_run, model_to_tune
+from tanggpt.tuning import (LORA_FIXED, MORE_EPOCHS, TuneConfig, describe_tuning, done_as_started, model_to_tune,
+                            open_run)
 
 
 @dataclass
@@ -113,42 +116,52 @@ RESUME_FIXED = {*LOOP_FIXED, "init", "preference", "prompts", "samples_per_promp
                 *LORA_FIXED}
 
 
-def pair_key(config: AlignConfig, init_fingerprint: str, tokenizer: Tokenizer, runtime: Runtime) -> dict:
-    """Everything the cached pairs depend on: a cache built under another key is not used."""
-    return {"init_fingerprint": init_fingerprint, "tokenizer": tokenizer.name, "preference": config.preference,
-            "prompts": config.prompts, "samples_per_prompt": config.samples_per_prompt,
+def pair_key(config: AlignConfig, init_fingerprint: str, tokenizer: Tokenizer, prompts: list[Poem],
+             runtime: Runtime) -> dict:
+    """Everything the cached pairs depend on: a cache built under another key is not used.
+    The model's weights and tokenizer, the prompts' titles and poems (the corpus), and the
+    settings that decide the sampling."""
+    return {"init_fingerprint": init_fingerprint, "tokenizer": tokenizer.name,
+            "tokenizer_fingerprint": input_fingerprint(tokenizer.to_dict()),
+            "prompts_fingerprint": input_fingerprint([[p.title, p.body] for p in prompts]),
+            "preference": config.preference, "prompts": config.prompts, "samples_per_prompt": config.samples_per_prompt,
             "pair_temperature": config.pair_temperature, "seed": config.seed, "precision": str(runtime.dtype)}
 
 
 def obtain_pairs(config: AlignConfig, reference: Callable[[], GPT], tokenizer: Tokenizer, poems: list[Poem],
-                 key: dict, runtime: Runtime) -> list[Pair]:
+                 key: dict, runtime: Runtime, block_size: int) -> list[Pair]:
     """The cached pairs if they match `key`; otherwise sample them from the reference model
     (`reference()` gives it: the --init model), score them under it, and cache them. An
-    explicitly named cache built under another key is refused (it may be another run's)
-    unless --overwrite."""
+    explicitly named cache built under another key, or not usable, is refused (it may be
+    another run's) unless --overwrite."""
     path = config.pairs_path()
     pairs, why_not = load_pairs(path, key)
+    too_long = next((i for i, pair in enumerate(pairs or []) if not fits(tokenizer, pair, block_size)), None)
+    if too_long is not None:  # an edited cache: the pairs this key builds always fit
+        pairs, why_not = None, f"is not a pair cache for this model (pair {too_long} is longer than its block_size " \
+                               f"{block_size})"
     if pairs is not None:
         print(f"pairs: {len(pairs):,} from {path} (built from the same model and settings)")
         return pairs
     if path.exists():
         if config.pairs and not config.overwrite:
-            raise UserError(f"--pairs {path}: {why_not.split(' ', 1)[1]}; give another --pairs, or --overwrite to "
-                            "rebuild it")
-        print(f"note: {why_not}; rebuilding it")
+            raise UserError(f"--pairs {path} {why_not}; give another --pairs, or --overwrite to rebuild it")
+        print(f"note: the pair cache {path} {why_not}; rebuilding it")
     reference = reference()
     titles = [p.title for p in poems]
     writer = for_generation(copy.deepcopy(reference), runtime)  # a copy: the reference stays fp32 for scoring
     pairs, counts = build_pairs(writer, tokenizer, titles, config.preference, config.samples_per_prompt, runtime,
-                                reference.config.block_size, config.pair_temperature, config.seed,
+                                block_size, config.pair_temperature, config.seed,
                                 real_poems=[p.body for p in poems])
     del writer
-    block_size = reference.config.block_size
+    found = len(pairs)
     pairs = [p for p in pairs if fits(tokenizer, p, block_size)]
     counts.pairs = len(pairs)
-    print(f"pairs: {counts.summary()}")
+    too_long = found - len(pairs)
+    print(f"pairs: {counts.summary()}" + (f" ({too_long:,} more dropped: longer than block_size {block_size})"
+                                           if too_long else ""))
     if len(pairs) < 2:
-        raise no_pairs_error(counts, config.preference)
+        raise no_pairs_error(counts, config.preference, too_long, block_size)
     reference_logprobs(reference, tokenizer, pairs, runtime)
     save_pairs(path, key, pairs, counts)
     return pairs
@@ -261,7 +274,15 @@ def run(config: AlignConfig, explicit: set[str]) -> dict:
     if master and ckpt is None and source["kind"] == DPO:
         print(f"note: --init {config.init} is already {KINDS[DPO]}; its answers are the new reference")
 
+    check_writable(config.pairs_path(), "--pairs", "a file, such as " + str(config.pairs_path() / "pairs.json"))
     model, tokenizer, adapters = model_to_tune(config, ckpt, source)
+    if config.rhyme_weight or config.preference == "rhyme":  # before any sampling, not after it
+        try:
+            RhymeConstraint(tokenizer)
+        except ValueError as e:
+            flag = "--preference rhyme" if config.preference == "rhyme" else "--rhyme-weight"
+            fix = "another --preference" if config.preference == "rhyme" else "--rhyme-weight 0"
+            raise UserError(f"{flag}: {e}; give {fix}") from None
     # The reference is the --init model: the model itself before its first step, or the same
     # network with its adapters switched off (a LoRA run: pairs are built under
     # adapters_disabled), or, when a resumed full run must rebuild its pair cache, the --init
@@ -283,12 +304,16 @@ def run(config: AlignConfig, explicit: set[str]) -> dict:
                             f"cache {config.pairs_path()} must be rebuilt from that one: restore it, or start anew")
         return reference.to(runtime.device)
 
+    if ckpt is not None and done_as_started(ckpt, explicit, config.out, master):
+        return {}  # a finished run: said before any pair is read or sampled again
     splits = load_corpus(config.poems or None, verbose=master)
+    inputs = {"--poems": input_fingerprint(corpus_content(splits))}
+    check_same_inputs(ckpt, inputs, config.out)
     prompts = splits["alignment"][: config.prompts]
-    key = pair_key(config, init_fingerprint, tokenizer, runtime)
+    key = pair_key(config, init_fingerprint, tokenizer, prompts, runtime)
     if master:  # one process samples the pairs and writes the cache; the others read it
         with adapters_disabled(model):
-            pairs = obtain_pairs(config, reference, tokenizer, prompts, key, runtime)
+            pairs = obtain_pairs(config, reference, tokenizer, prompts, key, runtime, block_size)
     barrier(dist_info)
     if not master:
         pairs = load_pairs(config.pairs_path(), key)[0]
@@ -312,7 +337,8 @@ def run(config: AlignConfig, explicit: set[str]) -> dict:
     stage = AlignStage(config, tokenizer, runtime, dist_info.rank, pairs=batches, val_pairs=val_pairs,
                        finetune_val=finetune_val, gallery=gallery, rhymes=rhymes, group_masks=group_masks,
                        checkpoint_extra={"init": config.init, "init_fingerprint": init_fingerprint,
-                                         "preference": config.preference, "beta": config.beta, **adapters})
+                                         "preference": config.preference, "beta": config.beta, "inputs": inputs,
+                                         **adapters})
     if master:
         print(f"device {runtime.describe()}; model {model.num_params():,} parameters from "
               f"{config.out if config.resume else config.init}; preference {config.preference}, beta {config.beta:g}, "

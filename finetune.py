@@ -23,23 +23,24 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
-from data.corpus import Poem, load_corpus
+from data.corpus import Poem, corpus_content, load_corpus
 from data.errors import UserError
 from data.instruct import INSTRUCTION, EpochBatches, load_instruction_jsonl
 from data.tasks import DEFAULT_TASKS, TaskMixture, finetune_val_rows, parse_tasks, task_instruction, tuning_poems
 from data.tokenizer import Tokenizer
 from model import GPT
-from tanggpt.checkpoint import SFT
+from tanggpt.checkpoint import SFT, check_same_inputs, input_fingerprint
 from tanggpt.cli import flag, resume_rule, run_cli
 from tanggpt.device import Runtime
 from tanggpt.generation import answer_requests, format_answers
 from tanggpt.losses import response_loss
 from tanggpt.training import LOOP_FIXED, OPTIMIZER_HELP, Stage, finished, start_runtime, train
-from tanggpt.tuning import LORA_FIXED, MORE_EPOCHS, TuneConfig, describe_tuning, open_run, model_to_tune
+from tanggpt.tuning import (LORA_FIXED, MORE_EPOCHS, TuneConfig, describe_tuning, done_as_started, model_to_tune,
+                            open_run)
 
 
 @dataclass
@@ -112,9 +113,9 @@ class FinetuneStage(Stage):
 
     def __init__(self, config: FinetuneConfig, tokenizer: Tokenizer, batches: EpochBatches,
                  val_rows: list[tuple[list[int], list[int]]], gallery: list[tuple[str, str]], runtime: Runtime,
-                 rank: int, adapters: dict):
+                 rank: int, adapters: dict, inputs: dict[str, str]):
         self.config, self.tokenizer, self.batches, self.val_rows = config, tokenizer, batches, val_rows
-        self.gallery, self.runtime, self.rank, self.adapters = gallery, runtime, rank, adapters
+        self.gallery, self.runtime, self.rank, self.adapters, self.inputs = gallery, runtime, rank, adapters, inputs
         self.train_rows = [(row.inputs, row.response_labels) for row in batches.rows[:512]]
         self.kind = SFT
         self.plot_title = f"instruction tuning: loss on {config.loss_on} tokens, val on response tokens"
@@ -139,7 +140,7 @@ class FinetuneStage(Stage):
         return f"epoch {step / self.batches.steps_per_epoch:g}"
 
     def checkpoint_extra(self) -> dict:
-        return {"init": self.config.init, "loss_on": self.config.loss_on, **self.adapters}
+        return {"init": self.config.init, "loss_on": self.config.loss_on, "inputs": self.inputs, **self.adapters}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -158,11 +159,17 @@ def run(config: FinetuneConfig, explicit: set[str]) -> dict:
         # Allowed on purpose: tuning a tuned model again (say on your own --data) is a real use.
         print(f"note: --init {config.init} is already instruction-tuned; tuning it further")
 
+    if ckpt is not None and done_as_started(ckpt, explicit, config.out, master):
+        return {}
     model, tokenizer, adapters = model_to_tune(config, ckpt, source)
     model.to(runtime.device)
     block_size = model.config.block_size
 
     splits = load_corpus(config.poems or None, verbose=master)
+    # What decides the samples besides the flags: a resumed run must read the same.
+    inputs = {"--poems": input_fingerprint(corpus_content(splits)),
+              **({"--data": input_fingerprint([asdict(record) for record in extra])} if config.data else {})}
+    check_same_inputs(ckpt, inputs, config.out)
     train_poems, val_poems = tuning_poems(splits, config.forms)
     unknown: Counter = Counter()
     mixture = TaskMixture([] if extra and config.data_mode == "replace" else train_poems, parse_tasks(config.tasks),
@@ -170,9 +177,14 @@ def run(config: FinetuneConfig, explicit: set[str]) -> dict:
     # The val loss is always the book's task, title -> poem: comparable between runs of any --tasks or --forms.
     val_rows = finetune_val_rows(tokenizer, splits, block_size, unknown)
     dropped_val = len(tuning_poems(splits)[1]) - len(val_rows)
-    if not len(mixture):
-        raise UserError(f"the finetune-train split is empty ({len(train_poems)} poems before dropping "
-                        f"those over block_size {block_size}); use more poems or --data")
+    poems_read = [] if extra and config.data_mode == "replace" else train_poems
+    if not poems_read and not extra:
+        raise UserError("the finetune-train split is empty (0 poems); use a larger --poems folder, or --data")
+    if not len(mixture):  # say which records were dropped, and why
+        read = ([f"{len(poems_read):,} poems of finetune-train"] if poems_read else []) + \
+               ([f"{len(extra):,} --data records"] if extra else [])
+        raise UserError(f"no training sample fits the model's block_size {block_size}: all {' and '.join(read)} are "
+                        "longer" + ("; give shorter --data records" if extra else "; use a model with a larger block"))
     if not val_rows:
         raise UserError("the finetune-val split is empty; use a larger --poems folder")
     gallery = gallery_requests(config, mixture.tasks, val_poems)
@@ -184,7 +196,7 @@ def run(config: FinetuneConfig, explicit: set[str]) -> dict:
     max_iters = config.settle_schedule(steps_per_epoch)
     if finished(ckpt, max_iters, config.out, MORE_EPOCHS, master):
         return {}
-    stage = FinetuneStage(config, tokenizer, batches, val_rows, gallery, runtime, dist_info.rank, adapters)
+    stage = FinetuneStage(config, tokenizer, batches, val_rows, gallery, runtime, dist_info.rank, adapters, inputs)
     if master:
         n_tokens = sum(len(row.inputs) for row in batches.rows)
         print(f"device {runtime.describe()}; model {model.num_params():,} parameters from "

@@ -23,12 +23,12 @@ import torch
 
 from data import all_poems, build_tokenizer, load_corpus, pretrain_text
 from data.batches import random_windows
-from data.corpus import DEFAULT_POEMS_DIR
+from data.corpus import DEFAULT_POEMS_DIR, corpus_content
 from data.errors import UserError
 from data.tasks import tokenizer_texts
 from data.tokenizer import Tokenizer, check_tokenizer_name
 from model import GPT, GPT2_BLOCK, GPTConfig
-from tanggpt.checkpoint import PRETRAIN, model_and_tokenizer, resume_checkpoint
+from tanggpt.checkpoint import PRETRAIN, check_same_inputs, input_fingerprint, model_and_tokenizer, resume_checkpoint
 from tanggpt.cli import flag, flag_name, require_positive, restore_run_flags, resume_rule, run_cli
 from tanggpt.device import Runtime, release_freed_memory
 from tanggpt.generation import continue_text
@@ -91,12 +91,15 @@ class PretrainStage(Stage):
     by continuing --sample-title."""
 
     def __init__(self, config: PretrainConfig, model: GPT, tokenizer: Tokenizer, streams: dict, runtime: Runtime,
-                 rank: int, world_size: int):
+                 rank: int, world_size: int, inputs: dict[str, str]):
         self.config, self.tokenizer, self.streams, self.runtime = config, tokenizer, streams, runtime
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.inputs = rank, world_size, inputs
         self.kind = PRETRAIN
         self.plot_title = f"pretraining: {model.num_params() / 1e6:.2f}M params, {tokenizer.name} tokenizer"
         self.max_val_loss = 2 * math.log(tokenizer.vocab_size)  # far worse than a uniform guess: diverged
+
+    def checkpoint_extra(self) -> dict:
+        return {"inputs": self.inputs}  # the corpus's fingerprint: a resumed run checks it is unchanged
 
     def to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.runtime.device
@@ -188,6 +191,8 @@ def run(config: PretrainConfig, explicit: set[str]) -> dict:
 
     started = time.perf_counter()
     splits = load_corpus(config.poems or None, verbose=master)
+    inputs = {"--poems": input_fingerprint(corpus_content(splits))}
+    check_same_inputs(ckpt, inputs, config.out)
     if ckpt is not None:
         model, tokenizer = model_and_tokenizer(ckpt)
     else:
@@ -203,7 +208,8 @@ def run(config: PretrainConfig, explicit: set[str]) -> dict:
                             f"fewer than --block-size {config.block_size}")
     del splits  # the token streams are all training needs; free the poems
     release_freed_memory()
-    stage = PretrainStage(config, model, tokenizer, streams, runtime, dist_info.rank, dist_info.world_size)
+    stage = PretrainStage(config, model, tokenizer, streams, runtime, dist_info.rank, dist_info.world_size,
+                          inputs)
 
     if master:
         start = ckpt["step"] if ckpt else 0

@@ -221,11 +221,13 @@ class TaskMixture:
                 self.items.append((poem, fitting))
             else:
                 self.dropped += 1
+        self.dropped_extra = 0  # of those, --data records
         for sample in extra:
             if len(encode_sample(tokenizer, sample, loss_on).inputs) <= block_size:
                 self.items.append((sample, []))
             else:
                 self.dropped += 1
+                self.dropped_extra += 1
         self._cached: tuple[int, list[EncodedSample]] | None = None
 
     def __len__(self) -> int:

@@ -19,6 +19,7 @@ arbitrary objects, so a checkpoint from a stranger cannot run code on your machi
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import textwrap
 from dataclasses import asdict
@@ -79,6 +80,25 @@ def resume_checkpoint(out: str | Path, kind: str) -> dict:
         raise CheckpointError(f"--resume: {out} is a {ckpt['kind']} checkpoint ({KINDS.get(ckpt['kind'], 'unknown')}), "
                               f"not a {kind} run ({KINDS[kind]}) to continue")
     return ckpt
+
+
+def input_fingerprint(value: object) -> str:
+    """A short hash of what a run reads (the corpus's poems, --data's records, a tokenizer),
+    given as plain JSON data: the same content gives the same fingerprint."""
+    # ensure_ascii: a lone surrogate in the text is hashed as its escape, never an encoding error
+    return hashlib.sha256(json.dumps(value, ensure_ascii=True, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_same_inputs(ckpt: dict | None, inputs: dict[str, str], out: str | Path) -> None:
+    """A resumed run trains on what it started on. `inputs` maps each flag whose content decides
+    the run's samples (--poems, --data) to its input_fingerprint now; the checkpoint holds them
+    as the run started (under "inputs"; a run from before they were recorded is not checked)."""
+    saved = (ckpt or {}).get("inputs", {})
+    for name, now in inputs.items():
+        if name in saved and saved[name] != now:
+            raise CheckpointError(f"--resume: the content of {name} changed since the run at {out} started "
+                                  f"(fingerprint {saved[name]} then, {now} now), so it would go on with other "
+                                  "samples; restore it, or start a new run with another --out")
 
 
 def answers_prompts(kind: str) -> bool:

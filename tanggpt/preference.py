@@ -30,7 +30,9 @@ built under: the model's fingerprint and every setting that changes them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -207,20 +209,45 @@ def pair_figures(model: GPT, tokenizer: Tokenizer, pairs: list[Pair], beta: floa
 
 
 def load_pairs(path: str | Path, key: dict) -> tuple[list[Pair] | None, str]:
-    """The cached pairs at `path` if they were built under `key`, else (None, why not)."""
+    """The cached pairs at `path` if they were built under `key`, else (None, why not: a
+    phrase that follows the path). A cache is a file anyone can edit or a kill can cut
+    short, so everything in it is checked before a pair is used."""
     path = Path(path)
     if not path.exists():
-        return None, "no cache yet"
+        return None, "holds no cache yet"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        saved_key, pairs = data["key"], [Pair(**p) for p in data["pairs"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return None, f"{path} is not a pair cache ({type(e).__name__})"
+    except (OSError, UnicodeDecodeError) as e:
+        return None, f"is not a pair cache (unreadable: {type(e).__name__})"
+    except json.JSONDecodeError as e:
+        return None, f"is not a pair cache (not JSON, or cut short: {e.msg} at line {e.lineno})"
+    problem = cache_problem(data)
+    if problem:
+        return None, f"is not a pair cache ({problem})"
+    saved_key = data["key"]
     differs = sorted(k for k in set(key) | set(saved_key) if key.get(k) != saved_key.get(k))
     if differs:
-        return None, f"{path} was built with " + ", ".join(f"{k} {saved_key.get(k)!r}, not {key.get(k)!r}"
-                                                          for k in differs)
-    return pairs, ""
+        return None, "was built with " + ", ".join(f"{k} {saved_key.get(k)!r}, not {key.get(k)!r}" for k in differs)
+    return [Pair(**p) for p in data["pairs"]], ""
+
+
+def cache_problem(data: object) -> str:
+    """What makes `data` (a parsed pair cache) unusable, or "" if nothing does."""
+    if not isinstance(data, dict) or not isinstance(data.get("key"), dict) or not isinstance(data.get("pairs"), list):
+        return "expected an object with a 'key' object and a 'pairs' list"
+    if len(data["pairs"]) < 2:
+        return f"{len(data['pairs'])} pairs; training needs at least 2"
+    fields = {f.name: f.type for f in dataclasses.fields(Pair)}
+    for i, pair in enumerate(data["pairs"]):
+        if not isinstance(pair, dict) or set(pair) != set(fields):
+            return f"pair {i}: expected the fields {', '.join(fields)}"
+        for name, value in pair.items():
+            if fields[name] == "str" and (not isinstance(value, str) or not value):
+                return f"pair {i}: {name} is not a non-empty string"
+            if fields[name] == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                            or not math.isfinite(value)):
+                return f"pair {i}: {name} is not a finite number"
+    return ""
 
 
 def save_pairs(path: str | Path, key: dict, pairs: list[Pair], counts: PairCounts) -> None:
@@ -229,6 +256,12 @@ def save_pairs(path: str | Path, key: dict, pairs: list[Pair], counts: PairCount
     atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=0))
 
 
-def no_pairs_error(counts: PairCounts, preference: str) -> UserError:
+def no_pairs_error(counts: PairCounts, preference: str, too_long: int = 0, block_size: int = 0) -> UserError:
+    """Fewer than two pairs: say why, by reason (no prompt had both kinds of answer, or the
+    pairs found did not fit the model's block)."""
+    if too_long:
+        return UserError(f"too few preference pairs ({preference}): {counts.summary()}, after {too_long:,} were "
+                         f"dropped for not fitting block_size {block_size} (prompt and answer together); the model "
+                         "writes answers too long for its block: try a model with a larger --block-size")
     return UserError(f"no preference pair found ({preference}): {counts.summary()}; a pair needs a prompt with "
                      "both kinds of answer: try more --samples-per-prompt or --prompts, or another --preference")

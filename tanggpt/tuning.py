@@ -20,7 +20,7 @@ from tanggpt.checkpoint import load_checkpoint, model_and_tokenizer, model_finge
 from tanggpt.cli import flag, flag_name, require_positive, restore_run_flags
 from tanggpt.lora import TARGETS, add_adapters, trainable_parameters
 from tanggpt.run_files import RunFiles, refuse_inputs_as_outputs
-from tanggpt.training import TrainConfig
+from tanggpt.training import TrainConfig, finished
 
 # What a finished tuning run needs to be trained further (training.finished says it).
 MORE_EPOCHS = "more --epochs (or a larger --max-iters)"
@@ -112,6 +112,13 @@ def open_run(config: TuneConfig, explicit: set[str], kind: str, fixed: set[str],
                                  {"the base of the adapters in " + ("--out" if config.resume else "--init"): base})
     notes += RunFiles(config.out).prepare(config.resume, config.overwrite)
     return ckpt, source, notes
+
+
+def done_as_started(ckpt: dict, explicit: set[str], out: str, master: bool = True) -> bool:
+    """A resumed run that finished the length it was started with and is given no new length
+    (--epochs, --max-iters): say there is nothing to do before any data is read again (the
+    full check, training.finished, needs the data to count a new length in steps)."""
+    return not explicit & {"epochs", "max_iters"} and finished(ckpt, ckpt["max_iters"], out, MORE_EPOCHS, master)
 
 
 def model_to_tune(config: TuneConfig, ckpt: dict | None, source: dict) -> tuple[GPT, Tokenizer, dict]:

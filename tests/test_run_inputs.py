@@ -19,6 +19,7 @@ import finetune
 import pretrain
 from tanggpt.run_files import RunFiles
 from tests.conftest import TINY
+from tests.test_align import align_args, run_error, scripted_answers  # noqa: F401 (a fixture)
 from tests.test_reliability import one_line_error, pretrain_argv, tune_argv
 
 
@@ -173,3 +174,174 @@ def test_a_hard_link_to_init_is_the_same_file(tmp_path, small_poems, tiny_pretra
     (tmp_path / "other.pt").hardlink_to(init)
     err = one_line_error(finetune.main, tune_argv(tmp_path / "other.pt", small_poems, init, "--overwrite"), capsys)
     assert "is also --init" in err
+
+
+# -----------------------------------------------------------------------------
+# A resumed run or a reused cache is the same work
+
+
+def test_resuming_finetune_after_its_data_file_changed_is_refused(tmp_path, small_poems, tiny_pretrained, capsys):
+    data = tmp_path / "mine.jsonl"
+    record = {"instruction": "請用以下題目寫一首詩", "input": "春", "output": "春風吹柳綠"}
+    data.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+    out = tmp_path / "sft.pt"
+    finetune.main(tune_argv(out, small_poems, tiny_pretrained, "--data", str(data), "--max-iters", "2",
+                            "--eval-interval", "2"))
+    data.write_text(json.dumps({**record, "output": "秋風吹葉黃"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    err = one_line_error(finetune.main, ["--out", str(out), "--resume", "--max-iters", "4"], capsys)
+    assert "--resume: the content of --data changed since the run at" in err and "restore it" in err
+    assert torch.load(out, weights_only=True)["step"] == 2
+
+
+def test_resuming_pretraining_on_a_changed_corpus_is_refused(tmp_path, small_poems, capsys):
+    poems = tmp_path / "poems"
+    poems.mkdir()
+    for path in small_poems.iterdir():
+        (poems / path.name).write_bytes(path.read_bytes())
+    out = tmp_path / "ckpt.pt"
+    pretrain.main(pretrain_argv(out, poems, "--max-iters", "2", "--eval-interval", "2"))
+    first = poems / "poet.tang.0.json"
+    records = json.loads(first.read_text(encoding="utf-8"))
+    records[0]["title"] += "又"  # one character of one title
+    first.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    err = one_line_error(pretrain.main, ["--out", str(out), "--resume", "--poems", str(poems), "--max-iters", "4"],
+                         capsys)
+    assert "--resume: the content of --poems changed since the run at" in err
+
+
+def test_the_pair_cache_key_holds_the_prompts_and_the_tokenizer(tmp_path, char_tokenizer, splits):
+    from data.tokenizer import CharTokenizer
+    from tanggpt.device import setup_runtime
+    from tanggpt.preference import Pair, PairCounts, load_pairs, save_pairs
+
+    config = align.AlignConfig(out=str(tmp_path / "dpo.pt"))
+    runtime = setup_runtime("cpu", "float32")
+    prompts = splits["alignment"][:4]
+    key = align.pair_key(config, "f" * 16, char_tokenizer, prompts, runtime)
+    pairs = [Pair("春", "春風", "秋雨", -1.0, -2.0), Pair("夏", "夏日", "冬雪", -1.5, -2.5)]
+    save_pairs(tmp_path / "p.json", key, pairs, PairCounts(2, 8, 2, 2, 2))
+    assert load_pairs(tmp_path / "p.json", key)[0] == pairs
+    other_corpus = align.pair_key(config, "f" * 16, char_tokenizer, splits["alignment"][1:5], runtime)
+    assert "was built with prompts_fingerprint" in load_pairs(tmp_path / "p.json", other_corpus)[1]
+    other_tokenizer = align.pair_key(config, "f" * 16, CharTokenizer("春夏秋冬"), prompts, runtime)
+    assert "tokenizer_fingerprint" in load_pairs(tmp_path / "p.json", other_tokenizer)[1]
+
+
+# -----------------------------------------------------------------------------
+# What is read back is validated
+
+
+def valid_cache() -> dict:
+    pair = {"title": "春", "chosen": "春風", "rejected": "秋雨", "reference_chosen": -1.0, "reference_rejected": -2.0}
+    return {"key": {}, "counts": {}, "pairs": [pair, {**pair, "title": "夏"}]}
+
+
+def edited(change) -> str:
+    data = valid_cache()
+    change(data)
+    return json.dumps(data, ensure_ascii=False)
+
+
+@pytest.mark.parametrize("text, problem", [
+    (json.dumps(valid_cache())[:-40], "not JSON, or cut short"),
+    ("[]", "expected an object with a 'key' object and a 'pairs' list"),
+    (edited(lambda d: d.update(key=[])), "expected an object with a 'key' object"),
+    (edited(lambda d: d["pairs"].pop()), "1 pairs; training needs at least 2"),
+    (edited(lambda d: d["pairs"][1].pop("rejected")), "pair 1: expected the fields"),
+    (edited(lambda d: d["pairs"][0].update(chosen=7)), "pair 0: chosen is not a non-empty string"),
+    (edited(lambda d: d["pairs"][1].update(reference_chosen="-1")), "pair 1: reference_chosen is not a finite"),
+    (edited(lambda d: d["pairs"][1].update(reference_rejected=float("nan"))), "reference_rejected is not a finite"),
+], ids=["truncated", "a list", "key not an object", "one pair", "missing field", "text not a string",
+        "number as text", "NaN"])
+def test_an_edited_or_truncated_pair_cache_is_named_not_used(tmp_path, text, problem):
+    from tanggpt.preference import load_pairs
+
+    (tmp_path / "p.json").write_text(text, encoding="utf-8")
+    pairs, why_not = load_pairs(tmp_path / "p.json", {})
+    assert pairs is None and why_not.startswith("is not a pair cache") and problem in why_not, why_not
+
+
+def test_a_named_pair_cache_that_was_edited_is_refused_before_training(tmp_path, small_poems, tiny_tuned, capsys,
+                                                                       scripted_answers):
+    align.main(align_args(tmp_path, small_poems, tiny_tuned, "--max-iters", "1"))
+    cache = tmp_path / "dpo.pairs.json"
+    data = json.loads(cache.read_text(encoding="utf-8"))
+    data["pairs"][0]["reference_chosen"] = "oops"
+    cache.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    err = run_error(align_args(tmp_path, small_poems, tiny_tuned, "--max-iters", "1", "--pairs", str(cache),
+                               out="other.pt"), capsys)
+    assert f"--pairs {cache} is not a pair cache (pair 0: reference_chosen is not a finite number)" in err
+    assert not any(p.name.startswith("other") for p in tmp_path.iterdir())  # no samples file left to block a rerun
+    # The run's own cache (no --pairs) is rebuilt, with a note.
+    align.main(align_args(tmp_path, small_poems, tiny_tuned, "--max-iters", "1", "--overwrite"))
+    assert "pair 0: reference_chosen is not a finite number); rebuilding it" in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# Checks that come before the long work
+
+
+def tiktoken_tuned(tmp_path: Path) -> Path:
+    """An instruction-tuned checkpoint (untrained weights) whose tokenizer is a tiktoken one."""
+    from data.tokenizer import TiktokenTokenizer
+    from model import GPT, GPTConfig
+    from tanggpt.checkpoint import SFT, model_checkpoint, save_checkpoint
+
+    tokenizer = TiktokenTokenizer.from_texts("cl100k_base", ["春夜喜雨，好雨知時節"])
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=16))
+    path = tmp_path / "tiktoken_sft.pt"
+    save_checkpoint(path, model_checkpoint(SFT, model, tokenizer))
+    return path
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "--rhyme-weight: --rhyme needs the char tokenizer"),
+    (["--preference", "rhyme", "--rhyme-weight", "0"], "--preference rhyme: --rhyme needs the char tokenizer"),
+])
+def test_rhyme_on_a_tiktoken_model_is_refused_before_sampling(tmp_path, small_poems, capsys, monkeypatch, args,
+                                                              message):
+    monkeypatch.setattr(align, "load_corpus", lambda *a, **k: pytest.fail("the corpus was loaded before the check"))
+    err = run_error(align_args(tmp_path, small_poems, tiktoken_tuned(tmp_path), *args), capsys)
+    assert message in err
+
+
+@pytest.mark.parametrize("make_pairs, message", [(lambda tmp: tmp, "is a folder"),
+                                                 (lambda tmp: tmp / "dpo.pt" / "pairs.json", "is a file")])
+def test_an_unusable_pairs_path_is_refused_before_sampling(tmp_path, small_poems, tiny_tuned, capsys, monkeypatch,
+                                                           make_pairs, message):
+    (tmp_path / "dpo.pt").write_bytes(b"")  # a file where a folder would have to be made
+    monkeypatch.setattr(align, "load_corpus", lambda *a, **k: pytest.fail("the corpus was loaded before the check"))
+    err = run_error(align_args(tmp_path, small_poems, tiny_tuned, "--pairs", str(make_pairs(tmp_path)),
+                               out="run/dpo.pt"), capsys)
+    assert err.startswith("error: --pairs") and message in err
+
+
+def test_a_finished_align_run_without_its_cache_says_nothing_to_do_at_once(tmp_path, small_poems, tiny_tuned, capsys,
+                                                                           scripted_answers, monkeypatch):
+    align.main(align_args(tmp_path, small_poems, tiny_tuned, "--max-iters", "1"))
+    (tmp_path / "dpo.pairs.json").unlink()
+    monkeypatch.setattr(align, "build_pairs", lambda *a, **k: pytest.fail("pairs sampled again"))
+    capsys.readouterr()
+    assert align.main(["--out", str(tmp_path / "dpo.pt"), "--resume"]) == {}
+    assert "nothing to do: the run at" in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# Messages that say the real reason
+
+
+def test_pairs_dropped_for_the_block_are_counted_as_such(tmp_path, small_poems, tiny_tuned, capsys, scripted_answers,
+                                                         monkeypatch):
+    monkeypatch.setattr(align, "fits", lambda tokenizer, pair, block_size: False)
+    err = run_error(align_args(tmp_path, small_poems, tiny_tuned), capsys)
+    assert "too few preference pairs (tonal)" in err and "dropped for not fitting block_size" in err
+    assert "--samples-per-prompt" not in err
+
+
+def test_data_records_dropped_for_the_block_are_named(tmp_path, small_poems, tiny_pretrained, capsys):
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"instruction": "寫", "input": "長", "output": "長" * 500}, ensure_ascii=False) + "\n",
+                    encoding="utf-8")
+    err = one_line_error(finetune.main, tune_argv(tmp_path / "sft.pt", small_poems, tiny_pretrained, "--data",
+                                                  str(data), "--data-mode", "replace"), capsys)
+    assert "all 1 --data records are longer" in err and "split is empty" not in err
