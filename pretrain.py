@@ -194,7 +194,7 @@ def run(config: PretrainConfig, explicit: set[str]) -> dict:
     inputs = {"--poems": input_fingerprint(corpus_content(splits))}
     check_same_inputs(ckpt, inputs, config.out)
     if ckpt is not None:
-        model, tokenizer = model_and_tokenizer(ckpt)
+        model, tokenizer = model_and_tokenizer(ckpt, config.out, flag_name="--resume")
     else:
         tokenizer = build_tokenizer(config.tokenizer, tokenizer_texts(all_poems(splits)))
         model = GPT(model_config(config, tokenizer.vocab_size))

@@ -22,7 +22,7 @@ import hashlib
 import json
 import random
 import textwrap
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -38,6 +38,7 @@ from tanggpt.lora import adapter_layers, adapter_state_dict, add_adapters, load_
 PRETRAIN, SFT, DPO = "pretrain", "sft", "dpo"
 KINDS = {PRETRAIN: "pretrained", SFT: "instruction-tuned", DPO: "preference-tuned"}
 CHECKPOINT_KEYS = ("kind", "model", "model_config", "tokenizer")
+LORA_KEYS = ("rank", "alpha", "targets", "dropout", "base", "base_fingerprint")
 RESUME_KEYS = ("optimizer", "step", "tokens_seen", "best_val_loss", "max_iters", "rng", "train_config")
 
 
@@ -61,8 +62,7 @@ def load_checkpoint(path: str | Path, flag_name: str = "--resume", resume: bool 
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated zip, a text file, a pickle of objects: all unusable
-        reason = textwrap.shorten(str(e).strip().splitlines()[0], 160, placeholder=" …") if str(e).strip() \
-            else type(e).__name__
+        reason = first_line(e)
         raise CheckpointError(f"{flag_name}: {path} is not a readable checkpoint (truncated or not one): {reason}") from None
     if not isinstance(ckpt, dict) or not all(k in ckpt for k in CHECKPOINT_KEYS):
         raise CheckpointError(f"{flag_name}: {path} is not a checkpoint of this project (missing model or tokenizer)")
@@ -126,16 +126,64 @@ def model_and_tokenizer(ckpt: dict, path: str | Path = "", base: str = "", merge
     an ordinary model, as fast as the base; without, they stay apart and trainable (a LoRA
     run resuming).
     """
+    where = f"{flag_name} {path}".strip()
     if "lora" not in ckpt:
-        # Fields a checkpoint lacks are choices made after it was written: it used GPT-2's.
-        model = GPT(GPTConfig(**{**GPT2_BLOCK, **ckpt["model_config"]}))
-        model.load_state_dict(ckpt["model"])
-        return model, tokenizer_from_dict(ckpt["tokenizer"])
+        model = build_model(ckpt, where)
+        tokenizer = read_tokenizer(ckpt, where)
+        if tokenizer.vocab_size != model.config.vocab_size:
+            raise CheckpointError(f"{where}: its tokenizer has {tokenizer.vocab_size:,} ids and its model "
+                                  f"{model.config.vocab_size:,}: the two do not belong together")
+        return model, tokenizer
     spec = ckpt["lora"]
+    missing = [k for k in LORA_KEYS if not isinstance(spec, dict) or k not in spec]
+    if missing:
+        raise CheckpointError(f"{where}: its LoRA record lacks {', '.join(missing)}; not an adapter checkpoint "
+                              "this version reads")
     model, tokenizer = base_model(spec, path, base, flag_name, base_flag)
-    add_adapters(model, spec["rank"], spec["alpha"], spec["targets"], spec["dropout"], spec.get("token_ids", []))
-    load_adapter_state_dict(model, ckpt["model"])
+    try:
+        add_adapters(model, spec["rank"], spec["alpha"], spec["targets"], spec["dropout"], spec.get("token_ids", []))
+        load_adapter_state_dict(model, ckpt["model"])
+    except (ValueError, TypeError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{where}: its adapters do not fit their base ({first_line(e)})") from None
     return (merge_adapters(model) if merge else model), tokenizer
+
+
+def build_model(ckpt: dict, where: str) -> GPT:
+    """The GPT a (non-adapter) checkpoint describes, with its weights; a model_config this
+    version cannot build, or weights that do not fit it, are one line naming `where`."""
+    config = ckpt["model_config"]
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{where}: its model_config is not a record of settings")
+    unknown = sorted(set(config) - {f.name for f in fields(GPTConfig)})
+    if unknown:
+        raise CheckpointError(f"{where}: its model_config has settings this version does not know "
+                              f"({', '.join(map(str, unknown))}): written by a newer version of this project?")
+    try:
+        # Fields a checkpoint lacks are choices made after it was written: it used GPT-2's.
+        model = GPT(GPTConfig(**{**GPT2_BLOCK, **config}))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: its model_config describes no model this code builds ({first_line(e)})") \
+            from None
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{where}: its weights do not match its model_config ({first_line(e)})") from None
+    return model
+
+
+def read_tokenizer(ckpt: dict, where: str) -> Tokenizer:
+    """The tokenizer a checkpoint stores, or one line naming `where`."""
+    try:
+        return tokenizer_from_dict(ckpt["tokenizer"])
+    except Exception as e:  # a record of another version: a KeyError, a TypeError, an unknown encoding...
+        raise CheckpointError(f"{where}: its tokenizer is not one this version reads ({first_line(e)})") from None
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to one meaningful line (load_state_dict's starts with a header)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    line = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0] if lines else type(error).__name__
+    return textwrap.shorten(line, 160, placeholder=" …")
 
 
 def base_model(spec: dict, path: str | Path, base: str, flag_name: str, base_flag: str) -> tuple[GPT, Tokenizer]:

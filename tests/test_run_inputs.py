@@ -345,3 +345,65 @@ def test_data_records_dropped_for_the_block_are_named(tmp_path, small_poems, tin
     err = one_line_error(finetune.main, tune_argv(tmp_path / "sft.pt", small_poems, tiny_pretrained, "--data",
                                                   str(data), "--data-mode", "replace"), capsys)
     assert "all 1 --data records are longer" in err and "split is empty" not in err
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints from elsewhere: one line naming the file and what is wrong
+
+
+def edited_checkpoint(source: Path, target: Path, change) -> Path:
+    ckpt = torch.load(source, weights_only=True)
+    change(ckpt)
+    torch.save(ckpt, target)
+    return target
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c["model_config"].update(n_kv_head=1), "its model_config has settings this version does not know "
+                                                      "(n_kv_head)"),
+    (lambda c: c["model_config"].update(n_embd=48), "its weights do not match its model_config (size mismatch"),
+    (lambda c: c["model_config"].update(n_head=5), "its model_config describes no model this code builds"),
+    (lambda c: c["model"].pop("lm_head.weight"), "its weights do not match its model_config (Missing key"),
+    (lambda c: c.update(tokenizer={"kind": "char"}), "its tokenizer is not one this version reads"),
+    (lambda c: c.update(tokenizer={"kind": "char", "chars": "春夏秋冬"}), "its tokenizer has 9 ids and its model"),
+], ids=["unknown field", "other shape", "shape that cannot be", "missing weight", "tokenizer record", "other vocab"])
+def test_a_checkpoint_from_elsewhere_is_one_line(tmp_path, small_poems, tiny_pretrained, capsys, change, message):
+    init = edited_checkpoint(tiny_pretrained, tmp_path / "foreign.pt", change)
+    err = one_line_error(finetune.main, tune_argv(tmp_path / "sft.pt", small_poems, init), capsys)
+    assert f"--init {init}: {message}" in err
+    assert not (tmp_path / "sft.pt").exists()
+
+
+def test_an_adapter_checkpoint_without_its_lora_record_fields_is_one_line(tmp_path, small_poems, tiny_pretrained,
+                                                                          capsys):
+    lora = tmp_path / "lora.pt"
+    finetune.main(tune_argv(lora, small_poems, tiny_pretrained, "--lora-rank", "2", "--max-iters", "1"))
+    init = edited_checkpoint(lora, tmp_path / "edited.pt", lambda c: c["lora"].pop("base_fingerprint"))
+    err = one_line_error(finetune.main, tune_argv(tmp_path / "sft.pt", small_poems, init), capsys)
+    assert f"--init {init}: its LoRA record lacks base_fingerprint" in err
+
+
+def test_a_pair_longer_than_the_block_in_an_edited_cache_is_not_trained_on(tmp_path, small_poems, tiny_tuned, capsys,
+                                                                           scripted_answers):
+    align.main(align_args(tmp_path, small_poems, tiny_tuned, "--max-iters", "1"))
+    cache = tmp_path / "dpo.pairs.json"
+    data = json.loads(cache.read_text(encoding="utf-8"))
+    data["pairs"][1]["chosen"] = "長" * 400
+    cache.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    err = run_error(align_args(tmp_path, small_poems, tiny_tuned, "--max-iters", "1", "--pairs", str(cache),
+                               out="other.pt"), capsys)
+    assert "is not a pair cache for this model (pair 1 is longer than its block_size 96)" in err
+
+
+def test_an_overwrite_run_that_diverges_before_saving_puts_the_old_run_back(tmp_path):
+    from tanggpt.device import setup_runtime
+    from tanggpt.training import TrainConfig, TrainingDiverged, train
+    from tests.test_reliability import SyntheticStage, tiny_model
+
+    out = tmp_path / "c.pt"
+    before = fake_run(out)
+    config = TrainConfig(out=str(out), warmup_iters=0, eval_interval=2, log_interval=1, overwrite=True)
+    stage = SyntheticStage(lambda model, batch: model(*batch)[1] * float("nan"))
+    with pytest.raises(TrainingDiverged, match="no checkpoint was written"):
+        train(tiny_model(), config, stage, setup_runtime("cpu", "float32"), max_iters=4)
+    assert folder_contents(tmp_path) == before
