@@ -37,7 +37,7 @@ from typing import Callable, Collection
 
 import torch
 
-from data.errors import UserError
+from data.errors import UserError, not_utf8
 from data.forms import CLAUSE_BREAK, FORMS
 from data.instruct import prompt_ids
 from data.tasks import TASKS, task_instruction
@@ -185,12 +185,16 @@ def write_samples(model: GPT, tokenizer: Tokenizer, ids: list[int], config: Samp
 def interactive(answer: Callable[[str], None], what: str, label: str = "title") -> None:
     """Read a line at a time (a title, or `what` the request takes) and answer it; an empty
     line, Ctrl-D or Ctrl-C at the prompt quits. A bad line (a head with an unknown
-    character) is said and skipped."""
+    character, bytes that are not UTF-8) is said and skipped."""
     if sys.stdin.isatty():
         try:
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
+    if hasattr(sys.stdin, "reconfigure"):
+        # A strict decoder raises on a line that is not UTF-8 and loses the rest of what it
+        # had read; kept as surrogates, such a line is refused below and the next one is read.
+        sys.stdin.reconfigure(errors="surrogateescape")
     print(f"Type {what} and press Enter; an empty line or Ctrl-D quits, Ctrl-C stops a poem.", file=sys.stderr)
     while True:
         print(f"{label}> ", end="", file=sys.stderr, flush=True)
@@ -202,6 +206,9 @@ def interactive(answer: Callable[[str], None], what: str, label: str = "title") 
         if not line:
             return
         try:
+            wrong = not_utf8(line)
+            if wrong:
+                raise UserError(f"that line is {wrong}; type it as UTF-8")
             answer(line)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
@@ -255,8 +262,9 @@ def run(config: SampleConfig, explicit: set[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     # Ctrl-C outside the interactive loop (while loading, or in a --title/--prompt run) is run_cli's:
-    # "[stopped]" and exit code 130, the shell's code for "ended by Ctrl-C"; so is `| head`.
-    run_cli(run, SampleConfig, argv, __doc__.splitlines()[0])
+    # "[stopped]" and exit code 130, the shell's code for "ended by Ctrl-C". So is `| head`: the
+    # poems are the output, and with no one reading them there is nothing left to write them for.
+    run_cli(run, SampleConfig, argv, __doc__.splitlines()[0], stop_on_closed_pipe=True)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ couplet or line each). Bad input raises CorpusError with one line naming the fil
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -20,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data.errors import UserError
+from data.errors import UserError, lone_surrogate
 
 class CorpusError(UserError):
     """A problem with the poem files; the message is one line naming the file."""
@@ -110,6 +111,8 @@ def _load_file(path: Path) -> list[Poem]:
 #   lost characters   □ -> drop the poem: there is nothing to learn from a hole, and
 #                     we do not want the model to generate them
 #   composed chars    {艹/尔} (not in Unicode) -> drop the poem, same reason
+#   half characters   a JSON escape of half a UTF-16 pair ("\ud800", a lone surrogate) -> drop the
+#                     poem: it is no character, and printing or saving it as UTF-8 would fail
 #   empty body/title  -> drop: a poem needs both for the instruction format
 #   ci (詞) records   chinese-poetry's ci files carry a tune name ('rhythmic') and no title ->
 #                     dropped and counted under their own name: this course tunes on shi (詩)
@@ -212,6 +215,9 @@ def clean_poems(poems: list[Poem]) -> tuple[list[Poem], CleaningReport]:
             reason = "composed characters {…}"
         elif "□" in body + title:
             reason = "lost characters □"
+        elif lone_surrogate(title + body) is not None:
+            # a JSON escape of half a UTF-16 pair: not a character, and no UTF-8 file or terminal can hold it
+            reason = "half characters (lone surrogates such as \\ud800)"
         elif body in seen_bodies:
             reason = "duplicate body"
         else:
@@ -311,15 +317,10 @@ def local_corpus_dir() -> Path:
     return shared if shared.is_dir() else DEFAULT_POEMS_DIR
 
 
-def load_corpus(
-    poems_dir: str | Path | None = None, split_config: SplitConfig | None = None, verbose: bool = True
-) -> dict[str, list[Poem]]:
-    """Load, clean and split the corpus; print the cleaning summary when verbose.
-
-    With no folder given (or the default poems/ folder) and no JSON there yet, the
-    Tang corpus is downloaded into poems/ first. A folder the user names is never
-    filled behind their back: an empty one is an error.
-    """
+def corpus_folder(poems_dir: str | Path | None = None, verbose: bool = True) -> Path:
+    """The folder a --poems flag names (None: poems/), the Tang corpus downloaded into it
+    first when it is the default poems/ folder and holds no JSON yet. A folder the user
+    names is never filled behind their back: an empty one is an error, when it is loaded."""
     folder = Path(poems_dir) if poems_dir is not None else DEFAULT_POEMS_DIR
     if folder.resolve() == DEFAULT_POEMS_DIR and not any(DEFAULT_POEMS_DIR.glob("*.json")):
         from data.download import DownloadError, download_corpus
@@ -330,6 +331,34 @@ def load_corpus(
             download_corpus(DEFAULT_POEMS_DIR)
         except DownloadError as e:
             raise CorpusError(str(e)) from None
+    return folder
+
+
+def corpus_fingerprint(poems_dir: str | Path, flag: str = "--poems") -> str:
+    """A short hash of a corpus folder's JSON files, names and bytes: what a run read, so that
+    a tool can tell a leftover result made from other poems from one it can reuse."""
+    folder = Path(poems_dir)
+    if not folder.is_dir():
+        raise CorpusError(f"{flag} {folder}: not a folder")
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.json"), key=_json_sort_key):
+        digest.update(path.name.encode("utf-8", "surrogateescape") + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def load_corpus(
+    poems_dir: str | Path | None = None, split_config: SplitConfig | None = None, verbose: bool = True
+) -> dict[str, list[Poem]]:
+    """Load, clean and split the corpus; print the cleaning summary when verbose.
+
+    With no folder given (or the default poems/ folder) and no JSON there yet, the
+    Tang corpus is downloaded into poems/ first (corpus_folder).
+    """
+    folder = corpus_folder(poems_dir, verbose)
     poems, report = clean_poems(load_poems(folder))
     if verbose:
         print(report.summary())

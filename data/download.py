@@ -21,7 +21,7 @@ import http.client
 import os
 from pathlib import Path
 from urllib.error import HTTPError, URLError
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 from urllib.request import Request, urlopen
 
 from tqdm import tqdm
@@ -185,12 +185,21 @@ def download_corpus(
         # an env var lets CI or a mirror redirect downloads without touching the code
         base_url = os.environ.get("POEMS_BASE_URL") or BASE_URL
     base_url = base_url.rstrip("/") + "/"
+    if urlsplit(base_url).scheme not in ("http", "https", "file"):
+        # urlopen would raise a bare ValueError at the first file; say it before any work
+        raise DownloadError(f"base URL {base_url!r} (--base-url or $POEMS_BASE_URL): not an http://, https:// or "
+                            "file:// URL")
     names = list(FILE_NAMES if names is None else names)
     for name in names:
         if name not in SHA256:
             raise DownloadError(f"unknown corpus file {name!r}; the corpus is "
                                 f"{FILE_NAMES[0]} ... {FILE_NAMES[-1]} in steps of 1000")
-    dest.mkdir(parents=True, exist_ok=True)
+    if dest.exists() and not dest.is_dir():
+        raise DownloadError(f"{dest} is a file, not a folder to download the corpus into")
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DownloadError(f"cannot make the folder {dest} ({e.strerror or e})") from None
 
     # first decide what is missing, so that a bad file already in dest stops us before
     # any download, and a complete corpus costs only hashing (no network at all)
@@ -200,6 +209,8 @@ def download_corpus(
         if not path.exists():
             todo.append(name)
             continue
+        if not path.is_file():
+            raise DownloadError(f"{path} is a folder (or other non-file) where the corpus file goes; move it away")
         got, expected = _sha256(path), SHA256[name]
         if got != expected:
             # never overwrite a user's file: it might be an edited copy they care about
@@ -225,6 +236,11 @@ def download_corpus(
                 except (TimeoutError, ConnectionError, http.client.HTTPException) as e:
                     # raised while reading the body; the .part is kept, so a rerun resumes
                     raise DownloadError(_no_network(name, url, str(e) or type(e).__name__)) from e
+                except ValueError as e:  # a URL urlopen cannot parse, such as http://[bad
+                    raise DownloadError(f"cannot download {name} from {url}: {_one_line(e)}") from e
+                except OSError as e:  # writing the .part: a full disk, a folder made read-only; a rerun resumes
+                    raise DownloadError(f"cannot write {part} ({e.strerror or e}); free some space (or fix "
+                                        "the folder's permissions) and run again: the download resumes") from e
             got = _sha256(part)
             if got != expected:
                 # the bytes are wrong (a bad mirror, or a stale .part we resumed from);

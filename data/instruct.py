@@ -33,7 +33,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from data.corpus import Poem
-from data.errors import UserError
+from data.errors import UserError, lone_surrogate
 from data.tokenizer import EOT, INP, INS, RES, SPECIALS, Tokenizer
 
 # The instruction every poem sample starts with ("write a poem on this title").
@@ -266,6 +266,11 @@ def load_instruction_jsonl(path: str | Path) -> list[Sample]:
         if not record["output"]:
             raise InstructionDataError(f"{where}: empty output")
         for key in ("instruction", "input", "output"):
+            bad = lone_surrogate(record[key])
+            if bad is not None:  # JSON can escape half a UTF-16 pair; no text file or terminal can hold one
+                raise InstructionDataError(f"{where}: field {key} holds \\u{ord(bad):04x}, half of a UTF-16 pair "
+                                           "(a lone surrogate), not a character; escape the whole pair or write "
+                                           "the character itself")
             marker = next((s for s in SPECIALS if s in record[key]), None)
             if marker:
                 ending = " (the end-of-text token is added after every output)" if marker == EOT else ""

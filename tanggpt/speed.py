@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
+from data.errors import UserError
 from model import GPT, GPT2_BLOCK, GPTConfig
-from tanggpt.cli import RuntimeConfig, flag
+from tanggpt.cli import RuntimeConfig, flag, require_positive, with_flag_names
 from tanggpt.device import Runtime, setup_runtime
 
 
@@ -38,12 +39,26 @@ class ReferenceModelConfig(RuntimeConfig):
                           choices=["adamw", "muon"])
 
 
+    def validate(self) -> None:
+        """Refuse a model the flags cannot build, in one line naming them, before anything loads or is timed."""
+        require_positive(self, ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "batch_size"))
+        self.model_config()
+
+    def model_config(self) -> GPTConfig:
+        try:
+            return GPTConfig(vocab_size=self.vocab_size, block_size=self.block_size, n_layer=self.n_layer,
+                             n_head=self.n_head, n_embd=self.n_embd, **(GPT2_BLOCK if self.gpt2 else {}))
+        except ValueError as e:  # GPTConfig names its fields; the user typed flags
+            raise UserError(f"--n-head {self.n_head} --n-embd {self.n_embd}"
+                            f"{'' if self.gpt2 else ' (the default block: RoPE)'}: "
+                            f"{with_flag_names(str(e), type(self))}") from None
+
+
 def reference_model(args: ReferenceModelConfig) -> tuple[Runtime, GPT]:
     """The runtime the flags ask for, and a freshly initialised model of their shape on it (seed 0)."""
+    config = args.model_config()
     runtime = setup_runtime(args.device, args.dtype)
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
-                       n_head=args.n_head, n_embd=args.n_embd, **(GPT2_BLOCK if args.gpt2 else {}))
     return runtime, GPT(config).to(runtime.device)
 
 

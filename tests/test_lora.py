@@ -351,7 +351,7 @@ def test_compare_lora_measures_each_variant_once_and_tabulates(tmp_path, small_p
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         compare_lora.main([*argv[:5], "3", *argv[6:]])
-    assert exit_info.value.code == 2 and "measured with other settings" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "r0.pt was trained with other settings" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -27,8 +27,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from data.errors import UserError
 from model import GPT, GPTConfig
-from tanggpt.cli import flag, run_cli
+from tanggpt.cli import flag, require_positive, run_cli
 from tanggpt.device import Runtime
 from tanggpt.speed import ReferenceModelConfig, describe, reference_model, sync
 from tanggpt.generation import for_generation
@@ -150,7 +151,8 @@ def bench_generation(model: GPT, runtime: Runtime, args) -> dict:
     compiled); and the seconds the first compiled call of each batch size took."""
     model = for_generation(copy.deepcopy(model), runtime)  # as sample.py and evaluate.py do
     gen = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(5, model.config.vocab_size, (12,), generator=gen).tolist() for _ in range(args.gen_batch)]
+    prompts = [torch.randint(FIRST_PROMPT_ID, model.config.vocab_size, (12,), generator=gen).tolist()
+               for _ in range(args.gen_batch)]
     n = args.new_tokens
     figures = {}
 
@@ -174,6 +176,9 @@ def bench_generation(model: GPT, runtime: Runtime, args) -> dict:
     return figures
 
 
+FIRST_PROMPT_ID = 5  # the generation prompts' random ids start above the char tokenizer's 5 specials
+
+
 @dataclass
 class BenchConfig(ReferenceModelConfig):
     compile: bool = flag(False, "torch.compile the training step")
@@ -185,12 +190,21 @@ class BenchConfig(ReferenceModelConfig):
     compile_decode: bool = flag(True, "also time generation with the decoding step compiled (GPT.generate's "
                                       "compile; its first call compiles, and is not timed)")
 
+    def validate(self) -> None:
+        super().validate()
+        require_positive(self, ("steps", "repeats", "new_tokens", "gen_batch"))
+        if self.only != "train" and self.vocab_size <= FIRST_PROMPT_ID:
+            raise UserError(f"--vocab-size {self.vocab_size}: the generation figures' prompts draw ids from "
+                            f"{FIRST_PROMPT_ID} up, so it must be above {FIRST_PROMPT_ID} (or give --only train)")
+
 
 def main(argv: list[str] | None = None) -> None:
-    run_cli(run, BenchConfig, argv, __doc__.splitlines()[0])
+    # stop_on_closed_pipe: the figures are the only product; with no reader there is nothing left to time
+    run_cli(run, BenchConfig, argv, __doc__.splitlines()[0], stop_on_closed_pipe=True)
 
 
 def run(args: BenchConfig, explicit: set[str]) -> None:
+    args.validate()
     runtime, model = reference_model(args)
     print(f"{describe(model, runtime, args)}, compile {args.compile}")
     roofs = {name: matmul_flops(Runtime(runtime.device, dtype)) / 1e9

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from data.errors import UserError
 from tanggpt.checkpoint import load_checkpoint, model_and_tokenizer, model_checkpoint, save_checkpoint
+from tanggpt.atomic import check_output
 from tanggpt.cli import flag, run_cli
 
 
@@ -41,13 +42,18 @@ def run(config: MergeConfig, explicit: set[str]) -> Path:
     if not config.ckpt:
         raise UserError("--ckpt: give the adapter checkpoint to merge, e.g. --ckpt ckpt_sft_lora.pt")
     out = config.output()
-    if out.resolve() == Path(config.ckpt).resolve():
-        raise UserError(f"--out {out} is the adapter checkpoint itself; give another --out")
+    check_output(out, "--out", {"the adapter checkpoint --ckpt": config.ckpt, "the base checkpoint --base": config.base})
     if out.exists() and not config.overwrite:
         raise UserError(f"--out {out} exists; give another --out, or --overwrite to replace it")
     ckpt = load_checkpoint(config.ckpt, "--ckpt")
     if "lora" not in ckpt:
         raise UserError(f"--ckpt {config.ckpt} holds no LoRA adapters (an ordinary checkpoint): nothing to merge")
+    if not config.base:
+        # The base is then read from the path the adapters recorded, or else from beside them
+        # (checkpoint.base_model): --overwrite must not replace it with the merged model.
+        recorded = Path(ckpt["lora"]["base"])
+        base = recorded if recorded.is_file() else Path(config.ckpt).parent / recorded.name
+        check_output(out, "--out", {"the base checkpoint of the adapters": base})
     model, tokenizer = model_and_tokenizer(ckpt, config.ckpt, config.base)
     spec = ckpt["lora"]
     # An ordinary checkpoint: what sample.py, evaluate.py and --init read. No training state:

@@ -29,7 +29,7 @@ from data.batches import random_windows
 from data.instruct import EpochBatches
 from data.tasks import DEFAULT_TASKS, TaskMixture, parse_tasks, tokenizer_texts, tuning_poems
 from model import head_cross_entropy
-from tanggpt.cli import flag, run_cli
+from tanggpt.cli import flag, require_positive, run_cli
 from tanggpt.speed import ReferenceModelConfig, describe, reference_model, sync
 from tanggpt.training import TrainConfig, configure_optimizer
 
@@ -44,6 +44,10 @@ class ProfileConfig(ReferenceModelConfig):
     length_buckets: bool = flag(True, "with --tuning: batches of about one length, as finetune.py makes them "
                                       "(--no-length-buckets: plain shuffled batches)")
     poems: str = flag("", "with --tuning: folder of poem JSON files (default: poems/, downloaded there if empty)")
+
+    def validate(self) -> None:
+        super().validate()
+        require_positive(self, ("repeats",))
 
 
 def tuning_batches(args: ProfileConfig) -> tuple[EpochBatches, int]:
@@ -62,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(args: ProfileConfig, explicit: set[str]) -> None:
+    args.validate()  # before --tuning loads the corpus
     batches = None
     if args.tuning:
         batches, args.vocab_size = tuning_batches(args)
