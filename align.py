@@ -37,14 +37,15 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from data.corpus import Poem, corpus_content, load_corpus
+from data.corpus import Poem, corpus_fingerprint, corpus_folder, load_corpus
 from data.errors import UserError
 from data.instruct import IGNORE, EpochBatches, pad_batch
 from data.tasks import finetune_val_rows, tuning_poems
 from data.tokenizer import Tokenizer
 from model import GPT
-from tanggpt.checkpoint import (DPO, KINDS, PRETRAIN, answers_prompts, check_same_inputs, input_fingerprint, load_checkpoint,
-                                model_and_tokenizer, model_fingerprint)
+from tanggpt.atomic import check_output
+from tanggpt.checkpoint import (DPO, KINDS, PRETRAIN, answers_prompts, check_same_inputs, input_fingerprint,
+                                load_checkpoint, model_and_tokenizer, model_fingerprint)
 from tanggpt.cli import flag, resume_rule, run_cli
 from tanggpt.device import Runtime
 from tanggpt.distributed import barrier
@@ -55,7 +56,6 @@ from tanggpt.preference import (PREFERENCES, Pair, build_pairs, fits, load_pairs
                                 pair_figures, reference_logprobs, save_pairs, split_pairs)
 from tanggpt.prosody import RhymeConstraint, prosody_marks
 from tanggpt.rhyme_targets import rhyme_rows
-from tanggpt.run_files import check_writable
 from tanggpt.training import LOOP_FIXED, Stage, finished, start_runtime, train
 from tanggpt.tuning import (LORA_FIXED, MORE_EPOCHS, TuneConfig, describe_tuning, done_as_started, model_to_tune,
                             open_run)
@@ -274,7 +274,7 @@ def run(config: AlignConfig, explicit: set[str]) -> dict:
     if master and ckpt is None and source["kind"] == DPO:
         print(f"note: --init {config.init} is already {KINDS[DPO]}; its answers are the new reference")
 
-    check_writable(config.pairs_path(), "--pairs", "a file, such as " + str(config.pairs_path() / "pairs.json"))
+    check_output(config.pairs_path(), "--pairs", example=f"a file, such as {config.pairs_path() / 'pairs.json'}")
     model, tokenizer, adapters = model_to_tune(config, ckpt, source)
     if config.rhyme_weight or config.preference == "rhyme":  # before any sampling, not after it
         try:
@@ -307,7 +307,7 @@ def run(config: AlignConfig, explicit: set[str]) -> dict:
     if ckpt is not None and done_as_started(ckpt, explicit, config.out, master):
         return {}  # a finished run: said before any pair is read or sampled again
     splits = load_corpus(config.poems or None, verbose=master)
-    inputs = {"--poems": input_fingerprint(corpus_content(splits))}
+    inputs = {"--poems": corpus_fingerprint(corpus_folder(config.poems or None))}
     check_same_inputs(ckpt, inputs, config.out)
     prompts = splits["alignment"][: config.prompts]
     key = pair_key(config, init_fingerprint, tokenizer, prompts, runtime)

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from data.corpus import Poem, corpus_content, load_corpus
+from data.corpus import Poem, corpus_fingerprint, corpus_folder, load_corpus
 from data.errors import UserError
 from data.instruct import INSTRUCTION, EpochBatches, load_instruction_jsonl
 from data.tasks import DEFAULT_TASKS, TaskMixture, finetune_val_rows, parse_tasks, task_instruction, tuning_poems
@@ -167,7 +167,7 @@ def run(config: FinetuneConfig, explicit: set[str]) -> dict:
 
     splits = load_corpus(config.poems or None, verbose=master)
     # What decides the samples besides the flags: a resumed run must read the same.
-    inputs = {"--poems": input_fingerprint(corpus_content(splits)),
+    inputs = {"--poems": corpus_fingerprint(corpus_folder(config.poems or None)),
               **({"--data": input_fingerprint([asdict(record) for record in extra])} if config.data else {})}
     check_same_inputs(ckpt, inputs, config.out)
     train_poems, val_poems = tuning_poems(splits, config.forms)

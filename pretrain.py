@@ -23,12 +23,12 @@ import torch
 
 from data import all_poems, build_tokenizer, load_corpus, pretrain_text
 from data.batches import random_windows
-from data.corpus import DEFAULT_POEMS_DIR, corpus_content
+from data.corpus import DEFAULT_POEMS_DIR, corpus_fingerprint, corpus_folder
 from data.errors import UserError
 from data.tasks import tokenizer_texts
 from data.tokenizer import Tokenizer, check_tokenizer_name
 from model import GPT, GPT2_BLOCK, GPTConfig
-from tanggpt.checkpoint import PRETRAIN, check_same_inputs, input_fingerprint, model_and_tokenizer, resume_checkpoint
+from tanggpt.checkpoint import PRETRAIN, check_same_inputs, model_and_tokenizer, resume_checkpoint
 from tanggpt.cli import flag, flag_name, require_positive, restore_run_flags, resume_rule, run_cli
 from tanggpt.device import Runtime, release_freed_memory
 from tanggpt.generation import continue_text
@@ -191,7 +191,7 @@ def run(config: PretrainConfig, explicit: set[str]) -> dict:
 
     started = time.perf_counter()
     splits = load_corpus(config.poems or None, verbose=master)
-    inputs = {"--poems": input_fingerprint(corpus_content(splits))}
+    inputs = {"--poems": corpus_fingerprint(corpus_folder(config.poems or None))}
     check_same_inputs(ckpt, inputs, config.out)
     if ckpt is not None:
         model, tokenizer = model_and_tokenizer(ckpt, config.out, flag_name="--resume")

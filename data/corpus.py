@@ -372,8 +372,3 @@ def all_poems(splits: dict[str, list[Poem]]) -> list[Poem]:
     """Every cleaned poem, in split order (what the tokenizer's vocabulary is built from)."""
     return [poem for name in SPLIT_NAMES for poem in splits[name]]
 
-
-def corpus_content(splits: dict[str, list[Poem]]) -> dict[str, list[list[str]]]:
-    """Each split's poems as [title, body] pairs: what a run's fingerprint of the corpus hashes
-    (tanggpt.checkpoint.input_fingerprint), so a changed file or cleaning rule is noticed."""
-    return {name: [[poem.title, poem.body] for poem in poems] for name, poems in splits.items()}

@@ -50,17 +50,19 @@ def same_file(a: str | Path, b: str | Path) -> bool:
     return a.resolve() == b.resolve()
 
 
-def check_output(path: str | Path, flag: str, inputs: dict[str, str | Path] | None = None) -> None:
+def check_output(path: str | Path, flag: str, inputs: dict[str, str | Path] | None = None,
+                 example: str = "a file path") -> None:
     """Refuse, in one line naming `flag`, an output path that cannot be written as a file (a
     folder, under a file, in a folder we may not write) or that is one of `inputs` (what
     each is, such as "--ckpt" or "the base checkpoint" -> its path). Called before any work,
-    so nothing is computed for an output that cannot be kept, and no input is ever replaced."""
+    so nothing is computed for an output that cannot be kept, and no input is ever replaced.
+    `example` completes "give ..." when the path is a folder."""
     path = Path(path)
     for what, source in (inputs or {}).items():
         if source and same_file(path, source):
             raise UserError(f"{flag} {path} is {what} ({source}), which this run reads; give another {flag}")
     if path.is_dir():
-        raise UserError(f"{flag} {path}: is a folder; give a file path")
+        raise UserError(f"{flag} {path}: is a folder; give {example}")
     folder = path.parent
     blocking = next((p for p in (*folder.parents[::-1], folder) if p.exists() and not p.is_dir()), None)
     if blocking is not None:

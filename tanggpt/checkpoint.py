@@ -91,8 +91,9 @@ def input_fingerprint(value: object) -> str:
 
 def check_same_inputs(ckpt: dict | None, inputs: dict[str, str], out: str | Path) -> None:
     """A resumed run trains on what it started on. `inputs` maps each flag whose content decides
-    the run's samples (--poems, --data) to its input_fingerprint now; the checkpoint holds them
-    as the run started (under "inputs"; a run from before they were recorded is not checked)."""
+    the run's samples to its fingerprint now (--poems: data.corpus.corpus_fingerprint; --data:
+    input_fingerprint of its records); the checkpoint holds them as the run started (under
+    "inputs"; a run from before they were recorded is not checked)."""
     saved = (ckpt or {}).get("inputs", {})
     for name, now in inputs.items():
         if name in saved and saved[name] != now:

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from data.errors import UserError
-from tanggpt.atomic import atomic_write, atomic_write_text
+from tanggpt.atomic import atomic_write, atomic_write_text, check_output, same_file
 
 
 class RunFiles:
@@ -57,7 +57,7 @@ class RunFiles:
         """Check --out before any work: a file path in a folder we can write, holding no other
         run unless resuming it (or --overwrite). Returns notes to print."""
         out, folder = self.checkpoint, self.checkpoint.parent
-        check_writable(out, "--out", "a checkpoint file, such as " + str(out / "ckpt.pt"))
+        check_output(out, "--out", example=f"a checkpoint file, such as {out / 'ckpt.pt'}")
         notes = []
         for stale in folder.glob(f".{out.name}.tmp-*"):  # a save that a kill cut short; the checkpoint is whole
             stale.unlink(missing_ok=True)
@@ -167,37 +167,6 @@ class RunFiles:
         fig.tight_layout()
         atomic_write(self.plot, lambda f: fig.savefig(f, format="png"))
         plt.close(fig)
-
-
-def check_writable(path: Path, flag: str, example: str) -> None:
-    """A file a run will write at `path` (named by `flag`) can be written there: not a folder,
-    its folder made if missing (not blocked by a file), writable. Checked before any work;
-    `example` completes "give ..." when the path is a folder."""
-    folder = path.parent
-    if path.is_dir():
-        raise UserError(f"{flag} {path}: is a folder; give {example}")
-    blocking = next((p for p in folder.parents[::-1] + (folder,) if p.exists() and not p.is_dir()), None) \
-        if not folder.is_dir() else None
-    if blocking is not None:
-        raise UserError(f"{flag} {path}: cannot make the folder {folder}, since {blocking} is a file")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".{path.name}.probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"{flag} {path}: cannot write in {folder} ({e.strerror or e})") from None
-
-
-def same_file(a: Path, b: Path) -> bool:
-    """Whether two paths name one file: the same path once resolved (links followed), or two
-    names of one existing file (a hard link)."""
-    if a.resolve() == b.resolve():
-        return True
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 def refuse_inputs_as_outputs(outputs: dict[str, Path], inputs: dict[str, Path], corpus: str | Path = "") -> None:
