@@ -407,3 +407,18 @@ def test_an_overwrite_run_that_diverges_before_saving_puts_the_old_run_back(tmp_
     with pytest.raises(TrainingDiverged, match="no checkpoint was written"):
         train(tiny_model(), config, stage, setup_runtime("cpu", "float32"), max_iters=4)
     assert folder_contents(tmp_path) == before
+
+
+def test_overwrite_with_an_adapter_init_whose_base_is_gone_keeps_the_old_run(tmp_path, small_poems, tiny_pretrained,
+                                                                             capsys):
+    lora = tmp_path / "lora.pt"
+    finetune.main(tune_argv(lora, small_poems, tiny_pretrained, "--lora-rank", "2", "--max-iters", "1"))
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    init = edited_checkpoint(lora, moved / "adapters.pt", lambda c: c["lora"].update(base=str(tmp_path / "gone.pt")))
+    out = tmp_path / "run" / "sft.pt"
+    out.parent.mkdir()
+    before = fake_run(out)
+    err = one_line_error(finetune.main, tune_argv(out, small_poems, init, "--overwrite"), capsys)
+    assert "holds LoRA adapters, and its base checkpoint" in err
+    assert folder_contents(out.parent) == before
