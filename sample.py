@@ -43,10 +43,10 @@ from data.instruct import prompt_ids
 from data.tasks import TASKS, task_instruction
 from data.tokenizer import Tokenizer
 from model import GPT
-from tanggpt.checkpoint import KINDS, answers_prompts, load_model
+from tanggpt.checkpoint import KINDS, answers_prompts
 from tanggpt.cli import flag, require_positive, run_cli
 from tanggpt.device import Runtime, setup_runtime
-from tanggpt.generation import SamplingConfig, for_generation
+from tanggpt.generation import SamplingConfig, for_generation, load_for_sampling
 
 
 @dataclass
@@ -74,18 +74,22 @@ class SampleConfig(SamplingConfig):
         given = [f"--{name}" for name in ("title", "prompt", "acrostic", "input") if getattr(self, name)]
         if len(given) > 1:
             raise UserError(f"give one of --title, --prompt, --acrostic and --input, not {' and '.join(given)}")
-        asks = [f"--{name}" for name in ("form", "acrostic", "task", "instruction") if getattr(self, name)]
+        # --task form with --form (or --task acrostic with --acrostic) names one request twice
+        same_request = bool(self.task == "form" and self.form or self.task == "acrostic" and self.acrostic)
+        asks = [f"--{name}" for name in ("form", "acrostic", "task", "instruction")
+                if getattr(self, name) and not (name == "task" and same_request)]
         if len(asks) > 1:
             raise UserError(f"give one of --form, --acrostic, --task and --instruction, not {' and '.join(asks)}")
         if self.prompt and asks:
             raise UserError(f"--prompt is raw text for a base model; {asks[0]} asks a tuned model instead")
         if self.input and not (self.task or self.instruction):
             raise UserError("--input is the input of --task or --instruction; give one of them (or use --title)")
-        if self.title and (self.task or self.instruction):
-            raise UserError("--title is for the poem and form tasks; with --task or --instruction give --input")
+        if self.title and (self.instruction or self.task not in ("", "poem", "form")):
+            raise UserError(f"--title is the input of the poem and form tasks; with "
+                            f"{'--instruction' if self.instruction else '--task ' + self.task} give --input")
         if self.task == "form" and not self.form:
-            raise UserError("--task form needs --form, e.g. --form 七言絕句 (or give --title with --form)")
-        for name in ("title", "prompt", "acrostic", "instruction", "input"):
+            raise UserError(f"--task form needs --form, one of {', '.join(FORMS)}")
+        for name in ("title", "prompt", "acrostic", "instruction", "input", "base"):
             # typed but empty: an unfinished command line, not "interactive"
             if name in explicit and not getattr(self, name).strip():
                 raise UserError(f"--{name} is empty")
@@ -161,14 +165,17 @@ def encode_prompt(tokenizer: Tokenizer, text: str, instruction: str | None) -> l
 
 
 def write_samples(model: GPT, tokenizer: Tokenizer, ids: list[int], config: SampleConfig, runtime: Runtime,
-                  generator: torch.Generator, warn_cut: bool, allowed: Callable | None = None) -> None:
-    """Stream config.num_samples continuations of the prompt `ids` to stdout, each ending in a newline."""
+                  generator: torch.Generator, warn_cut: bool, allowed: Callable | None = None,
+                  max_new_tokens: int | None = None) -> None:
+    """Stream config.num_samples continuations of the prompt `ids` to stdout, each ending in a newline.
+    max_new_tokens below --max-new-tokens: where the model's block_size ends the answer first."""
+    limit = config.max_new_tokens if max_new_tokens is None else max_new_tokens
     for i in range(config.num_samples):
         if config.num_samples > 1:
             print(f"--- sample {i + 1} ---", flush=True)
         stream, stopped = TextStream(tokenizer), False
         with runtime.autocast():
-            steps = model.generate_stream([ids], config.max_new_tokens, stop_ids=[tokenizer.eot_id],
+            steps = model.generate_stream([ids], limit, stop_ids=[tokenizer.eot_id],
                                           allowed=allowed,
                                           generator=generator, **config.generate_kwargs())
             for step in steps:
@@ -178,8 +185,38 @@ def write_samples(model: GPT, tokenizer: Tokenizer, ids: list[int], config: Samp
                     break
                 print(stream.push(token), end="", flush=True)  # flush: show each character as it comes
         print(stream.flush(), flush=True)
-        if warn_cut and not stopped:
+        if not stopped and limit < config.max_new_tokens:
+            print(f"[no end-of-text: cut at the model's block_size {model.config.block_size}, prompt and answer "
+                  "together; past it the model would no longer see the instruction]", file=sys.stderr)
+        elif warn_cut and not stopped:
             print(f"[no end-of-text: cut at --max-new-tokens {config.max_new_tokens}]", file=sys.stderr)
+
+
+def check_instruction_fits(instruction_ids: int, block_size: int, typed: bool) -> None:
+    """Refuse an instruction prompt that leaves no room for an input and an answer in block_size.
+    `instruction_ids`: its tokens with the 3 markers; `typed`: the user's --instruction, not a task's."""
+    if instruction_ids >= block_size - 1:
+        fix = "give a shorter --instruction" if typed else "this model's context is too short for any request"
+        raise UserError(f"the instruction prompt alone is {instruction_ids} tokens, and this model reads at most "
+                        f"{block_size} (its block_size), prompt and answer together; {fix}")
+
+
+def answer_room(ids: list[int], instruction_ids: int, block_size: int, source: str) -> int:
+    """How many tokens of answer fit after the instruction prompt `ids` in block_size.
+
+    GPT.generate_stream crops a context longer than block_size from the front: the first
+    tokens to go would be <INS> and the instruction, and the model would answer a request
+    it no longer sees. So a prompt with no room left is refused (naming `source`, the flag
+    or line its input came from), and the answer stops where the block ends.
+    `instruction_ids`: the tokens the prompt has besides the input's (check_instruction_fits
+    has made sure they leave room for some input).
+    """
+    room = block_size - len(ids)
+    if room < 1:
+        raise UserError(f"{source}: the prompt is {len(ids)} tokens (the instruction, the input and 3 markers), and "
+                        f"this model reads at most {block_size} (its block_size), prompt and answer together; shorten "
+                        f"the input to at most {block_size - 1 - instruction_ids} tokens")
+    return room
 
 
 def interactive(answer: Callable[[str], None], what: str, label: str = "title") -> None:
@@ -220,13 +257,14 @@ def interactive(answer: Callable[[str], None], what: str, label: str = "title") 
 def run(config: SampleConfig, explicit: set[str]) -> None:
     config.validate(explicit)
     runtime = setup_runtime(config.device, config.dtype)
-    model, tokenizer, kind = load_model(config.ckpt, "--ckpt", config.base)
+    ckpt, model, tokenizer = load_for_sampling(config.ckpt, "--ckpt", config.base)
+    kind = ckpt["kind"]
     acrostic = config.acrostic or config.task == "acrostic"
     if config.acrostic:  # before any sampling: one line if a head cannot be written
         check_head(tokenizer, config.acrostic)
     model = for_generation(model, runtime)
     answers = answers_prompts(kind)
-    print(f"{config.ckpt}: {KINDS.get(kind, kind)} model ({kind}), "
+    print(f"{config.ckpt}: {KINDS[kind]} model ({kind}), "
           f"{model.num_params() / 1e6:.2f}M parameters, on {runtime.describe()}; {config.describe()}", file=sys.stderr)
     if not answers:
         print(f"note: a base model continues text and will not stop by itself; each sample runs to "
@@ -238,18 +276,34 @@ def run(config: SampleConfig, explicit: set[str]) -> None:
     generator = torch.Generator(device=runtime.device).manual_seed(config.seed)
     allowed = config.constraint(tokenizer)  # --rhyme; a tokenizer it cannot work with fails here
     instruction = config.instruction_text()
+    block_size = model.config.block_size
+    instruction_ids = len(prompt_ids(tokenizer, instruction, ""))
+    source = next((f"--{name}" for name in ("title", "acrostic", "input") if getattr(config, name)), "this line")
+    # Raw text: --prompt, or the titles typed to a base model asked nothing else; else instruction prompts.
+    raw = bool(config.prompt) or not (answers or config.given_input() or config.task or config.instruction
+                                      or config.form)
+    if not raw:  # an instruction no input fits is refused now, not at each typed line
+        check_instruction_fits(instruction_ids, block_size, bool(config.instruction))
 
     def answer(text: str, raw: bool = False) -> None:
         if acrostic:
             check_head(tokenizer, text)
         ids = encode_prompt(tokenizer, text, None if raw else instruction)
-        write_samples(model, tokenizer, ids, config, runtime, generator, warn_cut=answers, allowed=allowed)
+        if raw:  # plain text has no instruction to lose: the model continues what its block holds
+            if len(ids) > block_size:
+                print(f"note: the prompt is {len(ids)} tokens; the model reads only the last {block_size} "
+                      "(its block_size)", file=sys.stderr)
+            limit = None
+        else:
+            limit = min(config.max_new_tokens, answer_room(ids, instruction_ids, block_size, source))
+        write_samples(model, tokenizer, ids, config, runtime, generator, warn_cut=answers, allowed=allowed,
+                      max_new_tokens=limit)
 
     if config.prompt:
         answer(unescape(config.prompt), raw=True)
     elif config.given_input():
         answer(config.given_input())
-    elif not answers and not (config.task or config.instruction or config.form):
+    elif raw:
         interactive(lambda title: answer(title + "\n", raw=True), "a title (the base model continues 'title\\n')")
     else:
         if acrostic:

@@ -6,8 +6,9 @@ For each checkpoint:
   figure finetune.py and align.py log too (data.tasks.finetune_val_rows: the regular-form
   finetune-val poems whose sample fits block_size; poem and end-of-text tokens);
 - poems written for unseen titles (the first --num-titles of finetune-val, or every poem
-  of --eval-poems DIR): stop rate (ended with end-of-text within the limit), regular-form
-  rate, mean length, distinct-2, and the share of generated lines found verbatim in the
+  of --eval-poems DIR, its first --num-titles if typed; a title whose prompt does not fit
+  a checkpoint's block is left out): stop rate (ended with end-of-text within the limit),
+  regular-form rate, mean length, distinct-2, and the share of generated lines found verbatim in the
   training poems (memorisation); and, over the answers shaped as 絕句/律詩 (4 or 8 lines of
   5 or 7 characters), the share that rhyme, rhyme in a level tone, and keep the tonal
   pattern by the Pingshui table (prosody.py), beside the same for the real poems of the
@@ -30,11 +31,12 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from data.corpus import Poem, pretrain_text
 from data.errors import UserError
 from data.forms import FORMS, acrostic_head, clauses, form_name, is_regular_form
-from data.instruct import IGNORE, INSTRUCTION, Sample, response_rows, sample_length
+from data.instruct import IGNORE, INSTRUCTION, Sample, prompt_ids, response_rows, sample_length
 from data.tasks import TASKS, finetune_val_poems, instructions, task_instruction
 from data.tokenizer import Tokenizer
 from model import GPT
@@ -51,7 +53,8 @@ from tanggpt.prosody import prosody_figures
 class EvaluationConfig(SamplingConfig):
     """How much to measure: the sampling flags, and the sizes of the evaluation."""
 
-    num_titles: int = flag(200, "finetune-val titles to write poems for (without --eval-poems)")
+    num_titles: int = flag(200, "titles to write poems for: the first N of finetune-val, or with --eval-poems the "
+                                "first N poems of that folder (there, untyped: all of them)")
     task_prompts: int = flag(50, "prompts per task, per form and per phrasing kind (seen, held-out) for the "
                                  "instruction-following figures of a tuned checkpoint (0 = skip them)")
     batch_size: int = flag(50, "titles generated together, and rows per forward pass for the losses")
@@ -65,27 +68,45 @@ def loss_figures(model: GPT, tokenizer: Tokenizer, splits: dict[str, list[Poem]]
     figures = {"pretrain_val_loss": stream_loss(model, tokens, batch_size, runtime)}
     figures["pretrain_val_bpc"] = bits_per_char(figures["pretrain_val_loss"], len(tokens), len(text))
 
-    # The finetune-val loss every stage logs (data.tasks.finetune_val_rows), over the same rows.
+    # The finetune-val loss every stage logs (data.tasks.finetune_val_rows), over the same rows
+    # (check_measurable has made sure there are some).
     fitting = finetune_val_poems(tokenizer, splits, model.config.block_size)
     # The title gain, on every finetune-val poem whose sample fits under its own title and another's.
     swap = title_swap_nll(model, tokenizer, splits["finetune_val"], batch_size, runtime, seed)
-    if min(len(fitting), len(swap.poems)) < 2:
-        raise UserError(f"only {min(len(fitting), len(swap.poems))} finetune-val poems fit block_size "
-                        f"{model.config.block_size}; use a larger --poems folder")
     rows = [row for _, row in fitting]
     figures["finetune_val_loss"] = response_loss(model, rows, tokenizer.eot_id, batch_size, runtime)
     response_tokens = sum(sum(label != IGNORE for label in labels) for _, labels in rows)
     response_chars = sum(len(poem.body) for poem, _ in fitting)
     figures["finetune_val_bpc"] = bits_per_char(figures["finetune_val_loss"], response_tokens, response_chars)
-    gain, gain_se = mean_and_standard_error(swap.gains.tolist())
+    # None where fewer than 2 poems fit under two titles (titles too long for the block): nothing to compare
+    gain, gain_se = mean_and_standard_error(swap.gains.tolist()) if len(swap.poems) >= 2 else (None, None)
     figures.update(title_gain=gain, title_gain_se=gain_se, title_gain_poems=len(swap.poems))
     return figures
 
 
+def check_measurable(model: GPT, tokenizer: Tokenizer, splits: dict[str, list[Poem]], where: str) -> None:
+    """Refuse, before any figure is measured, a checkpoint whose block_size leaves fewer than
+    2 finetune-val poems for the finetune-val loss (`where`: its flag and path, for the message)."""
+    fitting = len(finetune_val_poems(tokenizer, splits, model.config.block_size))
+    if fitting < 2:
+        raise UserError(f"{where}: only {fitting} regular-form finetune-val poems fit its block_size "
+                        f"{model.config.block_size}; use a larger --poems folder")
+
+
+def title_fits(tokenizer: Tokenizer, title: str, block_size: int, instruction: str = INSTRUCTION) -> bool:
+    """Whether the prompt asking for a poem on `title` leaves room in block_size for an answer.
+
+    A longer prompt would be cropped from the front by GPT.generate_stream, <INS> and the
+    instruction first: the model would answer a request it no longer sees."""
+    return len(prompt_ids(tokenizer, instruction, title)) < block_size
+
+
 def evaluate_checkpoint(ckpt: dict, model: GPT, tokenizer: Tokenizer, config: EvaluationConfig,
                         splits: dict[str, list[Poem]], titles: list[str], training_lines: set[str],
-                        runtime: Runtime) -> dict:
-    """Every figure of the table for one checkpoint (its model and tokenizer, adapters merged)."""
+                        runtime: Runtime, allowed: Callable | None = None) -> dict:
+    """Every figure of the table for one checkpoint (its model and tokenizer, adapters merged).
+    `allowed`: the sampler's constraint (config.constraint(tokenizer), built by the caller
+    before any checkpoint's work starts, so a tokenizer --rhyme cannot use fails first)."""
     start = time.perf_counter()
     model = model.to(runtime.device).eval()
     lora = f" + LoRA r{ckpt['lora']['rank']}" if "lora" in ckpt else ""
@@ -94,7 +115,7 @@ def evaluate_checkpoint(ckpt: dict, model: GPT, tokenizer: Tokenizer, config: Ev
 
     writer = for_generation(copy.deepcopy(model), runtime)  # a copy: `model` stays fp32 for the answers' loss
     answers = answer_titles(writer, tokenizer, titles, runtime, config.max_new_tokens, seed=config.seed,
-                            batch_size=config.batch_size, allowed=config.constraint(tokenizer),
+                            batch_size=config.batch_size, allowed=allowed,
                             **config.generate_kwargs())
     figures.update(generation_figures([a.response for a in answers], [a.stopped for a in answers], training_lines))
     figures.update(prosody_figures([a.response for a in answers]))
@@ -125,38 +146,55 @@ def instruction_figures(model: GPT, writer: GPT, tokenizer: Tokenizer, poems: li
 
     The same inputs are asked twice: with the training phrasings (taking turns) and with
     the held-out phrasing no training sample used. `poems` are unseen (finetune-val) ones.
+    An input whose prompt would not fit the block in every phrasing is not asked; a figure
+    nothing could be asked for (no poem of two text lines to continue, say) is None.
     """
-    n = config.task_prompts
-    regular = [p for p in poems if is_regular_form(p.body)][:n]
-    openings = [p for p in poems if TASKS["continue"].sample(p, "") is not None][:n]
+    n, block_size = config.task_prompts, model.config.block_size
+
+    longest_phrasing = {name: max((t for held in (False, True) for t in instructions(task, held)),
+                                  key=lambda t: len(tokenizer.encode(t))) for name, task in TASKS.items()}
+
+    def fits(text: str, *tasks: str) -> bool:
+        """Whether the prompt of `text` leaves room for an answer in every phrasing of `tasks`."""
+        return all(title_fits(tokenizer, text, block_size, longest_phrasing[task]) for task in tasks)
+
+    titles = [p.title for p in poems if fits(p.title, "poem", "form")][:n]  # asked for a poem, and in each form
+    heads = {"unseen": [h for h in (acrostic_head(p.body) for p in poems if is_regular_form(p.body))
+                        if fits(h, "acrostic")][:n],
+             "common": [h for h in COMMON_HEADS if fits(h, "acrostic")][:n]}
+    openings = [p for p in poems if TASKS["continue"].sample(p, "") is not None and fits(p.lines[0], "continue")][:n]
     longest = max(len(tokenizer.encode(t)) for held in (False, True) for t in instructions(TASKS["title"], held))
     titled = [p for p in poems  # poems whose title-task sample fits the block, in every phrasing
-              if sample_length(longest, len(tokenizer.encode(p.body)), len(tokenizer.encode(p.title))) <= model.config.block_size]
+              if sample_length(longest, len(tokenizer.encode(p.body)), len(tokenizer.encode(p.title))) <= block_size]
     titled = titled[:n]
 
-    def share(flags) -> float:
+    def share(flags) -> float | None:
+        """The share of true flags; None when nothing was asked (no input of this kind fits, or the
+        poems have none: a folder without two-line poems has no first couplet to continue)."""
         flags = list(flags)
-        return sum(flags) / len(flags)
+        return sum(flags) / len(flags) if flags else None
 
     figures = {}
     for kind in ("seen", "held_out"):
         def ask(task: str, inputs: list[str], form: str = "") -> list:
+            if not inputs:
+                return []
             requests = [(task_instruction(task, form, kind == "held_out", phrasing=i), text)
                         for i, text in enumerate(inputs)]
             return answer_requests(writer, tokenizer, requests, runtime, config.max_new_tokens, seed=config.seed,
                                    batch_size=config.batch_size, **config.generate_kwargs())
 
         f = {}
-        answers = ask("poem", [p.title for p in poems[:n]])
+        answers = ask("poem", titles)
         f["poem_stop"] = share(a.stopped for a in answers)
         f["poem_regular"] = share(is_regular_form(a.response) for a in answers)
         for form in FORMS:
-            f[f"form {form}"] = share(form_name(a.response) == form for a in ask("form", [p.title for p in poems[:n]], form))
-        for name, heads in (("unseen", [acrostic_head(p.body) for p in regular]), ("common", list(COMMON_HEADS[:n]))):
-            answers = ask("acrostic", heads)
-            f[f"acrostic_{name}"] = share(follows_acrostic(a.response, h) for a, h in zip(answers, heads))
-            f[f"acrostic_{name}_lines"] = sum(acrostic_hits(a.response, h) for a, h in zip(answers, heads)) / sum(
-                map(len, heads))
+            f[f"form {form}"] = share(form_name(a.response) == form for a in ask("form", titles, form))
+        for name, asked in heads.items():
+            answers = ask("acrostic", asked)
+            f[f"acrostic_{name}"] = share(follows_acrostic(a.response, h) for a, h in zip(answers, asked))
+            f[f"acrostic_{name}_lines"] = (sum(acrostic_hits(a.response, h) for a, h in zip(answers, asked))
+                                           / sum(map(len, asked))) if asked else None
         answers = ask("continue", [p.lines[0] for p in openings])
         given = [clauses(p.lines[0]) for p in openings]
         f["continue_stop"] = share(a.stopped for a in answers)

@@ -10,15 +10,18 @@ import pytest
 import torch
 
 from data.corpus import Poem
-from data.forms import FORMS, clauses
+from data.forms import FORMS, clauses, is_regular_form
 from data.instruct import INSTRUCTION, Sample, encode_sample, poem_sample, response_rows
 from data.tasks import TASKS, instructions
+from data.tokenizer import TiktokenTokenizer
 import evaluate
+from model import GPT
 from tanggpt import evaluation
 from tanggpt.checkpoint import load_checkpoint, model_and_tokenizer
 from tanggpt.device import setup_runtime
 from tanggpt.generation import Answer
 from tanggpt.losses import labelled_nll, stream_loss, title_swap_nll
+from tests.tiny_checkpoints import write_adapters, write_checkpoint
 
 FAST = ["--num-titles", "6", "--max-new-tokens", "12", "--batch-size", "16", "--dtype", "float32", "--task-prompts", "3"]
 
@@ -183,8 +186,22 @@ def test_eval_poems_takes_every_poem_of_the_folder(tmp_path, small_poems, tiny_t
     shutil.copy(small_poems / "poet.tang.0.json", folder / "poet.tang.0.json")
     poems = json.loads((folder / "poet.tang.0.json").read_text(encoding="utf-8"))[:9]
     (folder / "poet.tang.0.json").write_text(json.dumps(poems, ensure_ascii=False), encoding="utf-8")
-    report = run_json(capsys, "--ckpt", str(tiny_tuned), "--poems", str(small_poems), "--eval-poems", str(folder))
+    argv = ["--json", *FAST[2:], "--ckpt", str(tiny_tuned), "--poems", str(small_poems), "--eval-poems", str(folder)]
+    assert FAST[:2] == ["--num-titles", "6"]
+    evaluate.main(argv)  # --num-titles not typed: every poem of the folder
+    report = json.loads(capsys.readouterr().out)
     assert report["titles"]["count"] == 9 and str(folder) in report["titles"]["source"]
+
+
+def test_num_titles_typed_with_eval_poems_takes_the_first_of_them(tmp_path, small_poems, tiny_tuned, capsys):
+    """Before, --num-titles was silently ignored with --eval-poems: all 9 poems were asked for."""
+    folder = tmp_path / "other"
+    folder.mkdir()
+    poems = json.loads((small_poems / "poet.tang.0.json").read_text(encoding="utf-8"))[:9]
+    (folder / "poet.tang.0.json").write_text(json.dumps(poems, ensure_ascii=False), encoding="utf-8")
+    report = run_json(capsys, "--ckpt", str(tiny_tuned), "--poems", str(small_poems), "--eval-poems", str(folder),
+                      "--num-titles", "4", "--task-prompts", "0")
+    assert report["titles"] == {"source": f"the first 4 poems of {folder}", "count": 4}
 
 
 def test_table_prints_settings_and_rows(small_poems, tiny_tuned, capsys):
@@ -216,3 +233,193 @@ def test_eval_poems_folder_missing(small_poems, tiny_tuned, capsys):
     with pytest.raises(SystemExit):
         evaluate.main([*FAST, "--ckpt", str(tiny_tuned), "--poems", str(small_poems), "--eval-poems", "nowhere"])
     assert "nowhere" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# Checked before the long work; flags that say what they mean (issue 23)
+
+
+def char_tokenizer_of(path):
+    return model_and_tokenizer(load_checkpoint(path))[1]
+
+
+@pytest.fixture
+def no_work(monkeypatch) -> list[str]:
+    """Record any sampling or corpus loading evaluate.py starts."""
+    started: list[str] = []
+    original_load = evaluate.load_corpus
+    monkeypatch.setattr(GPT, "generate_stream", lambda *a, **k: started.append("sampling") or iter(()))
+    monkeypatch.setattr(evaluate, "load_corpus", lambda *a, **k: started.append("corpus") or original_load(*a, **k))
+    return started
+
+
+def one_line_error(argv: list[str], capsys) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main([*FAST, "--device", "cpu", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_rhyme_with_a_tiktoken_compare_fails_before_any_sampling(tmp_path, small_poems, tiny_tuned, no_work, capsys):
+    """Before: the --ckpt column was evaluated in full, then --rhyme failed on --compare's tokenizer."""
+    tiktoken_ckpt = write_checkpoint(tmp_path / "bpe.pt", TiktokenTokenizer.from_texts("cl100k_base", ["春夜喜雨"]))
+    err = one_line_error(["--ckpt", str(tiny_tuned), "--compare", str(tiktoken_ckpt), "--rhyme", "--poems",
+                          str(small_poems)], capsys)
+    assert f"--compare {tiktoken_ckpt}: --rhyme needs the char tokenizer" in err
+    assert no_work == []
+
+
+def one_line_poems(small_poems, folder):
+    """small_poems with each poem's lines run into one: no poem has a first couplet to continue."""
+    folder.mkdir()
+    for path in small_poems.glob("*.json"):
+        records = json.loads(path.read_text(encoding="utf-8"))
+        for record in records:
+            record["paragraphs"] = ["".join(record["paragraphs"])]
+        (folder / path.name).write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    return folder
+
+
+def test_task_prompts_on_poems_with_nothing_to_continue_report_no_figure(tmp_path, small_poems, tiny_tuned, capsys):
+    """Before: ZeroDivisionError after every other task's answers had been generated."""
+    folder = one_line_poems(small_poems, tmp_path / "one_line")
+    figures = run_json(capsys, "--ckpt", str(tiny_tuned), "--poems", str(folder), "--task-prompts", "2",
+                       "--max-new-tokens", "4")["checkpoints"][str(tiny_tuned)]["instructions"]
+    for kind in ("seen", "held_out"):
+        assert figures[kind]["continue_stop"] is None and figures[kind]["continue_no_repeat"] is None
+        assert 0 <= figures[kind]["acrostic_common"] <= 1  # the other tasks are measured as before
+    table = evaluation.format_instruction_table({"tuned": {"instructions": figures}})
+    assert "continue: stop" in table and "–" in table
+
+
+def test_instruction_figures_of_poems_with_no_regular_form_are_none(monkeypatch, tiny_tuned):
+    """Before: ZeroDivisionError on the acrostic of unseen heads (taken from regular-form poems)."""
+    scripted_answers(monkeypatch, perfect)
+    model, tokenizer = model_and_tokenizer(load_checkpoint(tiny_tuned))
+    poems = [Poem("春日", ["春風吹綠草，白日照青山遠。", "花落水自流，鳥啼山更幽。"]),
+             Poem("秋夜", ["秋月明如水，長夜照空庭靜。", "霜落寒山寺，鐘聲到客船。"])]
+    assert not any(is_regular_form(p.body) for p in poems)  # one clause of 6: no regular form
+    config = evaluation.EvaluationConfig(task_prompts=2, max_new_tokens=4, batch_size=4)
+    figures = evaluation.instruction_figures(model.eval(), model, tokenizer, poems, config,
+                                             setup_runtime("cpu", "float32"))
+    for kind in ("seen", "held_out"):
+        assert figures[kind]["acrostic_unseen"] is None and figures[kind]["acrostic_unseen_lines"] is None
+        assert figures[kind]["acrostic_common"] == 1.0 and figures[kind]["poem_stop"] == 1.0
+
+
+def adapter_pair(tmp_path, tiny_tuned):
+    """Two adapter checkpoints, each on its own base, both bases moved away from the recorded paths."""
+    tokenizer = char_tokenizer_of(tiny_tuned)
+    pairs = []
+    for name, seed in (("a", 1), ("b", 2)):
+        folder = tmp_path / name
+        folder.mkdir()
+        base = write_checkpoint(folder / "kept_base.pt", tokenizer, "pretrain", seed=seed)
+        pairs.append((write_adapters(folder / "lora.pt", base, recorded_base=tmp_path / "gone" / f"{name}.pt"), base))
+    return pairs
+
+
+def test_base_is_the_ckpts_and_compare_base_the_compares(tmp_path, small_poems, tiny_tuned, capsys):
+    """Before: --base was applied to both columns, so two adapter checkpoints on two bases could not be compared."""
+    (a, a_base), (b, b_base) = adapter_pair(tmp_path, tiny_tuned)
+    report = run_json(capsys, "--ckpt", str(a), "--base", str(a_base), "--compare", str(b), "--compare-base",
+                      str(b_base), "--poems", str(small_poems), "--num-titles", "2", "--task-prompts", "0",
+                      "--max-new-tokens", "4")
+    assert [f["kind"] for f in report["checkpoints"].values()] == ["sft + LoRA r2", "sft + LoRA r2"]
+    err = one_line_error(["--ckpt", str(a), "--base", str(b_base), "--poems", str(small_poems)], capsys)
+    assert "its adapters were trained on other weights than" in err
+
+
+@pytest.mark.parametrize("flags", [["--ckpt", "{full}", "--base", "{base}"],
+                                   ["--ckpt", "{full}", "--compare", "{full2}", "--compare-base", "{base}"]])
+def test_a_base_for_a_checkpoint_without_adapters_is_refused(tmp_path, small_poems, tiny_tuned, tiny_pretrained,
+                                                             no_work, flags, capsys):
+    """Before: --base was ignored without a word (and --compare-base did not exist)."""
+    paths = {"full": tiny_tuned, "full2": tiny_pretrained, "base": tiny_pretrained}
+    argv = [arg.format(**{k: str(v) for k, v in paths.items()}) for arg in flags]
+    err = one_line_error([*argv, "--poems", str(small_poems)], capsys)
+    base_flag = argv[-2]
+    assert f"{base_flag} {tiny_pretrained}: " in err and "holds no LoRA adapters" in err and f"drop {base_flag}" in err
+    assert no_work == []
+
+
+@pytest.mark.parametrize("case", ["same file", "compare-base alone", "eval-poems is poems", "base is a folder",
+                                  "temperature nan", "seed overflow", "empty compare"])
+def test_flags_that_cannot_work_are_refused_up_front(tmp_path, small_poems, tiny_tuned, no_work, case, capsys):
+    """Before, each of these ran on (one column, or training poems taken as unseen), ignored a flag,
+    said the wrong thing, or crashed with a traceback once sampling began."""
+    (adapters, _), _ = adapter_pair(tmp_path, tiny_tuned)
+    argv, expected = {
+        "same file": (["--compare", str(tiny_tuned.parent / ".." / tiny_tuned.parent.name / tiny_tuned.name)],
+                      "is the --ckpt checkpoint itself"),
+        "compare-base alone": (["--compare-base", str(tiny_tuned)], "give --compare too"),
+        "eval-poems is poems": (["--eval-poems", str(small_poems)], "is the --poems folder itself"),
+        "base is a folder": (["--ckpt", str(adapters), "--base", str(tmp_path)], f"--base {tmp_path} is a folder"),
+        "temperature nan": (["--temperature", "nan"], "--temperature must be a finite number, got nan"),
+        "seed overflow": (["--seed", str(2**64)], f"--seed must be between {-2**63} and {2**64 - 1}"),
+        "empty compare": (["--compare", ""], "--compare is empty"),
+    }[case]
+    err = one_line_error(["--ckpt", str(tiny_tuned), "--poems", str(small_poems), *argv], capsys)
+    assert expected in err
+    assert no_work == []
+
+
+def test_a_compare_whose_block_fits_too_few_poems_fails_before_any_figure(tmp_path, small_poems, tiny_tuned,
+                                                                          no_work, capsys):
+    """Before: the --ckpt column was evaluated in full, then --compare's block_size was found too short."""
+    short = write_checkpoint(tmp_path / "short.pt", char_tokenizer_of(tiny_tuned), block_size=16)
+    err = one_line_error(["--ckpt", str(tiny_tuned), "--compare", str(short), "--poems", str(small_poems)], capsys)
+    assert f"--compare {short}: only 0 regular-form finetune-val poems fit its block_size 16" in err
+    assert "sampling" not in no_work
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda ckpt: ckpt.update(kind="sft2"), "unknown checkpoint kind 'sft2'"),
+    (lambda ckpt: ckpt["model_config"].update(n_head=3), "its model does not load from it (n_embd (16) must be "
+                                                         "divisible by n_head (3))"),
+    (lambda ckpt: ckpt["model"].pop("wte.weight"), "its model does not load from it (Error(s) in loading"),
+])
+def test_a_damaged_checkpoint_is_one_line(tmp_path, small_poems, tiny_tuned, damage, expected, capsys):
+    """Before: a TypeError or RuntimeError traceback from the model's constructor or load_state_dict."""
+    path = write_checkpoint(tmp_path / "damaged.pt", char_tokenizer_of(tiny_tuned))
+    ckpt = load_checkpoint(path)
+    damage(ckpt)
+    torch.save(ckpt, path)
+    err = one_line_error(["--ckpt", str(tiny_tuned), "--compare", str(path), "--poems", str(small_poems)], capsys)
+    assert err.startswith(f"error: --compare {path}: ") and expected in err
+
+
+def test_titles_whose_prompt_does_not_fit_the_block_are_left_out(tmp_path, small_poems, tiny_tuned, capsys):
+    """Before: the long title's prompt was cropped from the front, instruction first, without a word."""
+    folder = tmp_path / "other"
+    folder.mkdir()
+    poems = json.loads((small_poems / "poet.tang.0.json").read_text(encoding="utf-8"))[:3]
+    poems[1]["title"] = "長" * 90  # with the instruction and 3 markers, past block_size 96
+    (folder / "poems.json").write_text(json.dumps(poems, ensure_ascii=False), encoding="utf-8")
+    evaluate.main(["--json", *FAST[2:], "--ckpt", str(tiny_tuned), "--poems", str(small_poems), "--eval-poems",
+                   str(folder), "--task-prompts", "0"])
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["titles"]["count"] == 2
+    assert f"note: 1 of the 3 titles of --eval-poems {folder} left out" in captured.err
+
+
+def test_task_prompts_for_base_checkpoints_only_is_noted(small_poems, tiny_pretrained, capsys):
+    """Before: --task-prompts was silently unused when no checkpoint was tuned."""
+    evaluate.main([*FAST, "--ckpt", str(tiny_pretrained), "--poems", str(small_poems), "--json"])
+    captured = capsys.readouterr()
+    assert "note: --task-prompts: no checkpoint here is tuned to answer instructions" in captured.err
+    assert "instructions" not in json.loads(captured.out)["checkpoints"][str(tiny_pretrained)]
+
+
+def test_a_title_gain_with_fewer_than_two_poems_is_none(tiny_tuned):
+    """Before: a UserError from inside the first column's figures, after the corpus and the losses."""
+    model, tokenizer = model_and_tokenizer(load_checkpoint(tiny_tuned))
+    body = ["床前明月光，疑是地上霜。", "舉頭望明月，低頭思故鄉。"]
+    val = [Poem("靜夜思", body), Poem("春曉", ["春眠不覺曉，處處聞啼鳥。", "夜來風雨聲，花落知多少。"]),
+           Poem("長" * 80, ["白日依山盡，黃河入海流。", "欲窮千里目，更上一層樓。"])]
+    splits = {"pretrain_val": val, "finetune_train": [], "finetune_val": val}
+    figures = evaluation.loss_figures(model.eval(), tokenizer, splits, 4, setup_runtime("cpu", "float32"), seed=0)
+    assert figures["title_gain"] is None and figures["title_gain_poems"] == 1 and figures["finetune_val_loss"] > 0

@@ -18,6 +18,7 @@ from data.tokenizer import TiktokenTokenizer
 from model import GPT
 import sample
 from tanggpt.checkpoint import load_checkpoint, model_and_tokenizer
+from tests.tiny_checkpoints import write_adapters
 
 CPU = ["--device", "cpu", "--dtype", "float32"]
 
@@ -197,7 +198,7 @@ def test_ctrl_c_in_one_shot_mode_exits_130(capsys, monkeypatch, tiny_tuned):
     (["--task", "form", "--input", "春"], "--task form needs --form"),
     (["--input", "春"], "--input is the input of --task or --instruction"),
     (["--acrostic", "春", "--form", "七言絕句"], "not --form and --acrostic"),
-    (["--instruction", "寫詩", "--title", "春"], "with --task or --instruction give --input"),
+    (["--instruction", "寫詩", "--title", "春"], "with --instruction give --input"),
     (["--temperature", "-1"], "--temperature"),
     (["--top-k", "-1"], "--top-k"),
     (["--top-p", "1.5"], "--top-p"),
@@ -257,3 +258,105 @@ def test_corrupt_checkpoint_is_one_line_error(capsys, tmp_path):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --ckpt: ") and len(err.strip().splitlines()) == 1
+
+
+# -----------------------------------------------------------------------------
+# Flags that say what they mean; prompts never cropped (issue 23)
+
+
+def one_line_error(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        run(capsys, *argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    # the one line; before it at most the checkpoint's header and notes, where the model was loaded
+    assert err.splitlines()[-1].startswith("error: ") and err.count("error:") == 1 and "Traceback" not in err, err
+    return err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("args, input", [(["--task", "form", "--form", "七言絕句", "--input", "春夜喜雨"], "春夜喜雨"),
+                                         (["--task", "form", "--form", "七言絕句", "--title", "春夜喜雨"], "春夜喜雨"),
+                                         (["--task", "acrostic", "--acrostic", "春夏秋冬"], "春夏秋冬")])
+def test_task_form_with_form_asks_the_form_task(capsys, tiny_tuned, prompts_seen, args, input):
+    """Before: --task form was refused without --form ("needs --form") and with it ("not --form and --task")."""
+    run(capsys, "--ckpt", str(tiny_tuned), *args, "--max-new-tokens", "3")
+    _, tokenizer = load(tiny_tuned)
+    instruction = "請用以下題目寫一首七言絕句" if "--form" in args else TASKS["acrostic"].phrasings[0]
+    assert prompts_seen == [prompt_ids(tokenizer, instruction, input)]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--task", "poem", "--form", "七言絕句"], "not --form and --task"),
+    (["--task", "continue", "--title", "春"], "with --task continue give --input"),
+    (["--task", "form"], "--task form needs --form, one of 五言絕句, 七言絕句, 五言律詩, 七言律詩"),
+    (["--base", ""], "--base is empty"),
+    (["--temperature", "nan"], "--temperature must be a finite number"),
+    (["--seed", str(2**64)], "--seed must be between"),
+])
+def test_combinations_that_cannot_work_are_one_line(capsys, tiny_tuned, args, expected):
+    err = one_line_error(capsys, "--ckpt", str(tiny_tuned), *args)
+    assert expected in err
+
+
+def test_an_input_too_long_for_the_block_is_refused_saying_the_limit(capsys, tiny_tuned, prompts_seen):
+    """Before: the prompt was cropped from the front without a word, <INS> and the instruction first."""
+    err = one_line_error(capsys, "--ckpt", str(tiny_tuned), "--task", "title", "--input", "床前明月光，" * 20)
+    first = TASKS["title"].phrasings[0]
+    _, tokenizer = load(tiny_tuned)
+    room = 96 - 1 - len(prompt_ids(tokenizer, first, ""))
+    assert "--input: the prompt is 133 tokens" in err and "at most 96 (its block_size)" in err
+    assert f"shorten the input to at most {room} tokens" in err
+    assert prompts_seen == []
+
+
+def test_an_answer_stops_where_the_block_ends_and_says_so(capsys, monkeypatch, tiny_tuned):
+    """Before: past the block the window slid on, and the model answered without its instruction in view."""
+    limits = []
+    monkeypatch.setattr(GPT, "generate_stream", lambda self, prompts, max_new_tokens, **kwargs:
+                        limits.append((len(prompts[0]), max_new_tokens)) or iter([torch.tensor([5])] * max_new_tokens))
+    _, err = run(capsys, "--ckpt", str(tiny_tuned), "--title", "春夜喜雨", "--max-new-tokens", "500")
+    [(prompt, limit)] = limits
+    assert prompt + limit == 96
+    assert "[no end-of-text: cut at the model's block_size 96" in err
+
+
+def test_an_over_long_typed_line_is_said_and_skipped(capsys, monkeypatch, tiny_tuned, prompts_seen):
+    monkeypatch.setattr("sys.stdin", io.StringIO("春" * 95 + "\n春夜\n\n"))
+    _, err = run(capsys, "--ckpt", str(tiny_tuned), "--max-new-tokens", "3")
+    assert "error: this line: the prompt is" in err and err.count("title> ") == 3
+    assert prompts_seen == [title_ids(tiny_tuned, "春夜")]
+
+
+def test_an_instruction_no_input_fits_is_refused_before_the_first_line(capsys, monkeypatch, tiny_tuned):
+    monkeypatch.setattr("sys.stdin", io.StringIO("春夜\n\n"))
+    err = one_line_error(capsys, "--ckpt", str(tiny_tuned), "--instruction", "寫" * 100)
+    assert "alone is 103 tokens" in err and "give a shorter --instruction" in err and "title> " not in err
+
+
+def test_a_raw_prompt_longer_than_the_block_is_noted(capsys, tiny_pretrained):
+    _, err = run(capsys, "--ckpt", str(tiny_pretrained), "--prompt", "春" * 100, "--max-new-tokens", "2")
+    assert "note: the prompt is 100 tokens; the model reads only the last 96 (its block_size)" in err
+
+
+def test_base_for_a_checkpoint_without_adapters_is_refused(capsys, tiny_tuned, tiny_pretrained, prompts_seen):
+    """Before: --base was ignored without a word."""
+    err = one_line_error(capsys, "--ckpt", str(tiny_tuned), "--base", str(tiny_pretrained), "--title", "春")
+    assert f"--base {tiny_pretrained}: --ckpt {tiny_tuned} holds no LoRA adapters" in err and "drop --base" in err
+    assert prompts_seen == []
+
+
+def test_a_base_that_is_a_folder_is_named_so(capsys, tmp_path, tiny_tuned):
+    """Before: "--base DIR does not exist", of a folder that does."""
+    (tmp_path / "gone").mkdir()
+    adapters = write_adapters(tmp_path / "lora.pt", tiny_tuned, recorded_base=tmp_path / "gone" / "base.pt")
+    err = one_line_error(capsys, "--ckpt", str(adapters), "--base", str(tmp_path), "--title", "春")
+    assert f"--base {tmp_path} is a folder, not a checkpoint file" in err
+
+
+def test_a_checkpoint_of_an_unknown_kind_is_one_line(capsys, tmp_path, tiny_tuned):
+    """Before: sample.py ran it as a base model (any kind not sft or dpo), or evaluate crashed on a non-string kind."""
+    ckpt = load_checkpoint(tiny_tuned)
+    ckpt["kind"] = 3
+    torch.save(ckpt, tmp_path / "odd.pt")
+    err = one_line_error(capsys, "--ckpt", str(tmp_path / "odd.pt"), "--title", "春")
+    assert "unknown checkpoint kind 3" in err
