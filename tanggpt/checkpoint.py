@@ -66,6 +66,9 @@ def load_checkpoint(path: str | Path, flag_name: str = "--resume", resume: bool 
         raise CheckpointError(f"{flag_name}: {path} is not a readable checkpoint (truncated or not one): {reason}") from None
     if not isinstance(ckpt, dict) or not all(k in ckpt for k in CHECKPOINT_KEYS):
         raise CheckpointError(f"{flag_name}: {path} is not a checkpoint of this project (missing model or tokenizer)")
+    if not isinstance(ckpt["kind"], str) or ckpt["kind"] not in KINDS:
+        raise CheckpointError(f"{flag_name} {path}: unknown checkpoint kind {ckpt['kind']!r} (expected one of "
+                              f"{', '.join(KINDS)})")
     missing = [k for k in RESUME_KEYS if k not in ckpt] if resume else []
     if missing:
         raise CheckpointError(f"{flag_name}: {path} holds a model but not the training state a run resumes from "
@@ -128,6 +131,9 @@ def model_and_tokenizer(ckpt: dict, path: str | Path = "", base: str = "", merge
     run resuming).
     """
     where = f"{flag_name} {path}".strip()
+    if base and "lora" not in ckpt:  # a base says where adapters' frozen weights are: here it would do nothing
+        raise CheckpointError(f"{base_flag} {base}: {where} holds no LoRA adapters, so it has no base to give; "
+                              f"drop {base_flag}")
     if "lora" not in ckpt:
         model = build_model(ckpt, where)
         tokenizer = read_tokenizer(ckpt, where)
@@ -195,7 +201,8 @@ def base_model(spec: dict, path: str | Path, base: str, flag_name: str, base_fla
     candidates = [Path(base)] if base else [recorded, Path(path).parent / recorded.name]
     found = next((c for c in candidates if c.is_file()), None)
     if found is None:
-        where = f"{base_flag} {base} does not exist" if base else f"its base checkpoint {recorded} is not there (moved?)"
+        where = (f"{base_flag} {base} is a folder, not a checkpoint file" if Path(base).is_dir() else
+                 f"{base_flag} {base} does not exist") if base else f"its base checkpoint {recorded} is not there (moved?)"
         raise CheckpointError(f"{flag_name} {path} holds LoRA adapters, and {where}; {fix}")
     base_name = base_flag or "the base checkpoint"
     model, tokenizer = model_and_tokenizer(load_checkpoint(found, base_name), found, flag_name=base_name)

@@ -316,7 +316,7 @@ class Trainer:
         """Train to max_iters; return the last evaluation's figures. Raises RunInterrupted after
         saving when a signal stopped the run, and TrainingDiverged, saving nothing, when the
         loss or the weights blew up."""
-        config, stage, files = self.config, self.stage, self.files
+        config, files = self.config, self.files
         if self.master and self.max_iters < config.warmup_iters:
             tqdm.write(f"warning: the run is {self.max_iters} steps, shorter than --warmup-iters "
                        f"{config.warmup_iters}: the learning rate never reaches --lr {config.lr:g}")

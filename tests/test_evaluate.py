@@ -358,7 +358,7 @@ def test_flags_that_cannot_work_are_refused_up_front(tmp_path, small_poems, tiny
         "compare-base alone": (["--compare-base", str(tiny_tuned)], "give --compare too"),
         "eval-poems is poems": (["--eval-poems", str(small_poems)], "is the --poems folder itself"),
         "base is a folder": (["--ckpt", str(adapters), "--base", str(tmp_path)], f"--base {tmp_path} is a folder"),
-        "temperature nan": (["--temperature", "nan"], "--temperature must be a finite number, got nan"),
+        "temperature nan": (["--temperature", "nan"], "argument --temperature: 'nan' is not a finite number"),
         "seed overflow": (["--seed", str(2**64)], f"--seed must be between {-2**63} and {2**64 - 1}"),
         "empty compare": (["--compare", ""], "--compare is empty"),
     }[case]
@@ -378,9 +378,9 @@ def test_a_compare_whose_block_fits_too_few_poems_fails_before_any_figure(tmp_pa
 
 @pytest.mark.parametrize("damage, expected", [
     (lambda ckpt: ckpt.update(kind="sft2"), "unknown checkpoint kind 'sft2'"),
-    (lambda ckpt: ckpt["model_config"].update(n_head=3), "its model does not load from it (n_embd (16) must be "
-                                                         "divisible by n_head (3))"),
-    (lambda ckpt: ckpt["model"].pop("wte.weight"), "its model does not load from it (Error(s) in loading"),
+    (lambda ckpt: ckpt["model_config"].update(n_head=3), "its model_config describes no model this code builds "
+                                                         "(n_embd (16) must be divisible by n_head (3))"),
+    (lambda ckpt: ckpt["model"].pop("wte.weight"), "its weights do not match its model_config (Missing key"),
 ])
 def test_a_damaged_checkpoint_is_one_line(tmp_path, small_poems, tiny_tuned, damage, expected, capsys):
     """Before: a TypeError or RuntimeError traceback from the model's constructor or load_state_dict."""

@@ -18,7 +18,6 @@ import align
 import finetune
 import pretrain
 from tanggpt.run_files import RunFiles
-from tests.conftest import TINY
 from tests.test_align import align_args, run_error, scripted_answers  # noqa: F401 (a fixture)
 from tests.test_reliability import one_line_error, pretrain_argv, tune_argv
 

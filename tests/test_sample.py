@@ -290,7 +290,7 @@ def test_task_form_with_form_asks_the_form_task(capsys, tiny_tuned, prompts_seen
     (["--task", "continue", "--title", "春"], "with --task continue give --input"),
     (["--task", "form"], "--task form needs --form, one of 五言絕句, 七言絕句, 五言律詩, 七言律詩"),
     (["--base", ""], "--base is empty"),
-    (["--temperature", "nan"], "--temperature must be a finite number"),
+    (["--temperature", "nan"], "argument --temperature: 'nan' is not a finite number"),
     (["--seed", str(2**64)], "--seed must be between"),
 ])
 def test_combinations_that_cannot_work_are_one_line(capsys, tiny_tuned, args, expected):
