@@ -10,7 +10,8 @@ Two words a reader meets everywhere:
 Regular form is the shape of the 絕句 and 律詩: every clause 5 characters, or every clause
 7, and an even number of clauses (clauses pair into couplets). data/tasks.py builds the
 form and acrostic tasks from these rules, tanggpt/metrics.py measures answers by them,
-and tanggpt/prosody.py checks the rhyme and tones of the clauses they find.
+tanggpt/prosody.py checks the rhyme and tones of the clauses they find, and
+tanggpt/rewards.py gives partial credit for a form partly kept (form_share).
 """
 
 from __future__ import annotations
@@ -40,12 +41,20 @@ def is_regular_form(poem: str) -> bool:
     return len(lengths) == 1 and lengths.pop() in CLAUSE_LENGTHS
 
 
+def form_share(poem: str, form: str) -> float:
+    """How much of `form` (one of FORMS) the poem has: its clauses, up to the form's count,
+    that have the form's length, over the form's clause count or the poem's, whichever is
+    larger. A clause missing, one too many, or one of the wrong length each costs a share;
+    1.0 exactly when the poem has the form. The RL stage's partial credit (tanggpt/rewards.py)."""
+    length, count = FORMS[form]
+    parts = clauses(poem)
+    return sum(len(c) == length for c in parts[:count]) / max(count, len(parts))
+
+
 def form_name(poem: str) -> str | None:
     """五言絕句, 七言絕句, 五言律詩 or 七言律詩 when the poem has that shape (4 or 8 clauses, all
     5 or all 7 characters), else None."""
-    parts = clauses(poem)
-    shape = (len(parts[0]), len(parts)) if parts and len({len(c) for c in parts}) == 1 else None
-    return next((name for name, form in FORMS.items() if form == shape), None)
+    return next((name for name in FORMS if form_share(poem, name) == 1.0), None)
 
 
 def regular_clauses(poem: str) -> list[str] | None:

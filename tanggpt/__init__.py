@@ -17,6 +17,7 @@ instruction format, the tasks, the poem forms), which import nothing from here.
     lora.py         LoRA from scratch
     metrics.py      what an answer is measured by
     prosody.py      the Pingshui rhyme and tone checks, the rhyme-constrained sampler
+    rewards.py      the rules as RL rewards: one per rule in [0, 1], partial credit, a task's weighted mean
     preference.py   preference pairs for DPO: building, scoring, caching, their DPO figures
     rhyme_targets.py  the rhyme loss's rows: real rhyming poems and what may rhyme where
     evaluation.py   what evaluate.py measures: every figure of its table, and the tables

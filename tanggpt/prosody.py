@@ -16,6 +16,9 @@ characters each, a clause (句) being the text between two punctuation marks (da
   two clauses of a couplet are opposed, and a couplet's second clause and the next one's first
   clause agree (粘). A rough check, but the one the whole corpus is measured by too.
 
+Each check is made of per-clause answers (rhyme_hits, tonal_fits): the share of clauses
+right is the RL stage's partial credit (tanggpt/rewards.py), all of them right the check.
+
 RhymeConstraint enforces the rhyme while sampling (`--rhyme`): at each rhyme position,
 the last character of an even clause, only characters of the rhyme group so far may come.
 """
@@ -88,26 +91,37 @@ def rhymes_level(clauses: list[str], table: PingshuiTable | None = None) -> bool
     return bool(shared_rhyme_groups(clauses, table) & table.level_groups)
 
 
-def keeps_tonal_pattern(clauses: list[str], table: PingshuiTable | None = None) -> bool:
-    """Alternating within clauses, opposed within couplets, linked across them, for one choice of
-    the first clause's 2nd-character tone. A character with both readings, or one the table
-    lacks, fits either."""
+def tonal_fits(clauses: list[str], table: PingshuiTable | None = None) -> list[bool]:
+    """Per clause, whether it keeps the tonal pattern: alternating within the clause, opposed to
+    its partner in the couplet, linked to the clause before across couplets, for the choice of
+    the first clause's 2nd-character tone that the most clauses fit. A character with both
+    readings, or one the table lacks, fits either. All true exactly when keeps_tonal_pattern."""
     table = table or load_table()
     # Clause i's 2nd-character tone, relative to clause 0's: the couplet's second clause flips it,
     # the next couplet's first clause keeps the flipped one (粘): same, flip, flip, same, same, ...
     flips = [(i + 1) // 2 % 2 == 1 for i in range(len(clauses))]
+
+    def fits(char: str, tone: str) -> bool:
+        tones = table.tones(char)
+        return not tones or tone in tones
+
+    best: list[bool] | None = None
     for first in (LEVEL, OBLIQUE):
         other = OBLIQUE if first == LEVEL else LEVEL
-        ok = True
+        kept = []
         for clause, flip in zip(clauses, flips):
-            for k, position in enumerate(range(1, len(clause), 2)):  # the 2nd, 4th (and 6th) characters
-                want = (other if flip else first) if k % 2 == 0 else (first if flip else other)
-                tones = table.tones(clause[position])
-                if tones and want not in tones:
-                    ok = False
-        if ok:
-            return True
-    return False
+            start, then = (other, first) if flip else (first, other)
+            # The 2nd, 4th (and 6th) characters alternate: start, then, start.
+            kept.append(all(fits(clause[i], start if i % 4 == 1 else then) for i in range(1, len(clause), 2)))
+        if best is None or sum(kept) > sum(best):
+            best = kept
+    return best
+
+
+def keeps_tonal_pattern(clauses: list[str], table: PingshuiTable | None = None) -> bool:
+    """Every clause keeps the tonal pattern (tonal_fits), for one choice of the first clause's
+    2nd-character tone."""
+    return all(tonal_fits(clauses, table))
 
 
 def rhyme_positions(poem: str, table: PingshuiTable | None = None) -> list[tuple[int, tuple[str, ...], str]]:
@@ -125,10 +139,28 @@ def rhyme_positions(poem: str, table: PingshuiTable | None = None) -> list[tuple
             for k in range(3, len(clauses), 2)]
 
 
+def rhyme_hits(clauses: list[str], table: PingshuiTable | None = None) -> list[bool]:
+    """For each even clause after the first (the 4th, 6th, 8th): whether its last character
+    shares a rhyme group with the rhymes before it, and is not one of them (a repeated rhyme,
+    重韻, is a fault, and an easy way out). "The rhymes before it" are those that rhymed: one
+    stray rhyme costs its own clause, not every clause after it. All true exactly when the
+    even clauses rhyme without repeats (given a first rhyme the table knows)."""
+    table = table or load_table()
+    ends = [clause[-1] for clause in clauses[1::2]]
+    shared = table.groups.get(ends[0], frozenset()) if ends else frozenset()
+    hits = []
+    for k, char in enumerate(ends[1:], start=1):
+        groups = shared & table.groups.get(char, frozenset())
+        hit = bool(groups) and char not in ends[:k]
+        if hit:
+            shared = groups
+        hits.append(hit)
+    return hits
+
+
 def rhymes_without_repeats(clauses: list[str], table: PingshuiTable | None = None) -> bool:
     """Rhymes, and no rhyme character is used twice (重韻): the real poems' way, not a copy."""
-    ends = [clause[-1] for clause in clauses[1::2]]
-    return rhymes(clauses, table) and len(set(ends)) == len(ends)
+    return rhymes(clauses, table) and all(rhyme_hits(clauses, table))
 
 
 def prosody_marks(poem: str) -> str:

@@ -9,7 +9,8 @@ import torch
 
 from data.forms import regular_clauses
 from model import GPT, GPTConfig
-from tanggpt.prosody import RhymeConstraint, keeps_tonal_pattern, load_table, prosody_figures, rhymes, rhymes_level, shared_rhyme_groups, unknown_share
+from tanggpt.prosody import (RhymeConstraint, keeps_tonal_pattern, load_table, prosody_figures, rhyme_hits, rhymes,
+                             rhymes_level, shared_rhyme_groups, tonal_fits, unknown_share)
 
 JING_YE_SI = "床前明月光，疑是地上霜。\n舉頭望明月，低頭思故鄉。"  # 李白, rhymes in 下平聲七陽
 DENG_GUAN_QUE_LOU = "白日依山盡，黃河入海流。\n欲窮千里目，更上一層樓。"  # 王之渙, 下平聲十一尤, regular tones
@@ -53,6 +54,16 @@ def test_what_fails():
     assert not keeps_tonal_pattern(regular_clauses("白日依山盡，黃河入山流。\n欲窮千里目，更上一層樓。"))
     assert regular_clauses("床前明月光，疑是地上霜。") is None  # two lines: neither 絕句 nor 律詩
     assert regular_clauses("床前明月光，疑是地上霜，\n舉頭望明月，低頭思故鄉兮。") is None  # 5 and 6 characters
+
+
+def test_the_checks_clause_by_clause():
+    """The per-clause answers the all-or-nothing checks are made of (the RL rewards' partial credit)."""
+    assert tonal_fits(regular_clauses(CHUN_YE_XI_YU)) == [True] * 8
+    assert tonal_fits(regular_clauses(JING_YE_SI)) == [True, False, False, True]  # 疑是地上霜, 舉頭望明月
+    assert rhyme_hits(regular_clauses(CHUN_YE_XI_YU)) == [True, True, True]  # 聲, 明, 城 answer 生
+    # A stray rhyme costs its own clause only; a repeated one costs its clause too.
+    assert rhyme_hits(regular_clauses(CHUN_YE_XI_YU.replace("細無聲", "細無雨"))) == [False, True, True]
+    assert rhyme_hits(regular_clauses(CHUN_YE_XI_YU.replace("錦官城", "錦官生"))) == [True, True, False]
 
 
 def test_figures_count_only_regular_shapes():
