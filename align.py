@@ -44,8 +44,7 @@ from data.tasks import finetune_val_rows, tuning_poems
 from data.tokenizer import Tokenizer
 from model import GPT
 from tanggpt.atomic import check_output
-from tanggpt.checkpoint import (DPO, KINDS, PRETRAIN, answers_prompts, check_same_inputs, input_fingerprint,
-                                load_checkpoint, model_and_tokenizer, model_fingerprint)
+from tanggpt.checkpoint import DPO, KINDS, PRETRAIN, check_same_inputs, input_fingerprint, model_fingerprint
 from tanggpt.cli import flag, resume_rule, run_cli
 from tanggpt.device import Runtime
 from tanggpt.distributed import barrier
@@ -58,7 +57,7 @@ from tanggpt.prosody import RhymeConstraint, prosody_marks
 from tanggpt.rhyme_targets import rhyme_rows
 from tanggpt.training import LOOP_FIXED, Stage, finished, start_runtime, train
 from tanggpt.tuning import (LORA_FIXED, MORE_EPOCHS, TuneConfig, describe_tuning, done_as_started, model_to_tune,
-                            open_run)
+                            open_run, read_init_again)
 
 
 @dataclass
@@ -295,14 +294,8 @@ def run(config: AlignConfig, explicit: set[str]) -> dict:
     def reference() -> GPT:
         if ckpt is None or adapters:
             return model
-        flag_name = "--init (read again to rebuild the pair cache)"
-        init = load_checkpoint(config.init, flag_name)
-        reference = model_and_tokenizer(init, config.init, flag_name=flag_name, base_flag="")[0] \
-            if answers_prompts(init["kind"]) else None
-        if reference is None or model_fingerprint(reference.state_dict()) != init_fingerprint:
-            raise UserError(f"--init {config.init} is no longer the checkpoint this run started from, and the pair "
-                            f"cache {config.pairs_path()} must be rebuilt from that one: restore it, or start anew")
-        return reference.to(runtime.device)
+        return read_init_again(config, init_fingerprint, f"rebuild the pair cache {config.pairs_path()}").to(
+            runtime.device)
 
     if ckpt is not None and done_as_started(ckpt, explicit, config.out, master):
         return {}  # a finished run: said before any pair is read or sampled again

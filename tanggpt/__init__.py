@@ -1,4 +1,4 @@
-"""tanggpt: the course's library. Every command (pretrain.py, finetune.py, align.py,
+"""tanggpt: the course's library. Every command (pretrain.py, finetune.py, align.py, rl.py,
 sample.py, evaluate.py, tools/) is a thin main over these modules; none of them imports a
 command. Below it sit model.py (the transformer) and data/ (corpus, tokenizer, the
 instruction format, the tasks, the poem forms), which import nothing from here.
@@ -12,12 +12,13 @@ instruction format, the tasks, the poem forms), which import nothing from here.
     training.py     the loop every stage shares
     muon.py         Muon: orthogonalised momentum for the blocks' weight matrices
     tuning.py       what the stages that tune a checkpoint share (--init, epochs, LoRA)
-    losses.py       every loss and score: causal LM, per-row NLL, DPO, rhyme group
+    losses.py       every loss and score: causal LM, per-row NLL, DPO, rhyme group, GRPO
     generation.py   asking a model: sampling flags, requests in, answers out
     lora.py         LoRA from scratch
     metrics.py      what an answer is measured by
     prosody.py      the Pingshui rhyme and tone checks, the rhyme-constrained sampler
     rewards.py      the rules as RL rewards: one per rule in [0, 1], partial credit, a task's weighted mean
+    rollouts.py     the requests the rules judge, groups of sampled answers, their rewards (rl.py)
     preference.py   preference pairs for DPO: building, scoring, caching, their DPO figures
     rhyme_targets.py  the rhyme loss's rows: real rhyming poems and what may rhyme where
     evaluation.py   what evaluate.py measures: every figure of its table, and the tables

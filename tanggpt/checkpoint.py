@@ -2,7 +2,7 @@
 
 A checkpoint is a dict of tensors, numbers, strings, lists and dicts:
 
-    kind          PRETRAIN, SFT or DPO ("pretrain", "sft", "dpo"): which stage wrote it
+    kind          PRETRAIN, SFT, DPO or RL ("pretrain", "sft", "dpo", "rl"): which stage wrote it
     model         the state dict;  model_config: GPTConfig as a dict
     tokenizer     Tokenizer.to_dict(), so the exact tokenizer travels with the weights
     optimizer, step, tokens_seen, best_val_loss, max_iters, rng, train_config
@@ -35,8 +35,8 @@ from tanggpt.lora import adapter_layers, adapter_state_dict, add_adapters, load_
 
 # Which stage wrote a checkpoint, and what that makes it, in words. SFT and DPO models
 # answer the instruction prompt and stop; a PRETRAIN model only continues text.
-PRETRAIN, SFT, DPO = "pretrain", "sft", "dpo"
-KINDS = {PRETRAIN: "pretrained", SFT: "instruction-tuned", DPO: "preference-tuned"}
+PRETRAIN, SFT, DPO, RL = "pretrain", "sft", "dpo", "rl"
+KINDS = {PRETRAIN: "pretrained", SFT: "instruction-tuned", DPO: "preference-tuned", RL: "reinforcement-tuned"}
 CHECKPOINT_KEYS = ("kind", "model", "model_config", "tokenizer")
 LORA_KEYS = ("rank", "alpha", "targets", "dropout", "base", "base_fingerprint")
 RESUME_KEYS = ("optimizer", "step", "tokens_seen", "best_val_loss", "max_iters", "rng", "train_config")
@@ -107,7 +107,7 @@ def check_same_inputs(ckpt: dict | None, inputs: dict[str, str], out: str | Path
 
 def answers_prompts(kind: str) -> bool:
     """Whether a checkpoint of this kind was tuned to answer the instruction prompt and stop."""
-    return kind in (SFT, DPO)
+    return kind in (SFT, DPO, RL)
 
 
 def model_checkpoint(kind: str, model: torch.nn.Module, tokenizer: Tokenizer, **extra) -> dict:

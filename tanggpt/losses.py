@@ -11,6 +11,8 @@
 - `input_swap_nll`: each response's NLL under its own input and under another sample's
   input; `title_swap_nll`, the same for poems under their titles: how much a model reads
   the title (or, for the title task, the poem).
+- `dpo_loss`, `preference_loss`: preference tuning; `rhyme_group_loss`: the rhyme positions.
+- `group_advantages`, `grpo_loss`: reinforcement learning on rewards the rules give.
 """
 
 from __future__ import annotations
@@ -221,3 +223,64 @@ def rhyme_group_loss(logits: torch.Tensor, rhyme_labels: torch.Tensor, group_mas
     logps = torch.log_softmax(logits.flatten(0, 1).index_select(0, at).float(), dim=-1)  # (positions, vocab)
     in_group = group_masks[rhyme_labels.flatten()[at]]
     return -torch.logsumexp(logps.masked_fill(~in_group, -math.inf), dim=-1).mean()
+
+
+# -----------------------------------------------------------------------------
+# Reinforcement learning (GRPO)
+
+
+class RolloutBatch(NamedTuple):
+    """Sampled answers as one padded batch: each row a prompt and the answer the policy wrote,
+    labelled on the answer's tokens (and its end-of-text, if it stopped)."""
+
+    inputs: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T), IGNORE on the prompt and the padding
+    advantages: torch.Tensor  # (B,) each answer's reward against its group's (group_advantages)
+    reference_logps: torch.Tensor  # (B, T) the frozen --init model's log-probability of each label (0 elsewhere)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """GRPO's advantage: each answer's reward minus the mean reward of its group, the
+    group_size answers to the same prompt (consecutive in `rewards`). No value network:
+    the group is the baseline.
+
+    Not divided by the group's spread (as Dr. GRPO, Liu et al. 2025, argue): the rewards give
+    partial credit, so the answers of an easy or a hopeless prompt often differ by a hair,
+    and dividing by that hair would turn noise into full-size advantages. A group whose
+    answers all score the same gets zero: it has nothing to teach.
+    """
+    groups = rewards.view(-1, group_size)
+    return (groups - groups.mean(dim=1, keepdim=True)).flatten()
+
+
+def token_logprobs(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T): the log-probability of each label under the model, 0 where the label is IGNORE."""
+    logits, _ = model(inputs)
+    logps = torch.log_softmax(logits.float(), dim=-1)
+    token_logps = logps.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return token_logps * (labels != IGNORE)
+
+
+def grpo_loss(model: torch.nn.Module, batch: RolloutBatch, kl_weight: float) -> torch.Tensor:
+    """The policy-gradient loss of GRPO (Shao et al. 2024), per answer token, for one on-policy
+    update: the answers were sampled from these very weights, and are used for one step.
+
+    The ratio pi(token) / pi_old(token) is 1 in value (pi_old is pi, detached) but carries
+    the gradient of log pi: minimising -ratio x advantage raises the probability of every
+    token of an answer that beat its group and lowers those of an answer that fell short.
+    (With several updates per batch, PPO's clip would cap how far the ratio may move; at
+    one update it never moves.) kl_weight adds k3 = exp(d) - d - 1, d = log pi_ref - log pi,
+    an estimate of KL(pi || pi_ref) that is never negative: it holds the policy near --init.
+
+    The mean is over every answer token of the batch (token-level, as DAPO): each token
+    counts once, so a long answer is not weighed less per token than a short one, and a
+    policy gains nothing by changing its length alone.
+    """
+    logps = token_logprobs(model, batch.inputs, batch.labels)
+    mask = (batch.labels != IGNORE).float()
+    ratio = torch.exp(logps - logps.detach())
+    per_token = -ratio * batch.advantages[:, None]
+    if kl_weight:
+        delta = batch.reference_logps - logps
+        per_token = per_token + kl_weight * (torch.exp(delta) - delta - 1)
+    return (per_token * mask).sum() / mask.sum()

@@ -16,7 +16,8 @@ from data.corpus import DEFAULT_POEMS_DIR
 from data.errors import UserError
 from data.tokenizer import Tokenizer
 from model import GPT
-from tanggpt.checkpoint import load_checkpoint, model_and_tokenizer, model_fingerprint, resume_checkpoint
+from tanggpt.checkpoint import (answers_prompts, load_checkpoint, model_and_tokenizer, model_fingerprint,
+                                resume_checkpoint)
 from tanggpt.cli import flag, flag_name, require_positive, restore_run_flags
 from tanggpt.lora import TARGETS, add_adapters, trainable_parameters
 from tanggpt.run_files import RunFiles, refuse_inputs_as_outputs
@@ -146,6 +147,20 @@ def model_to_tune(config: TuneConfig, ckpt: dict | None, source: dict) -> tuple[
     except ValueError as e:  # a model the adapters cannot fit (the flags themselves are checked before)
         raise UserError(f"--init {config.init}: {e}") from None
     return model, tokenizer, {"lora": spec}
+
+
+def read_init_again(config: TuneConfig, init_fingerprint: str, purpose: str) -> GPT:
+    """The --init model read again, for a resumed full run that needs it as it was (a frozen
+    reference: align's pairs, rl's KL), checked to be the one the run started from (its
+    fingerprint). `purpose` completes "read again to ..." in the messages."""
+    flag = f"--init (read again to {purpose})"
+    init = load_checkpoint(config.init, flag)
+    model = model_and_tokenizer(init, config.init, flag_name=flag, base_flag="")[0] \
+        if answers_prompts(init["kind"]) else None
+    if model is None or model_fingerprint(model.state_dict()) != init_fingerprint:
+        raise UserError(f"--init {config.init} is no longer the checkpoint this run started from, and the run needs "
+                        f"that one to {purpose}: restore it, or start anew")
+    return model
 
 
 def describe_tuning(model: GPT, extra: dict) -> str:

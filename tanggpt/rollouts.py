@@ -1,0 +1,120 @@
+"""Rollouts: the requests a rule can judge, the answers a policy samples for them, and their rewards.
+
+What reinforcement learning (rl.py) and rejection sampling share. A request is a prompt of
+one of the tasks the rules of rewards.py can judge (data/tasks.py: a poem for a title, a
+poem of a form, an acrostic, a continuation), asked with one of its phrasings. The policy
+answers each request `group_size` times; each answer keeps the token ids the policy
+sampled (the RL loss is computed on exactly those) and its reward.
+
+    request   task, instruction, input (and the form the form task asks for)
+    rollout   the request, the answer's token ids and text, whether it stopped, its Reward
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from data.corpus import Poem
+from data.errors import UserError
+from data.forms import FORMS, acrostic_head, form_name
+from data.instruct import IGNORE, prompt_ids
+from data.tasks import TASKS, task_instruction
+from data.tokenizer import Tokenizer
+from model import GPT
+from tanggpt.device import Runtime
+from tanggpt.rewards import TASK_RULES, Reward, RewardWeights, task_reward
+
+RL_TASKS = tuple(TASK_RULES)  # the tasks a rule can judge: poem, form, acrostic, continue
+
+
+@dataclass(frozen=True)
+class Request:
+    task: str  # one of RL_TASKS
+    instruction: str
+    input: str  # the title; for acrostic the heads; for continue the first couplet
+    form: str = ""  # the form task's form
+
+
+@dataclass(frozen=True)
+class Rollout:
+    request: Request
+    ids: list[int]  # the answer as sampled, end-of-text last if it stopped
+    text: str  # the answer's text, without end-of-text
+    stopped: bool
+    reward: Reward
+
+
+def parse_rl_tasks(text: str, flag: str = "--tasks") -> tuple[str, ...]:
+    """A comma-separated list of RL_TASKS (or `all`), each once."""
+    names = list(RL_TASKS) if text.strip() == "all" else [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in names if t not in RL_TASKS]
+    if unknown or not names or len(set(names)) != len(names):
+        raise UserError(f"{flag} {text!r}: give `all` or a comma-separated list of {', '.join(RL_TASKS)}, each once "
+                        "(the title task has no rule to judge it)")
+    return tuple(names)
+
+
+def make_requests(poems: list[Poem], tasks: tuple[str, ...], seed: int, held_out: bool = False) -> list[Request]:
+    """One request per poem that can serve: its task drawn among `tasks` (those the poem can
+    serve: an acrostic needs the heads of a 絕句 or 律詩, a continuation its first couplet), the
+    form task's form drawn among the four, a training phrasing drawn (or the held-out one).
+    Seeded: the same poems and seed give the same requests."""
+    rng = random.Random(seed)
+    requests = []
+    for poem in poems:
+        # The acrostic's heads and the continuation's opening come from a 絕句 or 律詩: the forms
+        # whose rhyme and tones the rules can judge.
+        judged = form_name(poem.body) is not None
+        inputs = {"poem": poem.title, "form": poem.title, "acrostic": acrostic_head(poem.body) if judged else "",
+                  "continue": poem.lines[0] if judged and TASKS["continue"].sample(poem, "") is not None else ""}
+        usable = [task for task in tasks if inputs[task]]
+        if not usable:
+            continue
+        task = rng.choice(usable)
+        form = rng.choice(list(FORMS)) if task == "form" else ""
+        phrasings = TASKS[task].held_out if held_out else TASKS[task].phrasings
+        instruction = task_instruction(task, form, held_out, phrasing=rng.randrange(len(phrasings)))
+        requests.append(Request(task, instruction, inputs[task], form))
+    return requests
+
+
+def fitting(requests: list[Request], tokenizer: Tokenizer, block_size: int, answer_room: int) -> list[Request]:
+    """The requests whose prompt leaves `answer_room` tokens of the block for the answer."""
+    return [r for r in requests if len(prompt_ids(tokenizer, r.instruction, r.input)) + answer_room <= block_size]
+
+
+@torch.no_grad()
+def roll_out(model: GPT, tokenizer: Tokenizer, requests: list[Request], group_size: int, runtime: Runtime,
+             max_new_tokens: int, temperature: float, generator: torch.Generator,
+             weights: RewardWeights | None = None, batch_size: int = 64) -> list[Rollout]:
+    """Each request answered group_size times (consecutive in the result), in batches of
+    batch_size rows with the KV cache, each answer scored by the rules (rewards.task_reward)."""
+    rows = [r for r in requests for _ in range(group_size)]
+    rollouts = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        prompts = [prompt_ids(tokenizer, r.instruction, r.input) for r in chunk]
+        with runtime.autocast():
+            answers = model.generate(prompts, max_new_tokens, temperature=temperature, stop_ids=[tokenizer.eot_id],
+                                     generator=generator)
+        for request, ids in zip(chunk, answers):
+            stopped = bool(ids) and ids[-1] == tokenizer.eot_id
+            text = tokenizer.decode(ids[:-1] if stopped else ids)
+            reward = task_reward(request.task, text, stopped, request.input, request.form, weights)
+            rollouts.append(Rollout(request, ids, text, stopped, reward))
+    return rollouts
+
+
+def rollout_rows(tokenizer: Tokenizer, rollouts: list[Rollout]) -> list[tuple[list[int], list[int]]]:
+    """(inputs, labels) of each rollout: the prompt and the answer's own sampled ids, labelled on
+    the answer (its end-of-text too, if it stopped), in the layout data/instruct.encode_sample
+    gives a training sample."""
+    rows = []
+    for rollout in rollouts:
+        prompt = prompt_ids(tokenizer, rollout.request.instruction, rollout.request.input)
+        ids = prompt + rollout.ids
+        rows.append((ids[:-1], [IGNORE] * (len(prompt) - 1) + rollout.ids))
+    return rows

@@ -1,0 +1,165 @@
+"""Stage 4, reinforcement learning (rl.py): GRPO's advantages and loss against hand computations,
+the rollouts' rows, a run end to end, resume exact, and bad flags one line each."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import rl
+from data.instruct import IGNORE, prompt_ids
+from data.tokenizer import CharTokenizer
+from model import GPT, GPTConfig
+from tanggpt.losses import RolloutBatch, group_advantages, grpo_loss
+from tanggpt.rewards import Reward
+from tanggpt.rollouts import Request, Rollout, make_requests, parse_rl_tasks, rollout_rows
+from tests.test_reliability import one_line_error
+
+
+def test_advantages_are_each_reward_less_its_groups_mean():
+    rewards = torch.tensor([1.0, 0.5, 0.0, 0.5, 0.2, 0.2, 0.2, 0.2])
+    expected = [1 - 0.5, 0.5 - 0.5, 0 - 0.5, 0.5 - 0.5] + [0.0] * 4  # a group all alike: nothing to learn
+    assert torch.allclose(group_advantages(rewards, 4), torch.tensor(expected))
+
+
+def tiny() -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8))
+
+
+def rollout_batch() -> RolloutBatch:
+    inputs = torch.tensor([[1, 2, 3, 4, 5, 0], [1, 2, 6, 7, 0, 0]])
+    labels = torch.tensor([[IGNORE, 3, 4, 5, 9, IGNORE], [IGNORE, 6, 7, 9, IGNORE, IGNORE]])
+    reference = torch.tensor([[0.0, -2.0, -2.5, -1.0, -3.0, 0.0], [0.0, -1.5, -2.0, -2.2, 0.0, 0.0]])
+    return RolloutBatch(inputs, labels, torch.tensor([0.75, -0.25]), reference)
+
+
+def by_hand(model: GPT, batch: RolloutBatch, kl_weight: float) -> torch.Tensor:
+    """-(1/N) sum over answer tokens of A x log pi(token) + kl_weight x k3, written out token by token."""
+    logits, _ = model(batch.inputs)
+    total, count = torch.zeros(()), 0
+    for row in range(len(batch.inputs)):
+        for t in range(batch.inputs.size(1)):
+            label = int(batch.labels[row, t])
+            if label == IGNORE:
+                continue
+            logp = torch.log_softmax(logits[row, t].float(), dim=-1)[label]
+            d = batch.reference_logps[row, t] - logp
+            # the value of the policy term: -A (its ratio is 1); its gradient: -A x grad log pi
+            total = total - batch.advantages[row] * torch.exp(logp - logp.detach()) + kl_weight * (d.exp() - d - 1)
+            count += 1
+    return total / count
+
+
+@pytest.mark.parametrize("kl_weight", [0.0, 0.1])
+def test_the_grpo_loss_and_its_gradient_equal_a_hand_computation(kl_weight):
+    batch = rollout_batch()
+    model = tiny()
+    loss = grpo_loss(model, batch, kl_weight)
+    loss.backward()
+    ours = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    expected = by_hand(model, batch, kl_weight)
+    expected.backward()
+    assert torch.allclose(loss, expected, atol=1e-6)
+    for got, want in zip(ours, (p.grad for p in model.parameters())):
+        assert torch.allclose(got, want, atol=1e-6)
+    # Token-level: the longer answer's 4 tokens and the shorter's 3 each weigh 1/7, so the value
+    # without KL is -(4 x 0.75 + 3 x -0.25) / 7.
+    if not kl_weight:
+        assert loss.item() == pytest.approx(-(4 * 0.75 - 3 * 0.25) / 7)
+
+
+def test_an_answer_above_its_group_is_made_more_likely():
+    batch = rollout_batch()
+    model = tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    before = by_hand_logps(model, batch)
+    grpo_loss(model, batch, 0.0).backward()
+    optimizer.step()
+    after = by_hand_logps(model, batch)
+    assert after[0] > before[0] and after[1] < before[1]  # advantage 0.75 up, -0.25 down
+
+
+def by_hand_logps(model: GPT, batch: RolloutBatch) -> list[float]:
+    with torch.no_grad():
+        logps = torch.log_softmax(model(batch.inputs)[0], dim=-1)
+    mask = batch.labels != IGNORE
+    picked = logps.gather(-1, batch.labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return [float(picked[row][mask[row]].sum()) for row in range(len(batch.inputs))]
+
+
+def test_a_rollouts_row_is_its_prompt_and_the_ids_it_sampled():
+    tokenizer = CharTokenizer("春夜喜雨好知時節")
+    request = Request("poem", "請用以下題目寫一首詩", "春夜喜雨")
+    stopped = Rollout(request, [tokenizer.encode("好雨")[0], tokenizer.encode("好雨")[1], tokenizer.eot_id], "好雨",
+                      True, Reward(0.5, {}))
+    cut = Rollout(request, tokenizer.encode("知時節"), "知時節", False, Reward(0.1, {}))
+    prompt = prompt_ids(tokenizer, request.instruction, request.input)
+    (inputs, labels), (cut_inputs, cut_labels) = rollout_rows(tokenizer, [stopped, cut])
+    assert inputs == prompt + stopped.ids[:-1] and labels == [IGNORE] * (len(prompt) - 1) + stopped.ids
+    # an answer cut at the length limit has no end-of-text to learn: only what was sampled is labelled
+    assert cut_labels[-1] == tokenizer.encode("節")[0] and tokenizer.eot_id not in cut_labels
+    assert len(cut_inputs) == len(cut_labels)
+
+
+def test_requests_are_seeded_judgeable_and_held_out_phrasings_differ(splits):
+    poems = splits["alignment"][:200]
+    requests = make_requests(poems, parse_rl_tasks("all"), seed=3)
+    assert requests == make_requests(poems, parse_rl_tasks("all"), seed=3)
+    assert {r.task for r in requests} == {"poem", "form", "acrostic", "continue"}
+    assert all(len(r.input) in (4, 8) for r in requests if r.task == "acrostic")  # the heads of a 絕句 or 律詩
+    assert all(r.form and r.form in r.instruction for r in requests if r.task == "form")
+    held = make_requests(poems, parse_rl_tasks("all"), seed=3, held_out=True)
+    from data.tasks import TASKS
+    assert all(r.instruction in {t.format(form=r.form) for t in TASKS[r.task].held_out} for r in held)
+    assert not {r.instruction for r in held} & {r.instruction for r in requests}
+
+
+def rl_argv(tmp_path: Path, poems: Path, init: Path | None, *extra: str, out: str = "rl.pt") -> list[str]:
+    head = ["--init", str(init)] if init else []
+    return [*head, "--poems", str(poems), "--out", str(tmp_path / out), "--dtype", "float32", "--batch-size", "2",
+            "--group-size", "4", "--max-new-tokens", "24", "--eval-prompts", "3", "--sample-tokens", "8",
+            "--warmup-iters", "1", "--lr", "1e-3", *extra]
+
+
+def test_a_run_trains_logs_every_rule_and_saves_an_rl_checkpoint(tmp_path, small_poems, tiny_tuned, capsys):
+    figures = rl.main(rl_argv(tmp_path, small_poems, tiny_tuned, "--max-iters", "2", "--eval-interval", "2"))
+    ckpt = torch.load(tmp_path / "rl.pt", weights_only=True)
+    assert ckpt["kind"] == "rl" and ckpt["step"] == 2
+    for kind in ("seen", "held_out"):
+        for name in ("reward", "stop", "distinct_2", "alike_groups", "entropy", "kl", "pass rhyme", "pass no_repeat"):
+            assert 0 <= figures[f"{kind} {name}"] or name == "kl", name
+        assert 0 <= figures[f"{kind} reward"] <= 1
+    assert "prompts:" in capsys.readouterr().out
+
+
+def test_a_resumed_run_is_the_same_run(tmp_path, small_poems, tiny_tuned):
+    straight = rl_argv(tmp_path, small_poems, tiny_tuned, "--max-iters", "4", "--eval-interval", "2", out="a.pt")
+    rl.main(straight)
+    rl.main(rl_argv(tmp_path, small_poems, tiny_tuned, "--max-iters", "2", "--eval-interval", "2", out="b.pt"))
+    rl.main(["--out", str(tmp_path / "b.pt"), "--resume", "--max-iters", "4"])
+    a, b = (torch.load(tmp_path / name, weights_only=True) for name in ("a.pt", "b.pt"))
+    assert a["step"] == b["step"] == 4
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--group-size", "1"], "--group-size must be at least 2"),
+    (["--tasks", "title"], "--tasks 'title': give `all` or a comma-separated list of poem, form, acrostic, continue"),
+    (["--kl-weight", "-1"], "--kl-weight not negative"),
+    (["--temperature", "0"], "--temperature must be positive"),
+    (["--rhyme-weight", "-1"], "--rhyme-weight must not be negative"),
+    (["--max-new-tokens", "200"], "no prompt leaves --max-new-tokens 200 of the model's block_size 96 free"),
+])
+def test_bad_flags_are_one_line(tmp_path, small_poems, tiny_tuned, capsys, args, expected):
+    err = one_line_error(rl.main, rl_argv(tmp_path, small_poems, tiny_tuned, *args), capsys)
+    assert expected in err
+
+
+def test_a_pretrained_init_is_refused(tmp_path, small_poems, tiny_pretrained, capsys):
+    err = one_line_error(rl.main, rl_argv(tmp_path, small_poems, tiny_pretrained), capsys)
+    assert "is a pretrained checkpoint" in err and "finetune.py" in err
