@@ -134,6 +134,20 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 None, None, None, None)
 
 
+# How many rows are labelled depends on the data: under torch.compile this runs outside the
+# graph (as it would anyway: a data-dependent shape ends a graph), instead of a warning.
+@torch.compiler.disable
+def _labelled_rows(x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of x and targets whose target is not -100 (all of them, untouched, in pretraining)."""
+    labelled = targets != -100
+    if bool(labelled.all()):  # (on a GPU, this reads one number back: a short wait)
+        return x, targets
+    # Tuning labels the response alone: the prompt's and the padding's positions need no
+    # scores. Score the labelled ones only (autograd gives the others a zero gradient).
+    rows = labelled.nonzero().squeeze(1)
+    return x[rows], targets[rows]
+
+
 def head_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                        chunk_size: int = 512) -> torch.Tensor:
     """Mean cross-entropy of the scores x Wᵀ against targets, skipping targets == -100.
@@ -142,12 +156,7 @@ def head_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     F.cross_entropy(x @ weight.t(), targets, ignore_index=-100), and the same gradients,
     without the (N, vocab_size) scores ever held in memory at once (_HeadCrossEntropy).
     """
-    labelled = targets != -100
-    if not bool(labelled.all()):  # (on a GPU, this reads one number back: a short wait)
-        # Tuning labels the response alone: the prompt's and the padding's positions need
-        # no scores. Score the labelled ones only (autograd gives the others a zero gradient).
-        rows = labelled.nonzero().squeeze(1)
-        x, targets = x[rows], targets[rows]
+    x, targets = _labelled_rows(x, targets)
     grad = torch.is_grad_enabled()
     # Gradients are computed inside forward, where autograd records nothing: ask for them
     # only where backward will want them (not at evaluation, not for a frozen head).
