@@ -60,7 +60,8 @@ class EvaluationConfig(SamplingConfig):
     num_titles: int = flag(200, "titles to write poems for: the first N of finetune-val, or with --eval-poems the "
                                 "first N poems of that folder (there, untyped: all of them)")
     task_prompts: int = flag(50, "prompts per task, per form and per phrasing kind (seen, held-out) for the "
-                                 "instruction-following figures of a tuned checkpoint (0 = skip them)")
+                                 "instruction-following figures of a tuned checkpoint, and the rule rewards of "
+                                 "the same answers (0 = skip them)")
     batch_size: int = flag(50, "titles generated together, and rows per forward pass for the losses")
 
 
