@@ -188,7 +188,8 @@ def expected_reward_figures(asked, answer, stops) -> dict[str, dict[str, float]]
         for task, task_rewards in by_task.items():
             expected[kind][task, "reward"] = sum(r.total for r in task_rewards) / len(task_rewards)
             for rule in TASK_RULES[task]:
-                expected[kind][task, rule] = [r.rules[rule] == 1.0 for r in task_rewards].count(True) / len(task_rewards)
+                passed = [r.rules[rule] == 1.0 for r in task_rewards]
+                expected[kind][task, rule] = passed.count(True) / len(passed)
     return expected
 
 
@@ -420,7 +421,8 @@ def test_task_prompts_on_poems_with_nothing_to_continue_report_no_figure(tmp_pat
         assert 0 <= figures[kind]["reward acrostic"] <= 1
     table = evaluation.format_instruction_table({"tuned": {"instructions": figures}})
     assert "continue: stop" in table and "–" in table
-    assert next(line for line in table.splitlines() if line.startswith("continue: reward")).split()[-2:] == ["–", "–"]
+    reward_line = next(line for line in table.splitlines() if line.startswith("continue: reward"))
+    assert reward_line.split()[-2:] == ["–", "–"]
 
 
 def test_instruction_figures_of_poems_with_no_regular_form_are_none(monkeypatch, tiny_tuned):
