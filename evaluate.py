@@ -7,7 +7,8 @@
 
 One column per checkpoint, each figure described in tanggpt/evaluation.py: losses, poems
 for unseen titles (stop, form, diversity, memorisation, rhyme and tones), the title gain and,
-for a tuned checkpoint, instruction following.
+for a tuned checkpoint, instruction following and the rule rewards of its answers
+(tanggpt/rewards.py).
 """
 
 from __future__ import annotations

@@ -23,7 +23,10 @@ For each checkpoint:
   for, per form); acrostic (every clause opens with its head character, and per clause)
   on heads of finetune-val poems and on 20 common heads such as 春夏秋冬; continuation
   (stops, keeps the given lines' length, repeats no given line); titling a poem (the true
-  title's log-likelihood given its poem minus given another poem, nats).
+  title's log-likelihood given its poem minus given another poem, nats); and, from the same
+  answers, the reward the RL stage trains on (tanggpt/rewards.py, default RewardWeights) for
+  each task a rule judges (poem, the four forms together, acrostic on unseen heads,
+  continue): its mean, and each rule's pass rate (the share of answers keeping it fully).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from tanggpt.generation import SamplingConfig, answer_requests, answer_titles, f
 from tanggpt.losses import bits_per_char, input_swap_nll, labelled_nll, response_loss, stream_loss, title_swap_nll
 from tanggpt.metrics import acrostic_hits, follows_acrostic, generation_figures, mean_and_standard_error
 from tanggpt.prosody import prosody_figures
+from tanggpt.rewards import TASK_RULES, Reward, task_reward
 
 
 @dataclass
@@ -56,7 +60,8 @@ class EvaluationConfig(SamplingConfig):
     num_titles: int = flag(200, "titles to write poems for: the first N of finetune-val, or with --eval-poems the "
                                 "first N poems of that folder (there, untyped: all of them)")
     task_prompts: int = flag(50, "prompts per task, per form and per phrasing kind (seen, held-out) for the "
-                                 "instruction-following figures of a tuned checkpoint (0 = skip them)")
+                                 "instruction-following figures of a tuned checkpoint, and the rule rewards of "
+                                 "the same answers (0 = skip them)")
     batch_size: int = flag(50, "titles generated together, and rows per forward pass for the losses")
 
 
@@ -140,6 +145,35 @@ COMMON_HEADS = ("春夏秋冬", "風花雪月", "琴棋書畫", "梅蘭竹菊", 
                 "雲淡風輕", "明月清風", "春華秋實", "千山萬水")
 
 
+# The tasks a rule judges (TASK_RULES; the title task is none of them), as the reward rows name them.
+REWARD_TASKS = {"poem": "title -> poem", "form": "form, all four", "acrostic": "acrostic, unseen heads",
+                "continue": "continue"}
+
+
+def reward_key(task: str) -> str:
+    """The figure of `task`'s mean reward, in instruction_figures' figures."""
+    return f"reward {task}"
+
+
+def rule_key(task: str, rule: str) -> str:
+    """The figure of `rule`'s pass rate on `task`'s answers, in instruction_figures' figures."""
+    return f"rule {task} {rule}"
+
+
+def reward_figures(task: str, rewards: list[Reward]) -> dict[str, float | None]:
+    """The mean reward of `task`'s answers, and for each rule of TASK_RULES[task] its pass rate:
+    the share of answers keeping the rule fully (value 1.0, which a rule gives exactly when every
+    clause or rhyme it counts is right). The mean shows partial credit, what GRPO learns from;
+    the pass rate, how often the rule is wholly kept, what a reader asks of a poem. Each None
+    when nothing was asked."""
+    if not rewards:
+        return {reward_key(task): None, **{rule_key(task, rule): None for rule in TASK_RULES[task]}}
+    figures = {reward_key(task): sum(r.total for r in rewards) / len(rewards)}
+    for rule in TASK_RULES[task]:
+        figures[rule_key(task, rule)] = sum(r.rules[rule] == 1.0 for r in rewards) / len(rewards)
+    return figures
+
+
 def instruction_figures(model: GPT, writer: GPT, tokenizer: Tokenizer, poems: list[Poem], config: EvaluationConfig,
                         runtime: Runtime) -> dict[str, dict]:
     """Does the model follow each task's instruction? {"seen": figures, "held_out": figures}.
@@ -185,13 +219,21 @@ def instruction_figures(model: GPT, writer: GPT, tokenizer: Tokenizer, poems: li
                                    batch_size=config.batch_size, **config.generate_kwargs())
 
         f = {}
+        # Each judged task's rewards, from the answers its own figures are measured on: the
+        # rules score the very answers the table reports, with no sampling of their own.
+        rewards: dict[str, list[Reward]] = {task: [] for task in REWARD_TASKS}
         answers = ask("poem", titles)
         f["poem_stop"] = share(a.stopped for a in answers)
         f["poem_regular"] = share(is_regular_form(a.response) for a in answers)
+        rewards["poem"] = [task_reward("poem", a.response, a.stopped, a.input) for a in answers]
         for form in FORMS:
-            f[f"form {form}"] = share(form_name(a.response) == form for a in ask("form", titles, form))
+            answers = ask("form", titles, form)
+            f[f"form {form}"] = share(form_name(a.response) == form for a in answers)
+            rewards["form"] += [task_reward("form", a.response, a.stopped, a.input, form) for a in answers]
         for name, asked in heads.items():
             answers = ask("acrostic", asked)
+            if name == "unseen":  # unseen inputs, as for the other tasks; the 20 set phrases keep their own rows
+                rewards["acrostic"] = [task_reward("acrostic", a.response, a.stopped, a.input) for a in answers]
             f[f"acrostic_{name}"] = share(follows_acrostic(a.response, h) for a, h in zip(answers, asked))
             f[f"acrostic_{name}_lines"] = (sum(acrostic_hits(a.response, h) for a, h in zip(answers, asked))
                                            / sum(map(len, asked))) if asked else None
@@ -201,6 +243,9 @@ def instruction_figures(model: GPT, writer: GPT, tokenizer: Tokenizer, poems: li
         f["continue_length"] = share(bool(clauses(a.response)) and {len(c) for c in clauses(a.response)} == {len(g[0])}
                                      for a, g in zip(answers, given))
         f["continue_no_repeat"] = share(not set(g) & set(clauses(a.response)) for a, g in zip(answers, given))
+        rewards["continue"] = [task_reward("continue", a.response, a.stopped, a.input) for a in answers]
+        for task, task_rewards in rewards.items():
+            f.update(reward_figures(task, task_rewards))
         samples = [Sample(task_instruction("title", held_out=kind == "held_out", phrasing=i), p.body, p.title)
                    for i, p in enumerate(titled)]
         swap = input_swap_nll(model, tokenizer, samples, config.batch_size, runtime, config.seed)
@@ -265,6 +310,13 @@ INSTRUCTION_ROWS = [  # (key, label, format), per phrasing kind
     ("title_task_gain", "title a poem: gain (nats)", "{:.2f}"),
 ]
 
+# Per judged task: its mean reward, then each rule's pass rate, under the rule's name (the
+# name of its --...-weight flag, where tanggpt/rewards.py describes it).
+REWARD_ROWS = [row for task, label in REWARD_TASKS.items()
+               for row in ((reward_key(task), f"{label}: reward", "{:.2f}"),
+                           *((rule_key(task, rule), f"  {rule.replace('_', ' ')}", "{:.0%}")
+                             for rule in TASK_RULES[task]))]
+
 
 def format_instruction_table(columns: dict[str, dict]) -> str:
     """Per task, seen and held-out phrasings side by side, for each checkpoint measured."""
@@ -274,8 +326,14 @@ def format_instruction_table(columns: dict[str, dict]) -> str:
     width = max(16, *(len(n) + 2 for n in columns))
     lines = [f"{'instruction following':32s}" + "".join(f"{n:>{2 * width}s}" for n in columns),
              f"{'':32s}" + f"{'seen':>{width}s}{'held-out':>{width}s}" * len(columns)]
-    for key, label, fmt in INSTRUCTION_ROWS:
-        cells = ["–" if f[kind][key] is None else fmt.format(f[kind][key])
+
+    def row(key: str, label: str, fmt: str) -> str:
+        """A figure's line, "–" where it is None or absent (figures saved before the rewards existed)."""
+        cells = ["–" if f[kind].get(key) is None else fmt.format(f[kind][key])
                  for f in columns.values() for kind in ("seen", "held_out")]
-        lines.append(f"{label:32s}" + "".join(f"{c:>{width}s}" for c in cells))
+        return f"{label:32s}" + "".join(f"{c:>{width}s}" for c in cells)
+
+    lines += [row(*spec) for spec in INSTRUCTION_ROWS]
+    lines.append("rule rewards (default weights): the mean, then each rule's pass rate")
+    lines += [row(*spec) for spec in REWARD_ROWS]
     return "\n".join(lines)

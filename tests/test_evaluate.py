@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from data.corpus import Poem
-from data.forms import FORMS, clauses, is_regular_form
+from data.forms import FORMS, acrostic_head, clauses, form_name, is_regular_form
 from data.instruct import INSTRUCTION, Sample, encode_sample, poem_sample, response_rows
 from data.tasks import TASKS, instructions
 from data.tokenizer import TiktokenTokenizer
@@ -18,9 +19,12 @@ import evaluate
 from model import GPT
 from tanggpt import evaluation
 from tanggpt.checkpoint import load_checkpoint, model_and_tokenizer
+from tanggpt.cli import flag_name
 from tanggpt.device import setup_runtime
 from tanggpt.generation import Answer
 from tanggpt.losses import labelled_nll, stream_loss, title_swap_nll
+from tanggpt.rewards import TASK_RULES, task_reward
+from tests.test_rewards import LUSHI_STRAY_RHYME, REAL, REPEATED_COUPLET
 from tests.tiny_checkpoints import write_adapters, write_checkpoint
 
 FAST = ["--num-titles", "6", "--max-new-tokens", "12", "--batch-size", "16", "--dtype", "float32", "--task-prompts", "3"]
@@ -70,19 +74,26 @@ def test_a_tuned_column_measures_each_task_with_seen_and_held_out_phrasings(repo
     for figures in tuned.values():
         for key, _, _ in evaluation.INSTRUCTION_ROWS:
             assert key == "title_task_gain" or 0.0 <= figures[key] <= 1.0
+        for key, _, _ in evaluation.REWARD_ROWS:  # the rule rewards of the same answers
+            assert 0.0 <= figures[key] <= 1.0
     assert "instructions" not in report["checkpoints"][str(tiny_pretrained)]  # a base model is asked nothing
 
 
-def scripted_answers(monkeypatch, answer) -> list:
-    """Make evaluate's instruction-following answers answer(task, instruction, input); return the requests."""
-    task_of = {text: name for name, task in TASKS.items() for held in (False, True)
-               for text in instructions(task, held)}
+TASK_OF = {text: name for name, task in TASKS.items() for held in (False, True) for text in instructions(task, held)}
+
+
+def scripted_answers(monkeypatch, answer, stops=lambda task, instruction, text: True) -> list:
+    """Make evaluate's instruction-following answers answer(task, instruction, input), ended with
+    end-of-text where stops(task, instruction, input); return the requests."""
     asked = []
 
     def fake(model, tokenizer, requests, runtime, *args, **kwargs):
         asked.extend(requests)
-        return [Answer(text, answer(task_of[instruction], instruction, text), True, instruction)
-                for instruction, text in requests]
+        answers = []
+        for instruction, text in requests:
+            request = (TASK_OF[instruction], instruction, text)
+            answers.append(Answer(text, answer(*request), stops(*request), instruction))
+        return answers
 
     monkeypatch.setattr(evaluation, "answer_requests", fake)
     return asked
@@ -120,6 +131,106 @@ def test_instruction_figures_count_what_was_asked(monkeypatch, small_poems, tiny
     assert figures["form 五言絕句"] == figures["acrostic_common"] == figures["poem_regular"] == 0.0
     assert figures["acrostic_common_lines"] == 0.25  # one clause, opened by the first of four head characters
     assert figures["continue_no_repeat"] == 0.0 and figures["continue_length"] == 1.0  # it repeated the couplet
+
+
+# Four real poems that keep every rule (tests/test_rewards.py scores them), one of each form, and a
+# copy of each broken in its own way: a repeated couplet, a clause missing, a stray rhyme, none.
+KEPT = {title: REAL[title] for title in ("登鸛雀樓", "早發白帝城", "春夜喜雨", "登高")}
+BROKEN = {"登鸛雀樓": REPEATED_COUPLET, "早發白帝城": REAL["早發白帝城"].rsplit("，", 1)[0] + "。",
+          "春夜喜雨": LUSHI_STRAY_RHYME, "登高": REAL["登高"]}
+
+
+def poem_asked_about(task: str, instruction: str, text: str) -> str | None:
+    """The title of the KEPT poem a request is about: by its title, its form, its acrostic head or
+    its first couplet; None for the common acrostic heads, which no KEPT poem has."""
+    return next((title for title, body in KEPT.items()
+                 if text == {"poem": title, "acrostic": acrostic_head(body), "continue": body.split("\n")[0]}.get(task)
+                 or task == "form" and form_name(body) in instruction), None)
+
+
+def answer_from(poems: dict[str, str]):
+    """Answer each request with the version in `poems` of the poem it is about (for continue, its
+    lines after the given couplet); a common acrostic head (no reward judges those) a clause of nothing."""
+    def answer(task: str, instruction: str, text: str) -> str:
+        title = poem_asked_about(task, instruction, text)
+        if title is None:
+            return "春風。"
+        return poems[title].split("\n", 1)[1] if task == "continue" else poems[title]
+    return answer
+
+
+def asked_instruction_figures(monkeypatch, tiny_tuned, answer, stops=lambda *request: True):
+    """instruction_figures on the KEPT poems, with scripted answers; (figures, requests asked)."""
+    asked = scripted_answers(monkeypatch, answer, stops)
+    model, tokenizer = model_and_tokenizer(load_checkpoint(tiny_tuned))
+    poems = [Poem(title, body.split("\n")) for title, body in KEPT.items()]
+    config = evaluation.EvaluationConfig(task_prompts=len(poems), max_new_tokens=4, batch_size=4)
+    figures = evaluation.instruction_figures(model.eval(), model, tokenizer, poems, config,
+                                             setup_runtime("cpu", "float32"))
+    return figures, asked
+
+
+def expected_reward_figures(asked, answer, stops) -> dict[str, dict[str, float]]:
+    """Per kind, each judged task's mean reward and rule pass rates, computed here from task_reward
+    of each request asked: {kind: {(task, "reward" or rule): figure}}."""
+    held_out = {text for task in TASKS.values() for text in instructions(task, held_out=True)}
+    rewards = {"seen": {}, "held_out": {}}
+    for instruction, text in asked:
+        task = TASK_OF[instruction]
+        if task not in TASK_RULES or task == "acrostic" and text in evaluation.COMMON_HEADS:
+            continue
+        form = next((f for f in FORMS if f in instruction), "") if task == "form" else ""
+        reward = task_reward(task, answer(task, instruction, text), stops(task, instruction, text), text, form)
+        rewards["held_out" if instruction in held_out else "seen"].setdefault(task, []).append(reward)
+    expected = {}
+    for kind, by_task in rewards.items():
+        expected[kind] = {}
+        for task, task_rewards in by_task.items():
+            expected[kind][task, "reward"] = sum(r.total for r in task_rewards) / len(task_rewards)
+            for rule in TASK_RULES[task]:
+                passed = [r.rules[rule] == 1.0 for r in task_rewards]
+                expected[kind][task, rule] = passed.count(True) / len(passed)
+    return expected
+
+
+def test_the_rule_rewards_are_those_of_the_answers_asked(monkeypatch, tiny_tuned):
+    """Each task a rule judges gets its mean reward and every rule's pass rate, from the same answers."""
+    assert set(evaluation.REWARD_TASKS) == set(TASK_RULES)  # a task given rules is reported too
+    perfect_answer = answer_from(KEPT)
+    figures, asked = asked_instruction_figures(monkeypatch, tiny_tuned, perfect_answer)
+    for kind in ("seen", "held_out"):  # real poems that keep every rule: every rule passes
+        for task, rules in TASK_RULES.items():
+            assert figures[kind][evaluation.reward_key(task)] == 1.0
+            assert all(figures[kind][evaluation.rule_key(task, rule)] == 1.0 for rule in rules)
+    # No extra sampling: poem, four forms, two head sets and continue, one answer per poem each.
+    assert len(asked) == 2 * 8 * len(KEPT)
+
+    broken_answer = answer_from(BROKEN)
+
+    def stops(task: str, instruction: str, text: str) -> bool:  # 登高 runs to the length limit
+        return poem_asked_about(task, instruction, text) != "登高"
+
+    figures, asked = asked_instruction_figures(monkeypatch, tiny_tuned, broken_answer, stops)
+    expected = expected_reward_figures(asked, broken_answer, stops)
+    for kind in ("seen", "held_out"):
+        assert set(expected[kind]) == {(task, rule) for task in TASK_RULES for rule in ("reward", *TASK_RULES[task])}
+        for (task, rule), value in expected[kind].items():
+            key = evaluation.reward_key(task) if rule == "reward" else evaluation.rule_key(task, rule)
+            assert figures[kind][key] == pytest.approx(value), key
+        # By hand: one of four poems repeats its couplet, one lost a clause, one does not stop.
+        assert figures[kind]["rule poem no_repeat"] == figures[kind]["rule poem stop"] == 0.75
+        assert figures[kind]["rule poem regular_form"] == figures[kind]["rule form form"] == 0.75
+        assert figures[kind]["rule continue no_copy"] == 0.75  # the repeated couplet copies the given one
+        assert figures[kind]["rule acrostic acrostic"] == 0.5  # the repeated couplet and the missing clause
+        for task in TASK_RULES:
+            assert figures[kind][evaluation.reward_key(task)] < 1.0
+
+    table = evaluation.format_instruction_table({"ckpt_broken.pt": {"instructions": figures}}).splitlines()
+    block = table[next(i for i, line in enumerate(table) if line.startswith("rule rewards")) + 1:]
+    assert len(block) == len(evaluation.REWARD_ROWS)  # the rewards close the table, one line each
+    for (key, label, fmt), line in zip(evaluation.REWARD_ROWS, block):
+        assert line.startswith(label) and line.split()[-2:] == [fmt.format(figures[kind][key])
+                                                                for kind in ("seen", "held_out")]
 
 
 def test_bits_per_character_follow_from_the_loss(report):
@@ -210,8 +321,22 @@ def test_table_prints_settings_and_rows(small_poems, tiny_tuned, capsys):
     assert "temperature 0, top-k off, top-p off, at most 12 tokens, seed 1337" in out
     for _, label, _ in evaluation.ROWS:
         assert label in out
+    for _, label, _ in (*evaluation.INSTRUCTION_ROWS, *evaluation.REWARD_ROWS):  # the tuned model's instructions
+        assert f"\n{label} " in out
     assert " ± " in out
     assert "real poems" in out.splitlines()[1]  # the reference column
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--help"])
+    assert exit_info.value.code == 0
+    # argparse wraps the help, at spaces and after hyphens: compared with every space taken out
+    options = "".join(capsys.readouterr().out.split("options:")[1].split())
+    for field in dataclasses.fields(evaluate.EvaluateConfig):
+        help_text = "".join(field.metadata["help"].split())
+        assert help_text and flag_name(field.name) in options and help_text in options, field.name
+    assert "rulerewards" in options  # --task-prompts names what it also measures
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -290,9 +415,14 @@ def test_task_prompts_on_poems_with_nothing_to_continue_report_no_figure(tmp_pat
                        "--max-new-tokens", "4")["checkpoints"][str(tiny_tuned)]["instructions"]
     for kind in ("seen", "held_out"):
         assert figures[kind]["continue_stop"] is None and figures[kind]["continue_no_repeat"] is None
+        assert figures[kind]["reward continue"] is None  # no answer to reward, and no rule to pass
+        assert all(figures[kind][evaluation.rule_key("continue", rule)] is None for rule in TASK_RULES["continue"])
         assert 0 <= figures[kind]["acrostic_common"] <= 1  # the other tasks are measured as before
+        assert 0 <= figures[kind]["reward acrostic"] <= 1
     table = evaluation.format_instruction_table({"tuned": {"instructions": figures}})
     assert "continue: stop" in table and "–" in table
+    reward_line = next(line for line in table.splitlines() if line.startswith("continue: reward"))
+    assert reward_line.split()[-2:] == ["–", "–"]
 
 
 def test_instruction_figures_of_poems_with_no_regular_form_are_none(monkeypatch, tiny_tuned):
