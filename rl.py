@@ -42,7 +42,7 @@ import torch
 
 from data.corpus import corpus_fingerprint, corpus_folder, load_corpus
 from data.errors import UserError
-from data.instruct import EpochBatches, pad_batch
+from data.instruct import IGNORE, EpochBatches, pad_batch
 from data.tasks import finetune_val_rows, tuning_poems
 from data.tokenizer import Tokenizer
 from model import GPT
@@ -132,11 +132,11 @@ class RLStage(Stage):
         with its adapters switched off; zeros without a KL penalty."""
         if not self.config.kl_weight:
             return torch.zeros(labels.shape, device=labels.device)
-        with torch.no_grad(), self.runtime.autocast():
-            if self.reference is not None:
-                return token_logprobs(self.reference, inputs, labels)
-            with adapters_disabled(self.model):
-                return token_logprobs(self.model, inputs, labels)
+        rows = 16  # at a time: a row's scores over the vocabulary are large
+        with torch.no_grad(), self.runtime.autocast(), adapters_disabled(self.model):
+            reference = self.reference if self.reference is not None else self.model
+            return torch.cat([token_logprobs(reference, inputs[i : i + rows], labels[i : i + rows])
+                              for i in range(0, len(inputs), rows)])
 
     def get_batch(self, step: int, micro_step: int) -> RolloutBatch:
         """The answers of the policy as it is at `step` (its weights are part of what a resumed run
@@ -207,20 +207,22 @@ def rollout_figures(rollouts: list[Rollout], group_size: int) -> dict[str, float
 
 @torch.no_grad()
 def policy_figures(model: GPT, inputs: torch.Tensor, labels: torch.Tensor, reference_logps: torch.Tensor,
-                   runtime: Runtime, with_kl: bool) -> dict[str, float]:
+                   runtime: Runtime, with_kl: bool, rows: int = 16) -> dict[str, float]:
     """Per answer token, on the policy's own answers: its entropy (how much it still hesitates)
     and, with a reference, the KL to it (the mean of log pi - log pi_ref, an unbiased estimate
-    on samples of pi)."""
-    with runtime.autocast():
-        logits, _ = model(inputs)
-    logps = torch.log_softmax(logits.float(), dim=-1)
-    mask = labels != -100
-    entropy = -(logps.exp() * logps).sum(-1)
-    figures = {"entropy": float(entropy[mask].mean())}
-    if with_kl:
-        own = logps.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        figures["kl"] = float((own - reference_logps)[mask].mean())
-    return figures
+    on samples of pi). `rows` at a time: a row's scores over the vocabulary are large."""
+    entropy, kl, tokens = 0.0, 0.0, 0
+    for start in range(0, len(inputs), rows):
+        x, y = inputs[start : start + rows], labels[start : start + rows]
+        with runtime.autocast():
+            logits, _ = model(x)
+        logps = torch.log_softmax(logits.float(), dim=-1)
+        mask = y != IGNORE
+        entropy += float(-(logps.exp() * logps).sum(-1)[mask].sum())
+        own = logps.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        kl += float((own - reference_logps[start : start + rows])[mask].sum())
+        tokens += int(mask.sum())
+    return {"entropy": entropy / tokens, **({"kl": kl / tokens} if with_kl else {})}
 
 
 class Prepared(NamedTuple):
