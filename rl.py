@@ -22,9 +22,9 @@ Each step (GRPO, Shao et al. 2024; tanggpt/losses.py):
 4. One update on the policy-gradient loss of those very answers, token by token, with an
    optional KL penalty (--kl-weight) that holds the policy near the --init model.
 
-Each evaluation answers held-out requests (unseen finetune-val poems; the training
-phrasings and the held-out one, --group-size times each) and logs the mean reward, every
-rule's pass rate (the share of answers keeping it fully), the stop rate, distinct-2, the KL
+Before the first step and at each evaluation, it answers held-out requests (unseen
+finetune-val poems; the training phrasings and the held-out one, --group-size times each)
+and logs the mean reward, every rule's pass rate (the share of answers keeping it fully), the stop rate, distinct-2, the KL
 to --init and the entropy of the policy on its answers, and the share of groups whose
 answers all scored the same; and the finetune-val response loss, which says whether the
 model still writes poems the way it did.
@@ -74,7 +74,7 @@ class RLConfig(TuneConfig, RewardWeights):
     temperature: float = flag(1.0, "sampling temperature of the answers (1 samples the policy itself, as the "
                                    "loss assumes)")
     kl_weight: float = flag(0.02, "weight of the KL penalty to the --init model (0 = none, and no reference model)")
-    eval_prompts: int = flag(16, "held-out prompts per evaluation, with the training phrasings and again with "
+    eval_prompts: int = flag(32, "held-out prompts per evaluation, with the training phrasings and again with "
                                  "the held-out one, each answered --group-size times")
     epochs: int = flag(1, "passes over the alignment split's prompts (cut by --max-iters)")
     max_iters: int = flag(300, "stop after this many steps (0 = run all --epochs)")
@@ -119,6 +119,7 @@ class RLStage(Stage):
         self.plot_title = f"reinforcement learning (GRPO, {config.group_size} answers a prompt): policy-gradient loss"
         self.plot_ylabel = "loss per answer token"
         self.sample_before_training = True
+        self.evaluate_before_training = True  # the --init model's rewards: what the run is measured against
         self.max_val_loss = 2 * math.log(tokenizer.vocab_size)  # far worse than a uniform guess: diverged
 
     def rollouts(self, requests: list[Request], seed: int) -> list[Rollout]:

@@ -154,7 +154,8 @@ class Stage(ABC):
     Every stage sets, in its __init__:
     kind, tokenizer: what every checkpoint of the stage records (checkpoint.model_checkpoint);
     plot_title: the loss plot's title.
-    It may change the class defaults below (plot_ylabel, sample_before_training, max_val_loss).
+    It may change the class defaults below (plot_ylabel, sample_before_training,
+    evaluate_before_training, max_val_loss).
     """
 
     kind: str
@@ -162,6 +163,7 @@ class Stage(ABC):
     plot_title: str
     plot_ylabel: str = "loss (nats per token)"
     sample_before_training: bool = False  # also sample the untrained model, as a "before" picture
+    evaluate_before_training: bool = False  # also log its figures at step 0, the baseline of every curve
     max_val_loss: float = math.inf  # a validation loss above this means the run diverged: nothing is saved
 
     @abstractmethod
@@ -337,6 +339,10 @@ class Trainer:
             text = stage.sample(self.model, 0)
             files.append_sample(f"{stage.describe_step(0)} (before training)", text)
             tqdm.write(f"before training:\n{text}\n")
+        if self.master and not self.resumed and stage.evaluate_before_training:
+            before = stage.evaluate(self.model)
+            files.append_log({"step": 0, "tokens": 0, **before})
+            tqdm.write(f"before training: {summary(before)}")
         figures: dict = {}
         done = self.start_step
         bar = tqdm(total=self.max_iters, initial=self.start_step, disable=not self.master, dynamic_ncols=True,
@@ -431,8 +437,7 @@ class Trainer:
         self.save(step)  # first: the log and the samples never run ahead of the checkpoint
         files.append_log({"step": step, "tokens": self.progress["tokens_seen"], **figures})
         files.append_sample(stage.describe_step(step), text)
-        summary = "  ".join(f"{k} {v:.4f}" for k, v in figures.items() if isinstance(v, float))
-        tqdm.write(f"{stage.describe_step(step)}: {summary}\n{text}\n")
+        tqdm.write(f"{stage.describe_step(step)}: {summary(figures)}\n{text}\n")
         files.write_plot(stage.plot_title, stage.plot_ylabel)
         release_freed_memory()  # evaluation's eager activations would otherwise stay resident
         return figures
@@ -456,6 +461,11 @@ class Trainer:
         kept = (f"the last good checkpoint ({self.files.checkpoint}, step {self.saved_at}) is untouched"
                 if self.saved_at is not None else "no checkpoint was written")
         return TrainingDiverged(f"{what}; stopping, {kept}. Try a lower --lr or a higher --warmup-iters")
+
+
+def summary(figures: dict) -> str:
+    """An evaluation's figures on one line, as the loop prints them."""
+    return "  ".join(f"{k} {v:.4f}" for k, v in figures.items() if isinstance(v, float))
 
 
 def train(model: GPT, config: TrainConfig, stage: Stage, runtime: Runtime, max_iters: int,

@@ -3,6 +3,7 @@ the rollouts' rows, a run end to end, resume exact, and bad flags one line each.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,8 @@ def test_a_run_trains_logs_every_rule_and_saves_an_rl_checkpoint(tmp_path, small
     figures = rl.main(rl_argv(tmp_path, small_poems, tiny_tuned, "--max-iters", "2", "--eval-interval", "2"))
     ckpt = torch.load(tmp_path / "rl.pt", weights_only=True)
     assert ckpt["kind"] == "rl" and ckpt["step"] == 2
+    evaluated = [json.loads(line) for line in (tmp_path / "rl.log.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["step"] for r in evaluated if "val_loss" in r] == [0, 2]  # the --init model's figures first
     for kind in ("seen", "held_out"):
         for name in ("reward", "stop", "distinct_2", "alike_groups", "entropy", "kl", "pass rhyme", "pass no_repeat"):
             assert 0 <= figures[f"{kind} {name}"] or name == "kl", name
