@@ -120,11 +120,12 @@ class RunFiles:
                 "before its first checkpoint"]
 
     def append_log(self, record: dict) -> None:
-        with open(self.log, "a", encoding="utf-8") as f:
+        # backslashreplace: text that reached a run unchecked (half a UTF-16 pair) is escaped, never a crash
+        with open(self.log, "a", encoding="utf-8", errors="backslashreplace") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def append_sample(self, header: str, text: str) -> None:
-        with open(self.samples, "a", encoding="utf-8") as f:
+        with open(self.samples, "a", encoding="utf-8", errors="backslashreplace") as f:
             f.write(f"=== {header}\n{text}\n\n")
 
     def records(self) -> list[dict]:

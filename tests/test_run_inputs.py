@@ -421,3 +421,11 @@ def test_overwrite_with_an_adapter_init_whose_base_is_gone_keeps_the_old_run(tmp
     err = one_line_error(finetune.main, tune_argv(out, small_poems, init, "--overwrite"), capsys)
     assert "holds LoRA adapters, and its base checkpoint" in err
     assert folder_contents(out.parent) == before
+
+
+def test_the_log_and_samples_never_fail_on_half_a_character(tmp_path):
+    files = RunFiles(tmp_path / "ckpt.pt")
+    files.append_sample("step 1", "春\ud800夜")
+    files.append_log({"step": 1, "tokens": 0, "note": "\udcff"})
+    assert "春\\ud800夜" in files.samples.read_text(encoding="utf-8")
+    assert files.records()[0]["step"] == 1
