@@ -44,7 +44,7 @@ from data.tasks import finetune_val_rows, tuning_poems
 from data.tokenizer import Tokenizer
 from model import GPT
 from tanggpt.atomic import check_output
-from tanggpt.checkpoint import DPO, KINDS, PRETRAIN, check_same_inputs, input_fingerprint, model_fingerprint
+from tanggpt.checkpoint import DPO, KINDS, check_same_inputs, input_fingerprint
 from tanggpt.cli import flag, resume_rule, run_cli
 from tanggpt.device import Runtime
 from tanggpt.distributed import barrier
@@ -56,8 +56,8 @@ from tanggpt.preference import (PREFERENCES, Pair, build_pairs, fits, load_pairs
 from tanggpt.prosody import RhymeConstraint, prosody_marks
 from tanggpt.rhyme_targets import rhyme_rows
 from tanggpt.training import LOOP_FIXED, Stage, finished, start_runtime, train
-from tanggpt.tuning import (LORA_FIXED, MORE_EPOCHS, TuneConfig, describe_tuning, done_as_started, model_to_tune,
-                            open_run, read_init_again)
+from tanggpt.tuning import (LORA_FIXED, MORE_EPOCHS, TuneConfig, describe_tuning, done_as_started,
+                            fingerprint_of_init, model_to_tune, open_run, read_init_again, refuse_pretrained)
 
 
 @dataclass
@@ -262,10 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
 def run(config: AlignConfig, explicit: set[str]) -> dict:
     ckpt, source, notes = open_run(config, explicit, DPO, RESUME_FIXED, init_example="ckpt_sft.pt",
                                    outputs={"--pairs": config.pairs_path()})
-    if ckpt is None and source["kind"] == PRETRAIN:
-        raise UserError(f"--init {config.init} is a pretrained checkpoint: it continues text but does not answer "
-                        "the instruction prompt or stop, so its answers give no pairs. Tune it first (python "
-                        f"finetune.py --init {config.init}), then align that: --init ckpt_sft.pt")
+    refuse_pretrained(config, ckpt, source, "its answers give no pairs", "align that")
     dist_info, runtime = start_runtime(config)
     master = dist_info.is_master
     for note in notes if master else []:
@@ -286,8 +283,7 @@ def run(config: AlignConfig, explicit: set[str]) -> dict:
     # network with its adapters switched off (a LoRA run: pairs are built under
     # adapters_disabled), or, when a resumed full run must rebuild its pair cache, the --init
     # checkpoint read again.
-    init_fingerprint = ckpt["init_fingerprint"] if ckpt is not None else \
-        adapters["lora"]["base_fingerprint"] if adapters else model_fingerprint(model.state_dict())
+    init_fingerprint = fingerprint_of_init(ckpt, model, adapters)
     model.to(runtime.device)
     block_size = model.config.block_size
 

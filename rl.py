@@ -46,7 +46,7 @@ from data.instruct import IGNORE, EpochBatches, pad_batch
 from data.tasks import finetune_val_rows, tuning_poems
 from data.tokenizer import Tokenizer
 from model import GPT
-from tanggpt.checkpoint import KINDS, PRETRAIN, RL, check_same_inputs, model_fingerprint
+from tanggpt.checkpoint import KINDS, RL, check_same_inputs
 from tanggpt.cli import flag, resume_rule, run_cli
 from tanggpt.device import Runtime
 from tanggpt.generation import answer_requests, format_answers
@@ -58,8 +58,8 @@ from tanggpt.rewards import TASK_RULES, RewardWeights
 from tanggpt.rollouts import (RL_TASKS, Request, Rollout, fitting, make_requests, parse_rl_tasks, roll_out,
                               rollout_rows)
 from tanggpt.training import LOOP_FIXED, Stage, start_runtime, train
-from tanggpt.tuning import (LORA_FIXED, TuneConfig, describe_tuning, done_as_started, model_to_tune,
-                            open_run, read_init_again)
+from tanggpt.tuning import (LORA_FIXED, TuneConfig, describe_tuning, done_as_started, fingerprint_of_init,
+                            model_to_tune, open_run, read_init_again, refuse_pretrained)
 
 
 @dataclass
@@ -181,9 +181,6 @@ class RLStage(Stage):
                                   self.runtime, self.config.max_new_tokens, seed=self.config.seed)
         return format_answers(answers, note=prosody_marks)
 
-    def describe_step(self, step: int) -> str:
-        return f"step {step}"
-
     def checkpoint_extra(self) -> dict:
         return self.saved_with
 
@@ -255,10 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def run(config: RLConfig, explicit: set[str]) -> dict:
     ckpt, source, notes = open_run(config, explicit, RL, RESUME_FIXED, init_example="ckpt_dpo.pt")
-    if ckpt is None and source["kind"] == PRETRAIN:
-        raise UserError(f"--init {config.init} is a pretrained checkpoint: it continues text but does not answer the "
-                        "instruction prompt or stop, so no rule could score its answers. Tune it first (python "
-                        f"finetune.py --init {config.init}), then train that: --init ckpt_sft.pt")
+    refuse_pretrained(config, ckpt, source, "no rule could score its answers", "train that")
     dist_info, runtime = start_runtime(config)
     master = dist_info.is_master
     for note in notes if master else []:
@@ -269,8 +263,7 @@ def run(config: RLConfig, explicit: set[str]) -> dict:
         return {}
 
     model, tokenizer, adapters = model_to_tune(config, ckpt, source)
-    init_fingerprint = ckpt["init_fingerprint"] if ckpt is not None else \
-        adapters["lora"]["base_fingerprint"] if adapters else model_fingerprint(model.state_dict())
+    init_fingerprint = fingerprint_of_init(ckpt, model, adapters)
     # The KL's reference is --init: with LoRA, the policy with its adapters off; otherwise a
     # frozen copy, of the model as it starts, or read again when a run resumes.
     reference = None

@@ -16,7 +16,7 @@ from data.corpus import DEFAULT_POEMS_DIR
 from data.errors import UserError
 from data.tokenizer import Tokenizer
 from model import GPT
-from tanggpt.checkpoint import (answers_prompts, load_checkpoint, model_and_tokenizer, model_fingerprint,
+from tanggpt.checkpoint import (PRETRAIN, answers_prompts, load_checkpoint, model_and_tokenizer, model_fingerprint,
                                 resume_checkpoint)
 from tanggpt.cli import flag, flag_name, require_positive, restore_run_flags
 from tanggpt.lora import TARGETS, add_adapters, trainable_parameters
@@ -103,16 +103,36 @@ def open_run(config: TuneConfig, explicit: set[str], kind: str, fixed: set[str],
                      "tunes every weight")
     if not config.resume and not config.init:
         raise UserError(f"--init: give the checkpoint to tune, e.g. --init {init_example}")
+    files = RunFiles(config.out)
+    written = {**files.outputs(), **(outputs or {})}
     read = {"--init": config.init} if not config.resume else {}
-    refuse_inputs_as_outputs({**RunFiles(config.out).outputs(), **(outputs or {})}, {**read, **(inputs or {})},
-                             config.poems or DEFAULT_POEMS_DIR)
+    refuse_inputs_as_outputs(written, {**read, **(inputs or {})}, config.poems or DEFAULT_POEMS_DIR)
     source = ckpt if ckpt is not None else load_checkpoint(config.init, "--init")
     if "lora" in source:  # adapters are read with their base
         base = Path(source["lora"]["base"])
-        refuse_inputs_as_outputs({**RunFiles(config.out).outputs(), **(outputs or {})},
-                                 {"the base of the adapters in " + ("--out" if config.resume else "--init"): base})
-    notes += RunFiles(config.out).prepare(config.resume, config.overwrite)
+        refuse_inputs_as_outputs(written, {"the base of the adapters in " + ("--out" if config.resume else "--init"):
+                                           base})
+    notes += files.prepare(config.resume, config.overwrite)
     return ckpt, source, notes
+
+
+def refuse_pretrained(config: TuneConfig, ckpt: dict | None, source: dict, why: str, then: str) -> None:
+    """A new run of a stage that asks the model questions (align.py, rl.py) cannot start from a
+    pretrained checkpoint: it continues text, never answers the instruction prompt or stops.
+    `why` says what that costs the stage, `then` what to do with the tuned model."""
+    if ckpt is None and source["kind"] == PRETRAIN:
+        raise UserError(f"--init {config.init} is a pretrained checkpoint: it continues text but does not answer "
+                        f"the instruction prompt or stop, so {why}. Tune it first (python finetune.py --init "
+                        f"{config.init}), then {then}: --init ckpt_sft.pt")
+
+
+def fingerprint_of_init(ckpt: dict | None, model: GPT, adapters: dict) -> str:
+    """The fingerprint of the --init weights a run started from (model_to_tune's model and
+    adapters): recorded in a resumed run's checkpoint, the base's for a LoRA run, else the
+    model's own, taken before its first step."""
+    if ckpt is not None:
+        return ckpt["init_fingerprint"]
+    return adapters["lora"]["base_fingerprint"] if adapters else model_fingerprint(model.state_dict())
 
 
 def done_as_started(ckpt: dict, explicit: set[str], out: str, master: bool = True) -> bool:
