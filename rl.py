@@ -66,7 +66,8 @@ from tanggpt.tuning import (LORA_FIXED, TuneConfig, describe_tuning, done_as_sta
 class RLConfig(TuneConfig, RewardWeights):
     init: str = flag("", "the tuned checkpoint to train (e.g. ckpt_dpo.pt or ckpt_sft.pt); not needed with --resume")
     out: str = flag("ckpt_rl.pt", "checkpoint path; the log, loss plot and samples are written beside it")
-    tasks: str = flag("all", "the tasks to ask: all, or a comma-separated list of " + ", ".join(RL_TASKS))
+    tasks: str = flag("all", "the tasks to ask: all, or a comma-separated list of " + ", ".join(RL_TASKS) +
+                               ", each optionally with a weight (acrostic:2 is asked twice as often)")
     group_size: int = flag(8, "answers sampled per prompt: the group each answer's reward is compared with")
     batch_size: int = flag(8, "prompts per micro-batch (each answered --group-size times)")
     max_new_tokens: int = flag(80, "length limit of each answer, in tokens (a prompt must leave this much of the "
@@ -236,7 +237,8 @@ def prepare_requests(config: RLConfig, splits: dict, tokenizer: Tokenizer, block
     room = config.max_new_tokens
     prompts = fitting(make_requests(splits["alignment"], tasks, config.seed), tokenizer, block_size, room)
     val_poems = tuning_poems(splits)[1]
-    eval_requests = {kind: fitting(make_requests(val_poems, tasks, config.seed + 1, held_out=kind == "held_out"),
+    evenly = dict.fromkeys(tasks, 1.0)  # evaluation asks every task alike, whatever the training weights
+    eval_requests = {kind: fitting(make_requests(val_poems, evenly, config.seed + 1, held_out=kind == "held_out"),
                                    tokenizer, block_size, room)[: config.eval_prompts]
                      for kind in ("seen", "held_out")}
     if not prompts or not all(eval_requests.values()):

@@ -269,6 +269,7 @@ ROWS = [  # (key, label, format)
     ("memorised_lines", "memorised lines", "{:.1%}"),
     ("answer_loss", "answers' loss (nats/token)", "{:.3f}"),
     ("regular_shaped", "4/8 lines of 5/7 characters", "{}"),
+    ("eight_clause_rate", "  of these: 8 lines, not 4", "{:.1%}"),
     ("rhyme_rate", "  of these: rhyme (Pingshui)", "{:.1%}"),
     ("distinct_rhyme_rate", "  rhyme, no rhyme char repeated", "{:.1%}"),
     ("level_rhyme_rate", "  rhyme in a level tone", "{:.1%}"),

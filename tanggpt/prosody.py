@@ -186,15 +186,17 @@ def unknown_share(texts: list[str], table: PingshuiTable | None = None) -> float
 
 
 def prosody_figures(poems: list[str]) -> dict:
-    """Over the 絕句/律詩-shaped poems among `poems`: how many there are, and the share that
-    rhyme, rhyme in a level tone, and keep the tonal pattern (None when there are none)."""
+    """Over the 絕句/律詩-shaped poems among `poems`: how many there are, the share of 律詩 (8
+    clauses: three rhymes to get right where a 絕句 has one or two), and the share that rhyme,
+    rhyme in a level tone, and keep the tonal pattern (None when there are none)."""
     table = load_table()
     shaped = [clauses for clauses in map(regular_clauses, poems) if clauses is not None]
 
     def share(check) -> float | None:
         return sum(check(clauses, table) for clauses in shaped) / len(shaped) if shaped else None
 
-    return {"regular_shaped": len(shaped), "rhyme_rate": share(rhymes),
+    return {"regular_shaped": len(shaped), "eight_clause_rate": share(lambda clauses, _: len(clauses) == 8),
+            "rhyme_rate": share(rhymes),
             "distinct_rhyme_rate": share(rhymes_without_repeats), "level_rhyme_rate": share(rhymes_level),
             "tonal_pattern_rate": share(keeps_tonal_pattern), "unknown_chars": unknown_share(poems, table)}
 

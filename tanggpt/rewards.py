@@ -31,6 +31,7 @@ A task's reward (task_reward) is the weighted mean of the rules that apply to it
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 
 from data.errors import UserError
@@ -150,7 +151,7 @@ class RewardWeights:
         """The weight of a rule, by its name in TASK_RULES."""
         return getattr(self, f"{rule}_weight")
 
-    def validate(self, tasks: tuple[str, ...] = tuple(TASK_RULES)) -> None:
+    def validate(self, tasks: Iterable[str] = tuple(TASK_RULES)) -> None:
         """No weight negative, and each of `tasks` (those the run asks) has a rule that weighs."""
         for f in fields(RewardWeights):
             if not getattr(self, f.name) >= 0:

@@ -21,7 +21,7 @@ from data.corpus import Poem
 from data.errors import UserError
 from data.forms import FORMS, acrostic_head, form_name
 from data.instruct import IGNORE, prompt_ids
-from data.tasks import TASKS, task_instruction
+from data.tasks import TASKS, parse_tasks, task_instruction
 from data.tokenizer import Tokenizer
 from model import GPT
 from tanggpt.device import Runtime
@@ -47,19 +47,21 @@ class Rollout:
     reward: Reward
 
 
-def parse_rl_tasks(text: str, flag: str = "--tasks") -> tuple[str, ...]:
-    """A comma-separated list of RL_TASKS (or `all`), each once."""
-    names = list(RL_TASKS) if text.strip() == "all" else [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [t for t in names if t not in RL_TASKS]
-    if unknown or not names or len(set(names)) != len(names):
+def parse_rl_tasks(text: str, flag: str = "--tasks") -> dict[str, float]:
+    """A comma-separated list of RL_TASKS (or `all`), each once, each optionally with a weight
+    (`acrostic:2` is asked twice as often as a task of weight 1): task -> weight."""
+    if text.strip() == "all":
+        return {task: 1.0 for task in RL_TASKS}
+    names = [item.partition(":")[0].strip() for item in text.split(",") if item.strip()]
+    if not names or any(name not in RL_TASKS for name in names) or len(set(names)) != len(names):
         raise UserError(f"{flag} {text!r}: give `all` or a comma-separated list of {', '.join(RL_TASKS)}, each once "
-                        "(the title task has no rule to judge it)")
-    return tuple(names)
+                        "and optionally with a weight, e.g. acrostic:2 (the title task has no rule to judge it)")
+    return {name: task.weight for name, task in parse_tasks(text, flag).items()}
 
 
-def make_requests(poems: list[Poem], tasks: tuple[str, ...], seed: int, held_out: bool = False) -> list[Request]:
-    """One request per poem that can serve: its task drawn among `tasks` (those the poem can
-    serve: an acrostic needs the heads of a 絕句 or 律詩, a continuation its first couplet), the
+def make_requests(poems: list[Poem], tasks: dict[str, float], seed: int, held_out: bool = False) -> list[Request]:
+    """One request per poem that can serve: its task drawn among `tasks` by their weights (those
+    the poem can serve: an acrostic needs the heads of a 絕句 or 律詩, a continuation its first couplet), the
     form task's form drawn among the four, a training phrasing drawn (or the held-out one).
     Seeded: the same poems and seed give the same requests."""
     rng = random.Random(seed)
@@ -73,7 +75,7 @@ def make_requests(poems: list[Poem], tasks: tuple[str, ...], seed: int, held_out
         usable = [task for task in tasks if inputs[task]]
         if not usable:
             continue
-        task = rng.choice(usable)
+        task = rng.choices(usable, weights=[tasks[t] for t in usable])[0]
         form = rng.choice(list(FORMS)) if task == "form" else ""
         phrasings = TASKS[task].held_out if held_out else TASKS[task].phrasings
         instruction = task_instruction(task, form, held_out, phrasing=rng.randrange(len(phrasings)))
@@ -118,3 +120,16 @@ def rollout_rows(tokenizer: Tokenizer, rollouts: list[Rollout]) -> list[tuple[li
         ids = prompt + rollout.ids
         rows.append((ids[:-1], [IGNORE] * (len(prompt) - 1) + rollout.ids))
     return rows
+
+
+def best_of_groups(rollouts: list[Rollout], group_size: int, min_reward: float = 0.0) -> list[Rollout | None]:
+    """Rejection sampling's choice: for each group of `group_size` consecutive rollouts (one
+    request's answers), the answer with the highest reward among those that stopped (an answer
+    cut off mid-poem is no target to learn; the first among equals), or None when none stopped
+    or the best scored below `min_reward`."""
+    best = []
+    for start in range(0, len(rollouts), group_size):
+        stopped = [r for r in rollouts[start : start + group_size] if r.stopped]
+        top = max(stopped, key=lambda r: r.reward.total, default=None)
+        best.append(top if top is not None and top.reward.total >= min_reward else None)
+    return best

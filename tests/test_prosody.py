@@ -69,6 +69,7 @@ def test_the_checks_clause_by_clause():
 def test_figures_count_only_regular_shapes():
     figures = prosody_figures([JING_YE_SI, CHUN_XIAO, "一二三，四五六。", DENG_GUAN_QUE_LOU])
     assert figures["regular_shaped"] == 3
+    assert prosody_figures([JING_YE_SI, CHUN_YE_XI_YU])["eight_clause_rate"] == 0.5
     assert figures["rhyme_rate"] == 1.0 and figures["level_rhyme_rate"] == pytest.approx(2 / 3)
     # 靜夜思 and 春曉 are old-style quatrains (古絕): 疑是地上霜 has 是 and 上 both oblique.
     assert figures["tonal_pattern_rate"] == pytest.approx(1 / 3)

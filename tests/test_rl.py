@@ -4,6 +4,7 @@ the rollouts' rows, a run end to end, resume exact, and bad flags one line each.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,14 @@ def test_requests_are_seeded_judgeable_and_held_out_phrasings_differ(splits):
     assert not {r.instruction for r in held} & {r.instruction for r in requests}
 
 
+def test_task_weights_set_how_often_each_task_is_asked(splits):
+    poems = splits["alignment"][:1200]
+    even = Counter(r.task for r in make_requests(poems, parse_rl_tasks("all"), seed=3))
+    weighted = Counter(r.task for r in make_requests(poems, parse_rl_tasks("poem,form,acrostic:4,continue"), seed=3))
+    assert weighted["acrostic"] > 2 * even["acrostic"] and weighted["poem"] < even["poem"]
+    assert parse_rl_tasks("poem:2,acrostic") == {"poem": 2.0, "acrostic": 1.0}
+
+
 def rl_argv(tmp_path: Path, poems: Path, init: Path | None, *extra: str, out: str = "rl.pt") -> list[str]:
     head = ["--init", str(init)] if init else []
     return [*head, "--poems", str(poems), "--out", str(tmp_path / out), "--dtype", "float32", "--batch-size", "2",
@@ -153,6 +162,7 @@ def test_a_resumed_run_is_the_same_run(tmp_path, small_poems, tiny_tuned):
 @pytest.mark.parametrize("args, expected", [
     (["--group-size", "1"], "--group-size must be at least 2"),
     (["--tasks", "title"], "--tasks 'title': give `all` or a comma-separated list of poem, form, acrostic, continue"),
+    (["--tasks", "poem,acrostic:0"], "--tasks: the weight of acrostic must be a positive number, got '0'"),
     (["--kl-weight", "-1"], "--kl-weight not negative"),
     (["--temperature", "0"], "--temperature must be positive"),
     (["--rhyme-weight", "-1"], "--rhyme-weight must not be negative"),
