@@ -52,7 +52,8 @@ class RejectionConfig(RuntimeConfig, RewardWeights):
     poems: str = flag("", "folder of poem JSON files (default: poems/, downloaded there if empty)")
     tasks: str = flag("all", "the tasks to ask: all, or a comma-separated list of " + ", ".join(RL_TASKS) +
                                ", each optionally with a weight (acrostic:2 is asked twice as often)")
-    prompts: int = flag(0, "alignment-split prompts to answer (0 = all of them)")
+    prompts: int = flag(2400, "alignment-split prompts to answer (0 = all of them); 2,400 x 8 answers is the "
+                              "sampling rl.py's defaults do (300 steps of 8 prompts x 8)")
     samples_per_prompt: int = flag(8, "answers sampled per prompt, the best of which is kept")
     min_reward: float = flag(1.0, "keep a prompt's best answer only if its reward is at least this (1 = every rule "
                                   "kept; 0 = always the best)")
