@@ -57,6 +57,10 @@ class RejectionConfig(RuntimeConfig, RewardWeights):
     samples_per_prompt: int = flag(8, "answers sampled per prompt, the best of which is kept")
     min_reward: float = flag(1.0, "keep a prompt's best answer only if its reward is at least this (1 = every rule "
                                   "kept; 0 = always the best)")
+    same_shape: bool = flag(True, "for a title or a continuation, keep the best of the answers that have the shape "
+                                  "(4 or 8 clauses) of the prompt's first answer: the kept answers are then quatrains "
+                                  "as often as the model's own are (without it, quatrains, with fewer rhymes to get "
+                                  "right, win; docs/rl.md)")
     temperature: float = flag(1.0, "sampling temperature of the answers")
     max_new_tokens: int = flag(80, "length limit of each answer, in tokens")
     batch_size: int = flag(64, "answers generated together (rows of one batch)")
@@ -81,8 +85,8 @@ class RejectionConfig(RuntimeConfig, RewardWeights):
 
 
 # What decides the answers and which are kept: a .partial file made under another key is not continued.
-SAMPLING_SETTINGS = ("tasks", "prompts", "samples_per_prompt", "min_reward", "temperature", "max_new_tokens",
-                     "batch_size", "chunk_prompts", "seed", *(f.name for f in fields(RewardWeights)))
+SAMPLING_SETTINGS = ("tasks", "prompts", "samples_per_prompt", "min_reward", "same_shape", "temperature",
+                     "max_new_tokens", "batch_size", "chunk_prompts", "seed", *(f.name for f in fields(RewardWeights)))
 
 
 def read_partial(path: Path, key: dict) -> tuple[list[dict], str]:
@@ -121,7 +125,7 @@ def chunk_result(rollouts: list[Rollout], config: RejectionConfig) -> dict:
     """A chunk's kept answers as instruction records, and what it saw per task: prompts asked,
     answers kept, the sum of all answers' rewards and of the best answers' rewards."""
     group = config.samples_per_prompt
-    best = best_of_groups(rollouts, group, 0.0)
+    best = best_of_groups(rollouts, group, 0.0, config.same_shape)
     counts: dict[str, list[float]] = {}
     records = []
     for i, top in enumerate(best):
@@ -217,8 +221,8 @@ def summary(chunks: list[dict], samples_per_prompt: int) -> str:
             totals.setdefault(task, Counter()).update(prompts=prompts, kept=kept, all=all_sum, best=best_sum)
     lines = [f"{'task':<10} {'prompts':>8} {'kept':>8} {'reward, all':>12} {'reward, best':>13}"]
     for task, t in sorted(totals.items()):
-        lines.append(f"{task:<10} {t['prompts']:>8,} {t['kept']:>8,} {t['all'] / (t['prompts'] * samples_per_prompt):>12.3f} "
-                     f"{t['best'] / t['prompts']:>13.3f}")
+        mean_all, mean_best = t["all"] / (t["prompts"] * samples_per_prompt), t["best"] / t["prompts"]
+        lines.append(f"{task:<10} {t['prompts']:>8,} {t['kept']:>8,} {mean_all:>12.3f} {mean_best:>13.3f}")
     return "\n".join(lines)
 
 

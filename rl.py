@@ -75,6 +75,10 @@ class RLConfig(TuneConfig, RewardWeights):
     temperature: float = flag(1.0, "sampling temperature of the answers (1 samples the policy itself, as the "
                                    "loss assumes)")
     kl_weight: float = flag(0.02, "weight of the KL penalty to the --init model (0 = none, and no reference model)")
+    same_shape: bool = flag(True, "compare an answer to a title or a continuation only with its group's answers of "
+                                  "the same shape (4 or 8 clauses): the reward then judges how a poem is written, not "
+                                  "which length it chose (without it the policy learns to write quatrains, with fewer "
+                                  "rhymes to get right; docs/rl.md)")
     eval_prompts: int = flag(32, "held-out prompts per evaluation, with the training phrasings and again with "
                                  "the held-out one, each answered --group-size times")
     epochs: int = flag(1, "passes over the alignment split's prompts (cut by --max-iters)")
@@ -102,7 +106,9 @@ class RLConfig(TuneConfig, RewardWeights):
 
 # What --resume never changes: these decide the prompts, the answers and the loss.
 RESUME_FIXED = {*LOOP_FIXED, "init", "tasks", "group_size", "max_new_tokens", "temperature", "kl_weight",
-                *(f"{rule}_weight" for rule in {r for rules in TASK_RULES.values() for r in rules}), *LORA_FIXED}
+                "same_shape", *(f"{rule}_weight" for rule in {r for rules in TASK_RULES.values() for r in rules}), *LORA_FIXED}
+# A run started before a flag existed was trained with the value it had then.
+BEFORE_THE_FLAG = {"same_shape": False}
 
 
 class RLStage(Stage):
@@ -147,6 +153,7 @@ class RLStage(Stage):
         seed = self.config.seed * 1_000_003 + (step * self.config.grad_accum + micro_step) * 997 + self.rank
         rollouts = self.rollouts(requests, seed)
         rewards = torch.tensor([r.reward.total for r in rollouts])
+        shapes = torch.tensor([r.shape for r in rollouts]) if self.config.same_shape else None
         inputs, labels = pad_batch(rollout_rows(self.tokenizer, rollouts), self.tokenizer.eot_id)
         device = self.runtime.device
         inputs, labels = inputs.to(device), labels.to(device)
@@ -154,7 +161,8 @@ class RLStage(Stage):
         self.model.eval()
         reference = self.reference_logps(inputs, labels)
         self.model.train(was_training)
-        return RolloutBatch(inputs, labels, group_advantages(rewards, self.config.group_size).to(device), reference)
+        advantages = group_advantages(rewards, self.config.group_size, shapes)
+        return RolloutBatch(inputs, labels, advantages.to(device), reference)
 
     def loss(self, model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
         return grpo_loss(model, batch, self.config.kl_weight)
@@ -253,7 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def run(config: RLConfig, explicit: set[str]) -> dict:
-    ckpt, source, notes = open_run(config, explicit, RL, RESUME_FIXED, init_example="ckpt_dpo.pt")
+    ckpt, source, notes = open_run(config, explicit, RL, RESUME_FIXED, init_example="ckpt_dpo.pt",
+                                   before_the_flag=BEFORE_THE_FLAG)
     refuse_pretrained(config, ckpt, source, "no rule could score its answers", "train that")
     dist_info, runtime = start_runtime(config)
     master = dist_info.is_master

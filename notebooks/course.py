@@ -151,3 +151,15 @@ def rhyme_preference_checkpoint() -> Path:
     ckpt_sft.pt --preference rhyme --rhyme-weight 0 --lr 3e-5 --min-lr 3e-6 --out ckpt_dpo_rhyme.pt`)."""
     return _align("ckpt_dpo_rhyme.pt", ["--prompts", "256", "--preference", "rhyme", "--rhyme-weight", "0",
                                         "--lr", "3e-5", "--min-lr", "3e-6"])
+
+
+def rl_checkpoint() -> Path:
+    """The reinforcement-learning checkpoint: ckpt_rl.pt (from `python rl.py --init ckpt_dpo.pt`)
+    when present (and not in fast mode), else a short rl.py run of aligned_checkpoint() into
+    notebooks/out/ (fast mode: two steps of two prompts, four answers each)."""
+    import rl
+
+    flags = ["--max-iters", "2", "--eval-interval", "1", "--batch-size", "2", "--group-size", "4",
+             "--max-new-tokens", "24", "--eval-prompts", "2", "--no-compile", "--dtype", "float32"] if FAST else ["--max-iters", "60", "--eval-interval", "20"]
+    return _checkpoint("ckpt_rl.pt", lambda out: rl.main(
+        ["--init", _shown(aligned_checkpoint()), "--poems", poems_dir(), "--out", _shown(out), *flags]))

@@ -239,7 +239,7 @@ class RolloutBatch(NamedTuple):
     reference_logps: torch.Tensor  # (B, T) the frozen --init model's log-probability of each label (0 elsewhere)
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group_size: int, shapes: torch.Tensor | None = None) -> torch.Tensor:
     """GRPO's advantage: each answer's reward minus the mean reward of its group, the
     group_size answers to the same prompt (consecutive in `rewards`). No value network:
     the group is the baseline.
@@ -248,9 +248,19 @@ def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     partial credit, so the answers of an easy or a hopeless prompt often differ by a hair,
     and dividing by that hair would turn noise into full-size advantages. A group whose
     answers all score the same gets zero: it has nothing to teach.
+
+    With `shapes` (one number per answer, rollouts.answer_shape), an answer is compared only
+    with the answers of its group that have its shape: a quatrain with quatrains, a 律詩 with
+    律詩. The reward then says how well a poem of the chosen shape is written, never which
+    shape to choose (the baseline of an answer alone in its shape is itself: advantage 0).
     """
     groups = rewards.view(-1, group_size)
-    return (groups - groups.mean(dim=1, keepdim=True)).flatten()
+    if shapes is None:
+        return (groups - groups.mean(dim=1, keepdim=True)).flatten()
+    shapes = shapes.view(-1, group_size)
+    same = (shapes[:, :, None] == shapes[:, None, :]).float()  # (groups, answer, its siblings of its shape)
+    baseline = (same * groups[:, None, :]).sum(dim=-1) / same.sum(dim=-1)
+    return (groups - baseline).flatten()
 
 
 def token_logprobs(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 
 from data.corpus import Poem
 from data.errors import UserError
-from data.forms import FORMS, acrostic_head, form_name
+from data.forms import FORMS, acrostic_head, clauses, form_name
 from data.instruct import IGNORE, prompt_ids
 from data.tasks import TASKS, parse_tasks, task_instruction
 from data.tokenizer import Tokenizer
@@ -45,6 +45,28 @@ class Rollout:
     text: str  # the answer's text, without end-of-text
     stopped: bool
     reward: Reward
+
+    @property
+    def shape(self) -> int:
+        return answer_shape(self.request, self.text)
+
+
+# The tasks whose instruction leaves the poem's length to the poet: a title, or a poem's opening
+# to continue. The form task asks for a form; the acrostic's heads count its clauses.
+FREE_SHAPE_TASKS = ("poem", "continue")
+
+
+def answer_shape(request: Request, answer: str) -> int:
+    """For a task that leaves the length free, the clause count of the form the poem is nearest
+    (4, a 絕句, for 6 clauses or fewer; else 8, a 律詩), counting a continuation's given couplet;
+    0 for a task whose instruction fixes the length. What a fair comparison holds fixed: with
+    fewer rhymes to get right, a quatrain passes every rule more often than a 律詩 of the same
+    skill, and a comparison across shapes teaches the policy to write quatrains only
+    (docs/rl.md, the shortcuts)."""
+    if request.task not in FREE_SHAPE_TASKS:
+        return 0
+    poem = f"{request.input}\n{answer}" if request.task == "continue" else answer
+    return 4 if len(clauses(poem)) <= 6 else 8
 
 
 def parse_rl_tasks(text: str, flag: str = "--tasks") -> dict[str, float]:
@@ -122,14 +144,18 @@ def rollout_rows(tokenizer: Tokenizer, rollouts: list[Rollout]) -> list[tuple[li
     return rows
 
 
-def best_of_groups(rollouts: list[Rollout], group_size: int, min_reward: float = 0.0) -> list[Rollout | None]:
+def best_of_groups(rollouts: list[Rollout], group_size: int, min_reward: float = 0.0,
+                   same_shape: bool = False) -> list[Rollout | None]:
     """Rejection sampling's choice: for each group of `group_size` consecutive rollouts (one
     request's answers), the answer with the highest reward among those that stopped (an answer
     cut off mid-poem is no target to learn; the first among equals), or None when none stopped
-    or the best scored below `min_reward`."""
+    or the best scored below `min_reward`. With `same_shape`, only answers of the shape the
+    group's first answer has (answer_shape: the policy's own draw) compete, so the kept answers
+    are as often quatrains as the policy's answers are."""
     best = []
     for start in range(0, len(rollouts), group_size):
-        stopped = [r for r in rollouts[start : start + group_size] if r.stopped]
-        top = max(stopped, key=lambda r: r.reward.total, default=None)
+        group = rollouts[start : start + group_size]
+        candidates = [r for r in group if r.stopped and (not same_shape or r.shape == group[0].shape)]
+        top = max(candidates, key=lambda r: r.reward.total, default=None)
         best.append(top if top is not None and top.reward.total >= min_reward else None)
     return best

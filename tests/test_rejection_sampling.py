@@ -20,7 +20,8 @@ from tests.test_reliability import one_line_error
 
 
 def answer(text: str, total: float, stopped: bool = True) -> Rollout:
-    return Rollout(Request("poem", "請用以下題目寫一首詩", "春夜喜雨"), [], text, stopped, Reward(total, {}))
+    return Rollout(Request("poem", "請用以下題目寫一首詩", "春夜喜雨"), [], text, stopped,
+                   Reward(total, {}))
 
 
 def test_the_best_of_a_group_is_the_highest_reward_among_the_answers_that_stopped():
@@ -33,6 +34,17 @@ def test_the_best_of_a_group_is_the_highest_reward_among_the_answers_that_stoppe
     assert best_of_groups(low, 4, min_reward=0.5) == [None]
 
 
+QUATRAIN = "床前明月光，疑是地上霜。\n舉頭望明月，低頭思故鄉。"
+LUSHI = QUATRAIN + "\n" + QUATRAIN
+
+
+def test_with_same_shape_the_best_is_of_the_first_answers_shape():
+    group = [answer(QUATRAIN, 0.6), answer(LUSHI, 1.0), answer(QUATRAIN, 0.8), answer(LUSHI, 0.9)]
+    assert best_of_groups(group, 4)[0].reward.total == 1.0
+    # the policy drew a quatrain first: the best quatrain is kept, however well a 律詩 scored
+    assert best_of_groups(group, 4, same_shape=True)[0].reward.total == 0.8
+
+
 @pytest.fixture(scope="module")
 def stopping_tuned(tmp_path_factory, small_poems, tiny_pretrained) -> Path:
     """The tiny model tuned on two-line answers until it stops: answers that can be kept."""
@@ -42,9 +54,10 @@ def stopping_tuned(tmp_path_factory, small_poems, tiny_pretrained) -> Path:
     (folder / "short.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
                                         encoding="utf-8")
     out = folder / "ckpt_sft.pt"
-    finetune.main(["--init", str(tiny_pretrained), "--poems", str(small_poems), "--data", str(folder / "short.jsonl"),
-                   "--data-mode", "replace", "--out", str(out), "--dtype", "float32", "--batch-size", "4",
-                   "--epochs", "60", "--eval-interval", "60", "--warmup-iters", "2", "--lr", "3e-3", "--sample-tokens", "4"])
+    finetune.main(["--init", str(tiny_pretrained), "--poems", str(small_poems), "--data",
+                   str(folder / "short.jsonl"), "--data-mode", "replace", "--out", str(out), "--dtype", "float32",
+                   "--batch-size", "4", "--epochs", "60", "--eval-interval", "60", "--warmup-iters", "2",
+                   "--lr", "3e-3", "--sample-tokens", "4"])
     return out
 
 
@@ -61,9 +74,9 @@ def test_the_kept_answers_are_records_finetune_tunes_on(tmp_path, small_poems, s
     printed = capsys.readouterr().out
     assert "kept" in printed and "reward, best" in printed
     assert not Path(f"{out}.partial").exists()  # the progress file goes once --out is whole
-    finetune.main(["--init", str(stopping_tuned), "--poems", str(small_poems), "--data", str(out), "--data-mode", "replace",
-                   "--out", str(tmp_path / "rs.pt"), "--dtype", "float32", "--batch-size", "2", "--max-iters", "2",
-                   "--sample-tokens", "4"])
+    finetune.main(["--init", str(stopping_tuned), "--poems", str(small_poems), "--data", str(out), "--data-mode",
+                   "replace", "--out", str(tmp_path / "rs.pt"), "--dtype", "float32", "--batch-size", "2",
+                   "--max-iters", "2", "--sample-tokens", "4"])
     assert (tmp_path / "rs.pt").exists()
 
 
@@ -119,5 +132,6 @@ def test_an_existing_out_or_an_out_that_is_an_input_is_refused(tmp_path, small_p
     err = one_line_error(rejection_sampling.main, rs_argv(tmp_path, small_poems, stopping_tuned), capsys)
     assert "exists" in err and "--overwrite" in err
     assert (tmp_path / "best.jsonl").read_text() == "kept\n"
-    err = one_line_error(rejection_sampling.main, rs_argv(tmp_path, small_poems, tiny_pretrained, out="x.jsonl"), capsys)
+    argv = rs_argv(tmp_path, small_poems, tiny_pretrained, out="x.jsonl")
+    err = one_line_error(rejection_sampling.main, argv, capsys)
     assert "pretrain" in err and "finetune.py" in err

@@ -16,7 +16,7 @@ from data.tokenizer import CharTokenizer
 from model import GPT, GPTConfig
 from tanggpt.losses import RolloutBatch, group_advantages, grpo_loss
 from tanggpt.rewards import Reward
-from tanggpt.rollouts import Request, Rollout, make_requests, parse_rl_tasks, rollout_rows
+from tanggpt.rollouts import Request, Rollout, answer_shape, make_requests, parse_rl_tasks, rollout_rows
 from tests.test_reliability import one_line_error
 
 
@@ -24,6 +24,26 @@ def test_advantages_are_each_reward_less_its_groups_mean():
     rewards = torch.tensor([1.0, 0.5, 0.0, 0.5, 0.2, 0.2, 0.2, 0.2])
     expected = [1 - 0.5, 0.5 - 0.5, 0 - 0.5, 0.5 - 0.5] + [0.0] * 4  # a group all alike: nothing to learn
     assert torch.allclose(group_advantages(rewards, 4), torch.tensor(expected))
+
+
+def test_with_shapes_an_answer_is_compared_only_with_its_own_shape():
+    rewards = torch.tensor([1.0, 0.5, 0.8, 0.2, 0.6, 0.6, 0.9, 0.3])
+    shapes = torch.tensor([4, 4, 8, 8, 0, 0, 0, 0])  # 0: a task that fixes the shape, one comparison
+    expected = [0.25, -0.25, 0.3, -0.3] + [0.6 - 0.6, 0.0, 0.9 - 0.6, 0.3 - 0.6]
+    assert torch.allclose(group_advantages(rewards, 4, shapes), torch.tensor(expected), atol=1e-6)
+    alone = group_advantages(torch.tensor([1.0, 0.5, 0.5, 0.5]), 4, torch.tensor([8, 4, 4, 4]))
+    assert alone[0] == 0  # the only 律詩 of its group has nothing of its shape to be compared with
+
+
+def test_the_shape_is_free_only_where_the_instruction_leaves_it():
+    quatrain = "床前明月光，疑是地上霜。\n舉頭望明月，低頭思故鄉。"
+    assert answer_shape(Request("poem", "", "靜夜思"), quatrain) == 4
+    assert answer_shape(Request("poem", "", "靜夜思"), quatrain + "\n" + quatrain) == 8
+    # a continuation is judged with its given couplet: two more couplets make 6 clauses, nearer a 絕句
+    assert answer_shape(Request("continue", "", "床前明月光，疑是地上霜。"), quatrain) == 4
+    assert answer_shape(Request("continue", "", "床前明月光，疑是地上霜。"), quatrain + "\n" + quatrain) == 8
+    assert answer_shape(Request("form", "", "靜夜思", "五言律詩"), quatrain) == 0
+    assert answer_shape(Request("acrostic", "", "床疑舉低"), quatrain) == 0
 
 
 def tiny() -> GPT:
@@ -96,8 +116,8 @@ def by_hand_logps(model: GPT, batch: RolloutBatch) -> list[float]:
 def test_a_rollouts_row_is_its_prompt_and_the_ids_it_sampled():
     tokenizer = CharTokenizer("春夜喜雨好知時節")
     request = Request("poem", "請用以下題目寫一首詩", "春夜喜雨")
-    stopped = Rollout(request, [tokenizer.encode("好雨")[0], tokenizer.encode("好雨")[1], tokenizer.eot_id], "好雨",
-                      True, Reward(0.5, {}))
+    ids = tokenizer.encode("好雨")
+    stopped = Rollout(request, [ids[0], ids[1], tokenizer.eot_id], "好雨", True, Reward(0.5, {}))
     cut = Rollout(request, tokenizer.encode("知時節"), "知時節", False, Reward(0.1, {}))
     prompt = prompt_ids(tokenizer, request.instruction, request.input)
     (inputs, labels), (cut_inputs, cut_labels) = rollout_rows(tokenizer, [stopped, cut])
