@@ -18,7 +18,8 @@ Each step (GRPO, Shao et al. 2024; tanggpt/losses.py):
 2. Rollouts: the policy, as it is at this step, answers each prompt --group-size times
    (batched, with the KV cache); the rules score every answer.
 3. Advantages: each answer's reward minus its group's mean: better than its siblings,
-   reinforced; worse, discouraged; a group all alike teaches nothing.
+   reinforced; worse, discouraged; a group all alike teaches nothing. An answer to a title
+   or a continuation is compared with its siblings of the same shape only (--same-shape).
 4. One update on the policy-gradient loss of those very answers, token by token, with an
    optional KL penalty (--kl-weight) that holds the policy near the --init model.
 
@@ -106,7 +107,8 @@ class RLConfig(TuneConfig, RewardWeights):
 
 # What --resume never changes: these decide the prompts, the answers and the loss.
 RESUME_FIXED = {*LOOP_FIXED, "init", "tasks", "group_size", "max_new_tokens", "temperature", "kl_weight",
-                "same_shape", *(f"{rule}_weight" for rule in {r for rules in TASK_RULES.values() for r in rules}), *LORA_FIXED}
+                "same_shape", *(f"{rule}_weight" for rule in {r for rules in TASK_RULES.values() for r in rules}),
+                *LORA_FIXED}
 # A run started before a flag existed was trained with the value it had then.
 BEFORE_THE_FLAG = {"same_shape": False}
 
