@@ -35,7 +35,7 @@ from data.corpus import DEFAULT_POEMS_DIR, corpus_fingerprint, corpus_folder, lo
 from data.errors import UserError
 from tanggpt.atomic import atomic_write, atomic_write_text, check_output
 from tanggpt.checkpoint import answers_prompts, input_fingerprint, model_fingerprint
-from tanggpt.cli import RunInterrupted, RuntimeConfig, flag, run_cli
+from tanggpt.cli import RunInterrupted, RuntimeConfig, flag, require_positive, run_cli
 from tanggpt.device import setup_runtime
 from tanggpt.generation import for_generation, load_for_sampling
 from tanggpt.rewards import RewardWeights
@@ -70,9 +70,7 @@ class RejectionConfig(RuntimeConfig, RewardWeights):
 
     def validate(self) -> None:
         RewardWeights.validate(self, parse_rl_tasks(self.tasks))
-        for name in ("samples_per_prompt", "max_new_tokens", "batch_size", "chunk_prompts"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        require_positive(self, ("samples_per_prompt", "max_new_tokens", "batch_size", "chunk_prompts"))
         if self.prompts < 0:
             raise UserError(f"--prompts must not be negative (0 = all), got {self.prompts}")
         if self.temperature <= 0:
@@ -185,8 +183,11 @@ def run(config: RejectionConfig, explicit: set[str]) -> Path:
           f"at least {config.min_reward:g}")
     if chunks:
         print(f"continuing from {partial}: {len(chunks)} of {n_chunks} chunks already sampled")
-    else:  # a fresh progress file, whole, before any chunk is appended
-        atomic_write(partial, lambda f: f.write((json.dumps({"key": key}) + "\n").encode()))
+    # The progress file rewritten whole before any chunk is appended: the key, then the chunks read
+    # back, so a line a kill cut short is gone and the next chunk does not land after it.
+    lines = [{"key": key}, *chunks]
+    atomic_write(partial, lambda f: f.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+                                             .encode("utf-8", "backslashreplace")))
     writer = for_generation(model, runtime)
     with StopFlag() as stop, tqdm(total=n_chunks, initial=len(chunks), unit="chunk") as bar:
         for index in range(len(chunks), n_chunks):
