@@ -107,10 +107,10 @@ class RLConfig(TuneConfig, RewardWeights):
 
 # What --resume never changes: these decide the prompts, the answers and the loss.
 RESUME_FIXED = {*LOOP_FIXED, "init", "tasks", "group_size", "max_new_tokens", "temperature", "kl_weight",
-                "same_shape", *(f"{rule}_weight" for rule in {r for rules in TASK_RULES.values() for r in rules}),
-                *LORA_FIXED}
+                "same_shape", "repeat_voids_rhyme",
+                *(f"{rule}_weight" for rule in {r for rules in TASK_RULES.values() for r in rules}), *LORA_FIXED}
 # A run started before a flag existed was trained with the value it had then.
-BEFORE_THE_FLAG = {"same_shape": False}
+BEFORE_THE_FLAG = {"same_shape": False, "repeat_voids_rhyme": False}
 
 
 class RLStage(Stage):

@@ -76,13 +76,23 @@ def acrostic_reward(poem: str, head: str) -> float:
     return acrostic_hits(poem, head) / max(len(head), len(clauses(poem)))
 
 
-def rhyme_reward(poem: str) -> float:
+def rhyme_reward(poem: str, repeat_voids: bool = True) -> float:
     """The share of the even clauses after the first (the 4th, 6th, 8th) whose last character
     rhymes with the rhymes before it, by the Pingshui table, without repeating one of them
     (prosody.rhyme_hits). 0 for an answer that is not a 絕句 or 律詩: which clauses should
-    rhyme is only defined for those."""
+    rhyme is only defined for those.
+
+    With `repeat_voids`, a rhyme character used twice (重韻) voids the whole rule. Counted
+    clause by clause, a 律詩 that repeats one of its four rhymes keeps 2/3 of the credit, and
+    repeating a rhyme is far easier than finding a new one in its group (the model has just
+    written it): the policy learned to do it (docs/rl.md, the repeated rhyme character)."""
     lines = regular_clauses(poem)
-    return share(rhyme_hits(lines)) if lines else 0.0
+    if not lines:
+        return 0.0
+    ends = [clause[-1] for clause in lines[1::2]]
+    if repeat_voids and len(set(ends)) < len(ends):
+        return 0.0
+    return share(rhyme_hits(lines))
 
 
 def tonal_reward(poem: str) -> float:
@@ -122,7 +132,8 @@ TASK_RULES = {"poem": COMMON_RULES, "form": COMMON_RULES + ("form",), "acrostic"
 @dataclass
 class RewardWeights:
     """Each rule's weight in a task's reward, as flags (--stop-weight, ...): a task's reward is
-    the weighted mean of its rules; 0 leaves a rule out of the total (it is still logged).
+    the weighted mean of its rules; 0 leaves a rule out of the total (it is still logged). And
+    one switch of how the rhyme rule counts (--repeat-voids-rhyme).
 
     Chosen by judgment, not yet measured: the RL stage's runs are to measure them. The
     instruction's own demand (the form asked for, the acrostic) weighs twice the rest, so that
@@ -146,6 +157,8 @@ class RewardWeights:
                                       "prompt's input")
     no_repeat_weight: float = flag(1.0, "weight of the no-repeat rule: the share of clauses not repeating an "
                                         "earlier one")
+    repeat_voids_rhyme: bool = flag(True, "a rhyme character used twice voids the whole rhyme rule (without it, "
+                                          "a repeat costs only its own clause, and the policy learns to repeat)")
 
     def weight(self, rule: str) -> float:
         """The weight of a rule, by its name in TASK_RULES."""
@@ -154,6 +167,8 @@ class RewardWeights:
     def validate(self, tasks: Iterable[str] = tuple(TASK_RULES)) -> None:
         """No weight negative, and each of `tasks` (those the run asks) has a rule that weighs."""
         for f in fields(RewardWeights):
+            if f.type in (bool, "bool"):
+                continue
             if not getattr(self, f.name) >= 0:
                 raise UserError(f"{flag_name(f.name)} must not be negative, got {getattr(self, f.name)}")
         for task in tasks:
@@ -180,7 +195,7 @@ def task_reward(task: str, answer: str, stopped: bool, request_input: str, form:
         raise ValueError(f"the form task, and only it, is asked for a form; got task {task!r} and form {form!r}")
     weights = weights or RewardWeights()
     poem = f"{request_input}\n{answer}" if task == "continue" else answer
-    rules = {"stop": stop_reward(stopped), "regular_form": regular_form_reward(poem), "rhyme": rhyme_reward(poem),
+    rules = {"stop": stop_reward(stopped), "regular_form": regular_form_reward(poem), "rhyme": rhyme_reward(poem, weights.repeat_voids_rhyme),
              "tonal": tonal_reward(poem), "no_copy": no_copy_reward(answer, request_input),
              "no_repeat": no_repeat_reward(answer)}
     if task == "form":

@@ -86,7 +86,11 @@ def test_a_real_poem_rhymes_fully(name):
 
 def test_rhyme_credit():
     assert rhyme_reward(REPEATED_RHYME) == 0.0  # a 絕句 has one rhyme to answer, and repeats it
-    assert rhyme_reward(LUSHI_REPEATED_RHYME) == pytest.approx(2 / 3)
+    # A repeat voids the rule (the policy learned to repeat when it cost one clause) ...
+    assert rhyme_reward(LUSHI_REPEATED_RHYME) == 0.0
+    # ... or, as before --repeat-voids-rhyme, costs its own clause only.
+    assert rhyme_reward(LUSHI_REPEATED_RHYME, repeat_voids=False) == pytest.approx(2 / 3)
+    assert rhyme_reward(LUSHI_STRAY_RHYME, repeat_voids=False) == rhyme_reward(LUSHI_STRAY_RHYME)
     # One stray rhyme costs its own clause: the later rhymes still answer 生, the first rhyme.
     assert rhyme_reward(LUSHI_STRAY_RHYME) == pytest.approx(2 / 3)
     assert rhyme_reward(LUSHI_TWO_STRAY_RHYMES) == pytest.approx(1 / 3)
@@ -171,6 +175,13 @@ def test_the_total_is_the_weighted_mean_of_the_rules():
     only_form = RewardWeights(**{f"{rule}_weight": 0.0 for rule in TASK_RULES["form"] if rule != "form"})
     reward = task_reward("form", DENG_GUAN_QUE_LOU, False, "登鸛雀樓", "五言律詩", only_form)
     assert reward.total == 0.5 and reward.rules["stop"] == 0.0
+
+
+def test_the_repeat_switch_reaches_the_task_reward():
+    voided = task_reward("poem", LUSHI_REPEATED_RHYME, True, "春夜喜雨")
+    counted = task_reward("poem", LUSHI_REPEATED_RHYME, True, "春夜喜雨", weights=RewardWeights(repeat_voids_rhyme=False))
+    assert voided.rules["rhyme"] == 0.0 and counted.rules["rhyme"] == pytest.approx(2 / 3)
+    assert voided.total < counted.total
 
 
 def test_real_answers_score_1_and_each_fault_costs():
