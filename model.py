@@ -13,7 +13,7 @@ sample with a KV cache.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -315,6 +315,29 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+
+    @torch.no_grad()
+    def grow_vocab(self, vocab_size: int) -> None:
+        """Add embedding (and head) rows for new ids after the last one: a tokenizer that gains
+        tokens (the chat markers) keeps every old id, so the trained rows stay as they are.
+        Each new row starts as the mean of the old ones, not a random vector of the init's
+        scale, which trained rows have long left: a new id starts as an average token to the
+        blocks and, in the head, scores like one, instead of at an arbitrary level."""
+        old = self.config.vocab_size
+        if vocab_size < old:
+            raise ValueError(f"grow_vocab: {vocab_size} is fewer ids than the model's {old}")
+        if vocab_size == old:
+            return
+
+        def grown(weight: torch.Tensor) -> nn.Parameter:
+            new_rows = weight.mean(dim=0, keepdim=True).expand(vocab_size - old, -1)
+            return nn.Parameter(torch.cat([weight, new_rows]), requires_grad=weight.requires_grad)
+
+        self.wte.weight = grown(self.wte.weight)
+        self.wte.num_embeddings = vocab_size
+        self.lm_head.weight = self.wte.weight if self.config.tie_head else grown(self.lm_head.weight)
+        self.lm_head.out_features = vocab_size
+        self.config = replace(self.config, vocab_size=vocab_size)
 
     def num_params(self) -> int:
         """Parameters, counting the tied embedding/head matrix once."""

@@ -1,8 +1,9 @@
 """Data: the poem corpus (corpus.py), tokenizers (tokenizer.py), pretraining batches
-(batches.py), the instruction format with its samples and batches (instruct.py) and the
-poetry tasks instruction tuning mixes (tasks.py)."""
+(batches.py), the instruction format with its samples and batches (instruct.py), the
+poetry tasks instruction tuning mixes (tasks.py) and the chat template (chat.py)."""
 
 from data.batches import random_windows
+from data.chat import ChatError, check_conversation, encode_conversation, render, render_ids
 from data.corpus import (
     SPLIT_NAMES,
     CleaningReport,
@@ -32,6 +33,7 @@ from data.instruct import (
 )
 from data.tasks import TASKS, Task, TaskMixture, parse_tasks, task_instruction, tokenizer_texts
 from data.tokenizer import (
+    CHAT_MARKERS,
     EOT,
     INP,
     INS,

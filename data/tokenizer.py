@@ -19,6 +19,11 @@ text never becomes a control token. Specials enter a sequence only by id
 (`special_ids`), placed by the code that builds the instruction format (data/instruct.py).
 A tokenizer is stored in a checkpoint as plain data (to_dict) and rebuilt exactly by
 tokenizer_from_dict.
+
+The chat template (data/chat.py) has markers of its own, one per role and one that ends a
+turn. They are not in every tokenizer: a tokenizer gains them (with_chat_markers) when a
+model is first tuned on conversations, as ids after all the others, so the ids a
+checkpoint already has keep their meaning and its embedding table only grows.
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ UNK = "<unk>"
 EOT = "<|endoftext|>"
 INS, INP, RES = "<INS>", "<INP>", "<RES>"
 SPECIALS = (UNK, EOT, INS, INP, RES)
+# The chat template's markers (data/chat.py), in the style of ChatML's <|im_start|>role ... <|im_end|>,
+# but with the role in the marker itself: one id opens a system, user or assistant turn.
+SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
+CHAT_MARKERS = (SYSTEM, USER, ASSISTANT, END)
 
 
 class TokenizerError(UserError):
@@ -45,7 +54,8 @@ class Tokenizer:
 
     name: str
     vocab_size: int
-    special_ids: dict[str, int]
+    special_ids: dict[str, int]  # the instruction format's specials, and the chat markers if it has them
+    has_chat_markers: bool = False
 
     @property
     def unk_id(self) -> int:
@@ -74,18 +84,28 @@ class Tokenizer:
     def to_dict(self) -> dict:
         raise NotImplementedError
 
+    def with_chat_markers(self) -> Tokenizer:
+        """This tokenizer with the chat markers as its last ids (itself if it has them): every
+        other id keeps its meaning, so a model trained with it needs only new embedding rows."""
+        if self.has_chat_markers:
+            return self
+        return tokenizer_from_dict({**self.to_dict(), "chat_markers": True})
+
 
 class CharTokenizer(Tokenizer):
-    """One id per character. Ids 0..4 are the specials, then characters in code-point order."""
+    """One id per character. Ids 0..4 are the specials, then characters in code-point order,
+    then (with_chat_markers) the chat markers."""
 
-    def __init__(self, chars: Iterable[str]):
+    def __init__(self, chars: Iterable[str], chat_markers: bool = False):
         chars = sorted(set(chars) - set(SPECIALS))
         if any(len(c) != 1 for c in chars):
             raise TokenizerError("char tokenizer: every vocabulary entry must be a single character")
         self.name = "char"
-        self.itos: list[str] = list(SPECIALS) + chars
+        self.has_chat_markers = chat_markers
+        self.itos: list[str] = list(SPECIALS) + chars + list(CHAT_MARKERS if chat_markers else ())
         self.stoi: dict[str, int] = {s: i for i, s in enumerate(self.itos)}
-        self.special_ids = {s: self.stoi[s] for s in SPECIALS}
+        self.special_ids = {s: self.stoi[s] for s in SPECIALS + (CHAT_MARKERS if chat_markers else ())}
+        self.n_chars = len(chars)
         self.vocab_size = len(self.itos)
 
     @classmethod
@@ -106,7 +126,8 @@ class CharTokenizer(Tokenizer):
         return "".join(self.itos[i] for i in ids)
 
     def to_dict(self) -> dict:
-        return {"kind": "char", "chars": "".join(self.itos[len(SPECIALS) :])}
+        chars = "".join(self.itos[len(SPECIALS) : len(SPECIALS) + self.n_chars])
+        return {"kind": "char", "chars": chars, **({"chat_markers": True} if self.has_chat_markers else {})}
 
 
 def check_tokenizer_name(name: str) -> None:
@@ -145,12 +166,13 @@ def _tiktoken_encoding(name: str):
 class TiktokenTokenizer(Tokenizer):
     """A tiktoken encoding whose ids are compacted to the ones the corpus uses."""
 
-    def __init__(self, encoding_name: str, base_ids: Iterable[int]):
+    def __init__(self, encoding_name: str, base_ids: Iterable[int], chat_markers: bool = False):
         import tiktoken
 
         base = _tiktoken_encoding(encoding_name)
+        specials = SPECIALS + (CHAT_MARKERS if chat_markers else ())
         # Our specials get ids past the base vocabulary; tiktoken then emits them as single tokens.
-        missing = [s for s in SPECIALS if s not in base._special_tokens]
+        missing = [s for s in specials if s not in base._special_tokens]
         extra = {s: base.n_vocab + i for i, s in enumerate(missing)}
         self.encoding = tiktoken.Encoding(
             name=f"{encoding_name}+instruct",
@@ -162,11 +184,15 @@ class TiktokenTokenizer(Tokenizer):
         self.base_vocab_size = base.n_vocab  # the encoding's own size, before compaction
         # The 256 single bytes are always kept, so any text can be spelled out in bytes.
         self.byte_ids = [self.encoding.encode_single_token(bytes([b])) for b in range(256)]
-        special_base = [self.encoding.encode_single_token(s) for s in SPECIALS]
+        special_base = [self.encoding.encode_single_token(s) for s in specials]
         ordinary = sorted((set(base_ids) | set(self.byte_ids)) - set(special_base))
-        self.compact_to_base: list[int] = special_base + ordinary
+        # The instruction specials first, then the ordinary tokens, then the chat markers (if any).
+        n = len(SPECIALS)
+        self.compact_to_base: list[int] = special_base[:n] + ordinary + special_base[n:]
         self.base_to_compact: dict[int, int] = {b: i for i, b in enumerate(self.compact_to_base)}
-        self.special_ids = {s: i for i, s in enumerate(SPECIALS)}
+        self.special_ids = {s: self.base_to_compact[b] for s, b in zip(specials, special_base)}
+        self.has_chat_markers = chat_markers
+        self.n_ordinary = len(ordinary)
         self.vocab_size = len(self.compact_to_base)
 
     @classmethod
@@ -196,7 +222,9 @@ class TiktokenTokenizer(Tokenizer):
 
     def to_dict(self) -> dict:
         n_specials = len(SPECIALS)
-        return {"kind": "tiktoken", "encoding": self.name, "base_ids": self.compact_to_base[n_specials:]}
+        return {"kind": "tiktoken", "encoding": self.name,
+                "base_ids": self.compact_to_base[n_specials : n_specials + self.n_ordinary],
+                **({"chat_markers": True} if self.has_chat_markers else {})}
 
 
 def build_tokenizer(name: str, texts: list[str]) -> Tokenizer:
@@ -209,8 +237,9 @@ def build_tokenizer(name: str, texts: list[str]) -> Tokenizer:
 def tokenizer_from_dict(state: dict) -> Tokenizer:
     """Rebuild the exact tokenizer stored by Tokenizer.to_dict()."""
     kind = state.get("kind") if isinstance(state, dict) else None
+    chat_markers = state.get("chat_markers", False) is True if isinstance(state, dict) else False
     if kind == "char":
-        return CharTokenizer(state["chars"])
+        return CharTokenizer(state["chars"], chat_markers)
     if kind == "tiktoken":
-        return TiktokenTokenizer(state["encoding"], state["base_ids"])
+        return TiktokenTokenizer(state["encoding"], state["base_ids"], chat_markers)
     raise TokenizerError(f"unknown tokenizer kind {kind!r} in checkpoint")
