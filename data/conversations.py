@@ -1,0 +1,245 @@
+"""Conversations built from the corpus: what the chat format is tuned on, every assistant turn a real text.
+
+A conversation opens with a request of one of the tasks (data/tasks.py: title -> poem, a
+form, an acrostic, a continuation, a title), asked as the user would type it: the
+instruction, a line break, the input. The assistant answers with the corpus's own text.
+Then zero to two follow-ups, each answered by the corpus too:
+
+    follow-up    the user asks (one of its phrasings)   the assistant answers
+    title_it     為這首詩擬一個題目                      the poem's real title (when the conversation has not given it)
+    form_of_it   這首詩是什麼體裁？                      its form: 五言絕句, 七言絕句, 五言律詩 or 七言律詩
+    same_title   同一個題目，再寫一首                    another poem of the corpus with the same title
+    next         a request of any task, on another poem  that poem's answer
+
+title_it and form_of_it are about the answer before: the model must read back up the
+conversation. `next` asks something new: the model must answer the last request, not the
+first. Half the conversations open with a system prompt, a persona (你是一位唐代詩人) or a
+rule the answers keep in a way a program can check (你只寫五言詩: every poem the assistant
+writes has 5-character clauses); a rule is given only to conversations whose poems keep
+it, so the rule is what the data teaches. Every follow-up and system prompt has held-out
+phrasings, never trained on, as the tasks have (evaluation asks with them).
+
+The block is short (a 七言律詩 is 64 characters): follow-ups are added only while the
+conversation still fits the model's block_size, and never cut (see data/instruct.py).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from typing import Callable
+
+from data.chat import encode_conversation
+from data.corpus import Poem
+from data.errors import UserError
+from data.forms import clauses, form_name
+from data.instruct import EncodedSample
+from data.tasks import TASKS, MixedTask
+from data.tokenizer import Tokenizer
+
+Message = dict[str, str]
+
+
+def request_text(instruction: str, input: str) -> str:
+    """A task's request as the user types it: the instruction, then its input on the next line."""
+    return f"{instruction}\n{input}"
+
+
+@dataclass(frozen=True)
+class FollowUp:
+    name: str
+    description: str
+    phrasings: tuple[str, ...]  # used in training
+    held_out: tuple[str, ...]  # never in a training conversation
+
+
+FOLLOW_UPS = {f.name: f for f in (
+    FollowUp("title_it", "title the poem just written",
+             ("為這首詩擬一個題目", "給它起個題目", "這首詩該叫什麼題目？", "替剛才這首詩取個題目"),
+             ("幫這首詩想個題目",)),
+    FollowUp("form_of_it", "name the form of the poem just written",
+             ("這首詩是什麼體裁？", "它屬於哪種詩體？", "說說這首詩的體裁", "這首詩是絕句還是律詩，五言還是七言？"),
+             ("這首詩算哪一體？",)),
+    FollowUp("same_title", "another poem on the same title",
+             ("同一個題目，再寫一首", "用同樣的題目再作一首", "這個題目再來一首", "同題再寫一首"),
+             ("就這個題目另寫一首",)),
+    FollowUp("next", "a new request, of any task, on another poem", (), ()),
+)}
+
+
+@dataclass(frozen=True)
+class SystemPrompt:
+    name: str
+    phrasings: tuple[str, ...]
+    held_out: tuple[str, ...]
+    keeps: Callable[[str], bool]  # does a poem the assistant wrote keep this rule
+
+
+def _clauses_of(length: int) -> Callable[[str], bool]:
+    return lambda poem: bool(clauses(poem)) and all(len(c) == length for c in clauses(poem))
+
+
+SYSTEM_PROMPTS = {s.name: s for s in (
+    SystemPrompt("poet", ("你是一位唐代詩人", "你是詩人，用詩回答", "你是一位擅長近體詩的詩人", "你是唐朝的詩人，請按要求作詩"),
+                 ("你是一個會寫古詩的助手",), lambda poem: True),
+    SystemPrompt("five", ("你只寫五言詩", "你寫的詩每句都是五個字", "只用五言作詩", "無論寫什麼，都寫五言"),
+                 ("請一律寫五言",), _clauses_of(5)),
+    SystemPrompt("seven", ("你只寫七言詩", "你寫的詩每句都是七個字", "只用七言作詩", "無論寫什麼，都寫七言"),
+                 ("請一律寫七言",), _clauses_of(7)),
+)}
+
+
+@dataclass
+class Turn:
+    """One exchange: the user's text, the assistant's answer, and the poem the assistant has
+    written that the conversation is now about (what a system prompt's rule checks, and what
+    "this poem" means to the next follow-up), if any."""
+    user: str
+    assistant: str
+    poem: str | None
+    title_known: bool  # the conversation has named the title of the poem it is now about
+
+
+def _task_turn(task: str, poem: Poem, instruction: str) -> Turn | None:
+    sample = TASKS[task].sample(poem, instruction)
+    if sample is None:
+        return None
+    written = {"poem": sample.response, "form": sample.response, "acrostic": sample.response,
+               "continue": f"{sample.input}\n{sample.response}", "title": None}[task]
+    # The title is named by a poem or form request (it is the input) and by a title request's answer.
+    return Turn(request_text(sample.instruction, sample.input), sample.response, written,
+                task in ("poem", "form", "title"))
+
+
+def exchange(turn: Turn) -> list[Message]:
+    """A turn as the user's message and the assistant's."""
+    return [{"role": "user", "content": turn.user}, {"role": "assistant", "content": turn.assistant}]
+
+
+class ConversationMaker:
+    """Conversations on the poems of one split: each a pure function of the random generator
+    it is given, so a mixture seeded by (seed, epoch) draws the same ones on resume."""
+
+    def __init__(self, poems: list[Poem], tasks: dict[str, MixedTask], held_out: bool = False):
+        self.poems, self.tasks, self.held_out = poems, tasks, held_out
+        self.by_title: dict[str, list[Poem]] = defaultdict(list)
+        for poem in poems:
+            self.by_title[poem.title].append(poem)
+
+    def _phrasing(self, rng: random.Random, training: tuple[str, ...], held_out: tuple[str, ...]) -> str:
+        texts = held_out if self.held_out else training
+        return texts[0] if len(texts) == 1 else rng.choice(texts)
+
+    def task_turn(self, rng: random.Random, poem: Poem, fits: Callable[[Turn], bool] = lambda turn: True
+                  ) -> Turn | None:
+        """A request of one of the tasks (by the mixture's weights) on `poem`, and its real
+        answer; a task whose turn does not fit is drawn again among the rest; None if the
+        poem can serve none of them."""
+        names = list(self.tasks)
+        while names:
+            name = names[0] if len(names) == 1 else rng.choices(names, weights=[self.tasks[n].weight for n in names])[0]
+            task = TASKS[name]
+            texts = task.held_out if self.held_out else self.tasks[name].phrasings
+            instruction = texts[0] if len(texts) == 1 else rng.choice(texts)
+            form = form_name(poem.body) or ""
+            if "{form}" in instruction and not form:
+                names.remove(name)
+                continue
+            turn = _task_turn(name, poem, instruction.format(form=form))
+            if turn is not None and fits(turn):
+                return turn
+            names.remove(name)
+        return None
+
+    def follow_up(self, rng: random.Random, poem: Poem, before: Turn) -> tuple[Turn, Poem] | None:
+        """A follow-up to `before` (an answer on `poem`), drawn among those that apply; the poem
+        the conversation is now about."""
+        choices = ["next"]
+        if before.poem is not None and not before.title_known:
+            choices.append("title_it")
+        if before.poem is not None and form_name(before.poem):
+            choices.append("form_of_it")
+        # "The same title" only once the conversation has named it: the model cannot guess it.
+        others = [p for p in self.by_title.get(poem.title, ()) if p.body != poem.body] if before.title_known else []
+        if others:
+            choices.append("same_title")
+        kind = rng.choice(choices)
+        if kind == "next":
+            other = self.poems[rng.randrange(len(self.poems))]
+            turn = self.task_turn(rng, other)
+            return (turn, other) if turn is not None else None
+        follow = FOLLOW_UPS[kind]
+        text = self._phrasing(rng, follow.phrasings, follow.held_out)
+        if kind == "title_it":
+            return Turn(text, poem.title, before.poem, True), poem
+        if kind == "form_of_it":
+            return Turn(text, form_name(before.poem), before.poem, before.title_known), poem
+        other = others[rng.randrange(len(others))]
+        return Turn(text, other.body, other.body, True), other
+
+    def conversation(self, rng: random.Random, poem: Poem, fits: Callable[[list[Message]], bool],
+                     max_follow_ups: int = 2) -> list[Message] | None:
+        """A conversation opening with a request on `poem`, with up to max_follow_ups follow-ups
+        and, half the time, a system prompt, each added only while `fits` holds; None if even
+        the first exchange does not fit."""
+        first = self.task_turn(rng, poem, lambda turn: fits(exchange(turn)))
+        if first is None:
+            return None
+        messages = exchange(first)
+        turns, about = [first], poem
+        for _ in range(rng.choices(range(max_follow_ups + 1), weights=[1, 2, 1][: max_follow_ups + 1])[0]):
+            drawn = self.follow_up(rng, about, turns[-1])
+            if drawn is None:
+                break
+            turn, about = drawn
+            longer = messages + exchange(turn)
+            if not fits(longer):
+                break
+            messages, turns = longer, turns + [turn]
+        if rng.random() < 0.5:
+            poems = [t.poem for t in turns if t.poem is not None]
+            rules = [s for s in SYSTEM_PROMPTS.values() if all(s.keeps(p) for p in poems)]
+            rule = rules[0] if len(rules) == 1 else rng.choice(rules)
+            system = [{"role": "system", "content": self._phrasing(rng, rule.phrasings, rule.held_out)}]
+            if fits(system + messages):
+                messages = system + messages
+        return messages
+
+
+class ConversationMixture:
+    """The chat format's training rows of each epoch: one conversation opening on each poem
+    (a poem no task can open within block_size is dropped), drawn from (seed, epoch) alone,
+    as TaskMixture draws the instruction format's samples, so a resumed run sees the same
+    conversations. `loss_on` is data/chat.py's: every assistant turn, or the last."""
+
+    def __init__(self, poems: list[Poem], tasks: dict[str, MixedTask], tokenizer: Tokenizer, block_size: int,
+                 loss_on: str = "assistant", seed: int = 0, unknown: Counter | None = None):
+        if not tokenizer.has_chat_markers:
+            raise UserError("the chat format needs a tokenizer with the chat markers (Tokenizer.with_chat_markers)")
+        self.maker = ConversationMaker(poems, tasks)
+        self.tokenizer, self.block_size, self.loss_on, self.seed, self.unknown = \
+            tokenizer, block_size, loss_on, seed, unknown
+        self._cached: tuple[int, list[EncodedSample]] | None = None
+
+    def fits(self, messages: list[Message]) -> bool:
+        # The inputs are one id shorter than the conversation: the last id is only a label.
+        return len(encode_conversation(self.tokenizer, messages, self.loss_on).inputs) <= self.block_size
+
+    def conversations(self, epoch: int) -> list[list[Message]]:
+        """This epoch's conversations, one per poem that can open one."""
+        rng = random.Random(f"conversation mixture {self.seed} {epoch}")  # str seeds hash the same everywhere
+        drawn = (self.maker.conversation(rng, poem, self.fits) for poem in self.maker.poems)
+        return [c for c in drawn if c is not None]
+
+    def rows(self, epoch: int) -> list[EncodedSample]:
+        """This epoch's encoded conversations (the last epoch asked for is kept)."""
+        if self._cached is None or self._cached[0] != epoch:
+            rows = [encode_conversation(self.tokenizer, c, self.loss_on, self.unknown)
+                    for c in self.conversations(epoch)]
+            self._cached = (epoch, rows)
+        return self._cached[1]
+
+    def __len__(self) -> int:
+        return len(self.rows(0))
+
