@@ -44,7 +44,7 @@ from data.tasks import finetune_val_rows, tuning_poems
 from data.tokenizer import Tokenizer
 from model import GPT
 from tanggpt.atomic import check_output
-from tanggpt.checkpoint import DPO, KINDS, check_same_inputs, input_fingerprint
+from tanggpt.checkpoint import DPO, KINDS, check_same_inputs, input_fingerprint, refuse_chat_model
 from tanggpt.cli import flag, resume_rule, run_cli
 from tanggpt.device import Runtime
 from tanggpt.distributed import barrier
@@ -263,6 +263,7 @@ def run(config: AlignConfig, explicit: set[str]) -> dict:
     ckpt, source, notes = open_run(config, explicit, DPO, RESUME_FIXED, init_example="ckpt_sft.pt",
                                    outputs={"--pairs": config.pairs_path()})
     refuse_pretrained(config, ckpt, source, "its answers give no pairs", "align that")
+    refuse_chat_model(source, "--init", config.init, "align.py")
     dist_info, runtime = start_runtime(config)
     master = dist_info.is_master
     for note in notes if master else []:

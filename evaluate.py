@@ -20,7 +20,7 @@ from pathlib import Path
 
 from data.corpus import DEFAULT_POEMS_DIR, clean_poems, load_corpus, load_poems
 from data.errors import UserError
-from tanggpt.checkpoint import answers_prompts
+from tanggpt.checkpoint import answers_prompts, refuse_chat_model
 from tanggpt.cli import flag, require_positive, run_cli
 from tanggpt.device import setup_runtime
 from tanggpt.evaluation import (EvaluationConfig, check_measurable, evaluate_checkpoint, format_instruction_table,
@@ -82,6 +82,7 @@ def run(config: EvaluateConfig, explicit: set[str]) -> dict:
                                              (config.compare, "--compare", config.compare_base, "--compare-base")):
         if path:
             ckpt, model, tokenizer = load_for_sampling(path, flag_name, base, base_flag)
+            refuse_chat_model(ckpt, flag_name, path, "evaluate.py")
             try:
                 allowed = config.constraint(tokenizer)
             except UserError as e:

@@ -6,6 +6,7 @@
     python finetune.py --init ckpt.pt --loss-on all    # the book's variant: loss on the prompt too
     python finetune.py --init ckpt.pt --data my.jsonl  # add {"instruction","input","output"} records
     python finetune.py --init ckpt.pt --lora-rank 8 --out ckpt_sft_lora.pt   # LoRA: adapters on a frozen model
+    python finetune.py --init ckpt.pt --format chat --out ckpt_chat.pt   # conversations in the chat template
     python finetune.py --resume                        # continue the run saved at --out
 
 Every finetune-train poem becomes one sample per epoch, of a task drawn for it that epoch
@@ -13,7 +14,10 @@ Every finetune-train poem becomes one sample per epoch, of a task drawn for it t
 
     <INS>請用以下題目寫一首詩<INP>{title}<RES>{poem lines joined by \\n}<|endoftext|>
 
-and the model is trained on the response and the end-of-text token. Before the first
+and the model is trained on the response and the end-of-text token. With --format chat
+it is tuned on conversations instead (data/conversations.py): the same tasks asked as the
+user's turn, follow-ups on the answer before, system prompts, in the chat template of
+data/chat.py, with the loss on every assistant turn or on the last (--loss-on). Before the first
 epoch and after each one, it answers a fixed list of prompts, a few titles and one prompt
 per other task: the gallery shows the base model rambling on without stopping, and the
 tuned one answering and stopping.
@@ -29,6 +33,8 @@ import torch
 
 from data.corpus import Poem, corpus_fingerprint, corpus_folder, load_corpus
 from data.errors import UserError
+from data.chat import LOSS_ON
+from data.conversations import ConversationMixture, chat_finetune_val_rows
 from data.instruct import INSTRUCTION, EpochBatches, load_instruction_jsonl
 from data.tasks import DEFAULT_TASKS, TaskMixture, finetune_val_rows, parse_tasks, task_instruction, tuning_poems
 from data.tokenizer import Tokenizer
@@ -53,8 +59,14 @@ class FinetuneConfig(TuneConfig):
     warmup_iters: int = flag(50, "steps of linear warmup")
     optimizer: str = flag("", OPTIMIZER_HELP + " (default: muon for a mixture of tasks, adamw for --tasks book)",
                           choices=["adamw", "muon"])
-    loss_on: str = flag("response", "response: loss on the poem and end-of-text only; all: on every token",
-                        choices=["response", "all"])
+    format: str = flag("instruct", "instruct: the book's format, one request a sample (<INS>instruction<INP>input"
+                                   "<RES>response); chat: conversations in the chat template, system, user and "
+                                   "assistant turns (data/chat.py), the tokenizer gaining the chat markers",
+                       choices=["instruct", "chat"])
+    loss_on: str = flag("", "which tokens carry the loss. --format instruct: response (the poem and end-of-text, "
+                            "the default) or all (every token); --format chat: assistant (every assistant turn, the "
+                            "default) or last (the last turn only, the earlier replies as context)",
+                        choices=["", "response", "all", "assistant", "last"])
     forms: str = flag("regular", "regular: tune on poems of regular form only (all clauses 5 or all 7 characters, "
                                  "paired); all: every poem", choices=["regular", "all"])
     tasks: str = flag(DEFAULT_TASKS, "the tasks to mix: all, book (title -> poem with the book's one sentence: the "
@@ -83,18 +95,28 @@ class FinetuneConfig(TuneConfig):
             self.lr = lr
         if self.min_lr == 0:
             self.min_lr = min_lr if self.lr == lr else self.lr / 10
+        self.loss_on = self.loss_on or ("assistant" if self.format == "chat" else "response")
 
     def validate(self) -> None:
         parse_tasks(self.tasks)  # an unknown task fails before the corpus loads
+        masks = {"instruct": ("response", "all"), "chat": LOSS_ON}[self.format]
+        if self.loss_on not in masks:
+            raise UserError(f"--loss-on {self.loss_on} is not a mask of --format {self.format}; give "
+                            + " or ".join(masks))
+        if self.format == "chat" and self.data:
+            raise UserError("--data records are instruction-format samples: give them with --format instruct")
+        if self.format == "chat" and self.lora_rank:
+            raise UserError("--format chat tunes every weight: the chat markers' new rows do not fit on --lora-rank "
+                            "adapters over a base that lacks them")
         super().validate()
 
 
 # What --resume never changes: these decide the samples, their order and the loss, so another
 # value would not continue the same run.
-RESUME_FIXED = {*LOOP_FIXED, "init", "loss_on", "forms", "tasks", "data", "data_mode", "length_buckets",
+RESUME_FIXED = {*LOOP_FIXED, "init", "format", "loss_on", "forms", "tasks", "data", "data_mode", "length_buckets",
                 *LORA_FIXED}
 # A run started before a flag existed was trained with the value it had then.
-BEFORE_THE_FLAG = {"length_buckets": False}
+BEFORE_THE_FLAG = {"length_buckets": False, "format": "instruct"}
 
 
 def gallery_requests(config: FinetuneConfig, tasks: dict, val_poems: list[Poem]) -> list[tuple[str, str]]:
@@ -133,14 +155,15 @@ class FinetuneStage(Stage):
 
     def sample(self, model: GPT, step: int) -> str:
         answers = answer_requests(model, self.tokenizer, self.gallery, self.runtime, self.config.sample_tokens,
-                                  seed=self.config.seed)
+                                  seed=self.config.seed, chat=self.config.format == "chat")
         return format_answers(answers)
 
     def describe_step(self, step: int) -> str:
         return f"epoch {step / self.batches.steps_per_epoch:g}"
 
     def checkpoint_extra(self) -> dict:
-        return {"init": self.config.init, "loss_on": self.config.loss_on, "inputs": self.inputs, **self.adapters}
+        return {"init": self.config.init, "format": self.config.format, "loss_on": self.config.loss_on,
+                "inputs": self.inputs, **self.adapters}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -161,7 +184,8 @@ def run(config: FinetuneConfig, explicit: set[str]) -> dict:
 
     if ckpt is not None and done_as_started(ckpt, explicit, config.out, master):
         return {}
-    model, tokenizer, adapters = model_to_tune(config, ckpt, source)
+    chat = config.format == "chat"
+    model, tokenizer, adapters = model_to_tune(config, ckpt, source, chat_markers=chat)
     model.to(runtime.device)
     block_size = model.config.block_size
 
@@ -172,10 +196,16 @@ def run(config: FinetuneConfig, explicit: set[str]) -> dict:
     check_same_inputs(ckpt, inputs, config.out)
     train_poems, val_poems = tuning_poems(splits, config.forms)
     unknown: Counter = Counter()
-    mixture = TaskMixture([] if extra and config.data_mode == "replace" else train_poems, parse_tasks(config.tasks),
-                          tokenizer, block_size, config.loss_on, config.seed, extra, unknown)
-    # The val loss is always the book's task, title -> poem: comparable between runs of any --tasks or --forms.
-    val_rows = finetune_val_rows(tokenizer, splits, block_size, unknown)
+    if chat:
+        mixture = ConversationMixture(train_poems, parse_tasks(config.tasks), tokenizer, block_size, config.loss_on,
+                                      config.seed, unknown)
+    else:
+        mixture = TaskMixture([] if extra and config.data_mode == "replace" else train_poems,
+                              parse_tasks(config.tasks), tokenizer, block_size, config.loss_on, config.seed, extra,
+                              unknown)
+    # The val loss is always the book's task, title -> poem: comparable between runs of any --tasks or --forms
+    # (and, asked as one turn of a conversation, between the two formats).
+    val_rows = (chat_finetune_val_rows if chat else finetune_val_rows)(tokenizer, splits, block_size, unknown)
     dropped_val = len(tuning_poems(splits)[1]) - len(val_rows)
     poems_read = [] if extra and config.data_mode == "replace" else train_poems
     if not poems_read and not extra:
@@ -202,11 +232,15 @@ def run(config: FinetuneConfig, explicit: set[str]) -> dict:
         print(f"device {runtime.describe()}; model {model.num_params():,} parameters from "
               f"{config.out if config.resume else config.init}; tokenizer {tokenizer.name} ({tokenizer.vocab_size:,})")
         print(describe_tuning(model, adapters))
-        counts = Counter(name for name, _ in mixture.draws(0))
         print(f"samples: train {len(batches.rows):,} ({n_tokens:,} tokens in epoch 1), val {len(val_rows):,}; "
               f"forms {config.forms}; dropped {mixture.dropped + dropped_val} longer than block_size {block_size}")
-        print(f"tasks {config.tasks}, drawn anew each epoch; epoch 1: "
-              + ", ".join(f"{name} {count:,}" for name, count in counts.most_common()))
+        if chat:
+            print(f"conversations, drawn anew each epoch, first requests of tasks {config.tasks}; epoch 1: "
+                  + mixture.describe(0))
+        else:
+            counts = Counter(name for name, _ in mixture.draws(0))
+            print(f"tasks {config.tasks}, drawn anew each epoch; epoch 1: "
+                  + ", ".join(f"{name} {count:,}" for name, count in counts.most_common()))
         if unknown:
             print(f"{sum(unknown.values()):,} characters outside the vocabulary became <unk>: "
                   + "".join(c for c, _ in unknown.most_common(20)))

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from data.corpus import DEFAULT_POEMS_DIR, corpus_fingerprint, corpus_folder, load_corpus
 from data.errors import UserError
 from tanggpt.atomic import atomic_write, atomic_write_text, check_output
-from tanggpt.checkpoint import answers_prompts, input_fingerprint, model_fingerprint
+from tanggpt.checkpoint import answers_prompts, input_fingerprint, model_fingerprint, refuse_chat_model
 from tanggpt.cli import RunInterrupted, RuntimeConfig, flag, require_positive, run_cli
 from tanggpt.device import setup_runtime
 from tanggpt.generation import for_generation, load_for_sampling
@@ -157,6 +157,7 @@ def run(config: RejectionConfig, explicit: set[str]) -> Path:
     if out.exists() and not config.overwrite:
         raise UserError(f"--out {out} exists; give another --out, or --overwrite to replace it")
     ckpt, model, tokenizer = load_for_sampling(config.init, "--init")
+    refuse_chat_model(ckpt, "--init", config.init, "rejection_sampling.py")
     if not answers_prompts(ckpt["kind"]):
         raise UserError(f"--init {config.init} is a {ckpt['kind']} checkpoint: it does not answer the instruction "
                         "prompt or stop; tune it first (python finetune.py --init ...), then sample the tuned one")

@@ -47,7 +47,7 @@ from data.instruct import IGNORE, EpochBatches, pad_batch
 from data.tasks import finetune_val_rows, tuning_poems
 from data.tokenizer import Tokenizer
 from model import GPT
-from tanggpt.checkpoint import KINDS, RL, check_same_inputs
+from tanggpt.checkpoint import KINDS, RL, check_same_inputs, refuse_chat_model
 from tanggpt.cli import flag, resume_rule, run_cli
 from tanggpt.device import Runtime
 from tanggpt.generation import answer_requests, format_answers
@@ -266,6 +266,7 @@ def run(config: RLConfig, explicit: set[str]) -> dict:
     ckpt, source, notes = open_run(config, explicit, RL, RESUME_FIXED, init_example="ckpt_dpo.pt",
                                    before_the_flag=BEFORE_THE_FLAG)
     refuse_pretrained(config, ckpt, source, "no rule could score its answers", "train that")
+    refuse_chat_model(source, "--init", config.init, "rl.py")
     dist_info, runtime = start_runtime(config)
     master = dist_info.is_master
     for note in notes if master else []:

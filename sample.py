@@ -11,6 +11,7 @@
     python sample.py --ckpt ckpt_sft.pt --instruction 請為這首詩擬一個題目 --input '...'   # any instruction
     python sample.py --ckpt ckpt_sft.pt --task acrostic                   # interactive: each typed line a head
     python sample.py --ckpt ckpt_sft_lora.pt --title 春夜喜雨              # LoRA adapters, on the base they recorded
+    python sample.py --ckpt ckpt_chat.pt --chat --system 你只寫五言詩       # talk: a conversation, turn by turn
 
 The checkpoint says what it is. A tuned one (finetune.py, kind "sft"; align.py, "dpo") gets
 each title wrapped in the instruction prompt <INS>請用以下題目寫一首詩<INP>{title}<RES>
@@ -20,6 +21,11 @@ mode asks the same of each typed line: a title, or with --task/--form/--instruct
 input of that request. A base one (pretrain.py, kind "pretrain") only ever saw
 poems as "title\\nlines..." run together, so in interactive mode each typed title
 becomes the prompt "title\\n"; it never learned to stop and runs to --max-new-tokens.
+A chat model (finetune.py --format chat) is asked each request as the user's turn of a
+conversation (data/chat.py), after the --system prompt if one is given, and its answer
+ends at <|end|>. With --chat you talk with it: each typed line is your turn, and the
+model answers with the whole conversation before it; when the conversation outgrows the
+model's block_size, the oldest exchanges are forgotten (with a note); /reset starts over.
 
 stdout carries only the generated text (and "--- sample N ---" headers with
 --num-samples > 1), so it can be piped or saved; the header, notes and the interactive
@@ -39,11 +45,13 @@ import torch
 
 from data.errors import UserError, not_utf8
 from data.forms import CLAUSE_BREAK, FORMS
+from data.chat import ChatError, fit_history, render_ids
+from data.conversations import request_messages
 from data.instruct import prompt_ids
 from data.tasks import TASKS, task_instruction
-from data.tokenizer import Tokenizer
+from data.tokenizer import END, Tokenizer
 from model import GPT
-from tanggpt.checkpoint import KINDS, answers_prompts
+from tanggpt.checkpoint import KINDS, answers_prompts, tuned_format
 from tanggpt.cli import flag, require_positive, run_cli
 from tanggpt.device import Runtime, setup_runtime
 from tanggpt.generation import SamplingConfig, for_generation, load_for_sampling
@@ -67,6 +75,9 @@ class SampleConfig(SamplingConfig):
     input: str = flag("", "the input of --task or --instruction: a title, a head, a first couplet or a poem "
                           r"(\n in it is a newline)")
     num_samples: int = flag(1, "samples of the same title or prompt, one after another")
+    chat: bool = flag(False, "talk with a chat model (finetune.py --format chat): each typed line is your turn, "
+                             "answered with the conversation so far; /reset starts a new one, an empty line quits")
+    system: str = flag("", "a chat model's system prompt, e.g. 你只寫五言詩 (with --chat, or for a single request)")
 
     def validate(self, explicit: Collection[str] = ()) -> None:
         super().validate()
@@ -89,7 +100,12 @@ class SampleConfig(SamplingConfig):
                             f"{'--instruction' if self.instruction else '--task ' + self.task} give --input")
         if self.task == "form" and not self.form:
             raise UserError(f"--task form needs --form, one of {', '.join(FORMS)}")
-        for name in ("title", "prompt", "acrostic", "instruction", "input", "base"):
+        if self.chat and (given or asks or self.num_samples > 1):
+            raise UserError(f"--chat is a conversation you type, turn by turn; ask without "
+                            f"{(given + asks)[0] if given + asks else '--num-samples'}")
+        if self.system and self.prompt:
+            raise UserError("--system is a chat model's system prompt; --prompt is raw text for a base model")
+        for name in ("title", "prompt", "acrostic", "instruction", "input", "base", "system"):
             # typed but empty: an unfinished command line, not "interactive"
             if name in explicit and not getattr(self, name).strip():
                 raise UserError(f"--{name} is empty")
@@ -152,12 +168,19 @@ def check_head(tokenizer: Tokenizer, head: str) -> None:
                         "open with it")
 
 
-def encode_prompt(tokenizer: Tokenizer, text: str, instruction: str | None) -> list[int]:
-    """The ids to continue: `text` as the input of `instruction`'s prompt, or (None) raw text
-    as it is. Say on stderr which characters the tokenizer does not know."""
+def encode_prompt(tokenizer: Tokenizer, text: str, instruction: str | None, chat: bool = False,
+                  system: str = "") -> list[int]:
+    """The ids to continue: `text` as the input of `instruction`'s prompt (for a chat model, the
+    request as the user's turn after the `system` prompt), or (None) raw text as it is. Say
+    on stderr which characters the tokenizer does not know."""
     unknown: Counter = Counter()
-    ids = prompt_ids(tokenizer, instruction, text, unknown) if instruction is not None \
-        else tokenizer.encode(text, unknown)
+    if instruction is None:
+        ids = tokenizer.encode(text, unknown)
+    elif chat:
+        ids = render_ids(tokenizer, request_messages(instruction, text, system), add_generation_prompt=True,
+                         unknown=unknown)
+    else:
+        ids = prompt_ids(tokenizer, instruction, text, unknown)
     if unknown:
         how = "replaced by <unk>" if tokenizer.unk_id in ids else "spelled out as bytes the model rarely saw"
         print(f"note: not in the tokenizer's vocabulary, {how}: {' '.join(unknown)}", file=sys.stderr)
@@ -166,35 +189,40 @@ def encode_prompt(tokenizer: Tokenizer, text: str, instruction: str | None) -> l
 
 def write_samples(model: GPT, tokenizer: Tokenizer, ids: list[int], config: SampleConfig, runtime: Runtime,
                   generator: torch.Generator, warn_cut: bool, allowed: Callable | None = None,
-                  max_new_tokens: int | None = None) -> None:
-    """Stream config.num_samples continuations of the prompt `ids` to stdout, each ending in a newline.
-    max_new_tokens below --max-new-tokens: where the model's block_size ends the answer first."""
+                  max_new_tokens: int | None = None, stop_ids: Collection[int] = ()) -> str:
+    """Stream config.num_samples continuations of the prompt `ids` to stdout, each ending in a newline,
+    and return the last one's text. max_new_tokens below --max-new-tokens: where the model's
+    block_size ends the answer first. Each stops at end-of-text, or at one of `stop_ids`."""
     limit = config.max_new_tokens if max_new_tokens is None else max_new_tokens
+    stops = {tokenizer.eot_id, *stop_ids}
     for i in range(config.num_samples):
         if config.num_samples > 1:
             print(f"--- sample {i + 1} ---", flush=True)
-        stream, stopped = TextStream(tokenizer), False
+        stream, stopped, text = TextStream(tokenizer), False, []
         with runtime.autocast():
-            steps = model.generate_stream([ids], limit, stop_ids=[tokenizer.eot_id],
+            steps = model.generate_stream([ids], limit, stop_ids=stops,
                                           allowed=allowed,
                                           generator=generator, **config.generate_kwargs())
             for step in steps:
                 token = int(step[0])
-                if token == tokenizer.eot_id:
+                if token in stops:
                     stopped = True
                     break
-                print(stream.push(token), end="", flush=True)  # flush: show each character as it comes
-        print(stream.flush(), flush=True)
+                text.append(stream.push(token))
+                print(text[-1], end="", flush=True)  # flush: show each character as it comes
+        text.append(stream.flush())
+        print(text[-1], flush=True)
         if not stopped and limit < config.max_new_tokens:
             print(f"[no end-of-text: cut at the model's block_size {model.config.block_size}, prompt and answer "
                   "together; past it the model would no longer see the instruction]", file=sys.stderr)
         elif warn_cut and not stopped:
             print(f"[no end-of-text: cut at --max-new-tokens {config.max_new_tokens}]", file=sys.stderr)
+    return "".join(text)
 
 
 def check_instruction_fits(instruction_ids: int, block_size: int, typed: bool) -> None:
     """Refuse an instruction prompt that leaves no room for an input and an answer in block_size.
-    `instruction_ids`: its tokens with the 3 markers; `typed`: the user's --instruction, not a task's."""
+    `instruction_ids`: its tokens with the format's markers; `typed`: the user's --instruction, not a task's."""
     if instruction_ids >= block_size - 1:
         fix = "give a shorter --instruction" if typed else "this model's context is too short for any request"
         raise UserError(f"the instruction prompt alone is {instruction_ids} tokens, and this model reads at most "
@@ -213,7 +241,7 @@ def answer_room(ids: list[int], instruction_ids: int, block_size: int, source: s
     """
     room = block_size - len(ids)
     if room < 1:
-        raise UserError(f"{source}: the prompt is {len(ids)} tokens (the instruction, the input and 3 markers), and "
+        raise UserError(f"{source}: the prompt is {len(ids)} tokens (the instruction, the input and the markers), and "
                         f"this model reads at most {block_size} (its block_size), prompt and answer together; shorten "
                         f"the input to at most {block_size - 1 - instruction_ids} tokens")
     return room
@@ -254,6 +282,43 @@ def interactive(answer: Callable[[str], None], what: str, label: str = "title") 
             print("[stopped]", file=sys.stderr)
 
 
+def converse(model: GPT, tokenizer: Tokenizer, config: SampleConfig, runtime: Runtime, generator: torch.Generator,
+             allowed: Callable | None, stop_ids: list[int]) -> None:
+    """--chat: each typed line is the user's turn; the model answers it with the conversation
+    so far (the --system prompt, then every exchange). The answer needs room in the block:
+    at least --max-new-tokens or half the block, whichever is less; to keep that room, the
+    oldest exchanges are forgotten (data/chat.fit_history), with a note. /reset forgets all
+    but the system prompt."""
+    system = [{"role": "system", "content": config.system}] if config.system else []
+    block_size = model.config.block_size
+    room = min(config.max_new_tokens, block_size // 2)
+    history: list[dict] = list(system)
+
+    def turn(line: str) -> None:
+        nonlocal history
+        if line == "/reset":
+            history = list(system)
+            print("[a new conversation" + (" (the system prompt kept)]" if system else "]"), file=sys.stderr)
+            return
+        try:
+            kept, dropped = fit_history(tokenizer, history + [{"role": "user", "content": unescape(line)}],
+                                        block_size - room)
+        except ChatError as e:
+            raise UserError(str(e)) from None
+        if dropped:
+            print(f"[the conversation outgrew the model's {block_size} tokens: the oldest {dropped} exchange"
+                  f"{'s' * (dropped > 1)} forgotten]", file=sys.stderr)
+        unknown: Counter = Counter()
+        ids = render_ids(tokenizer, kept, add_generation_prompt=True, unknown=unknown)
+        if unknown:
+            print(f"note: not in the tokenizer's vocabulary: {' '.join(unknown)}", file=sys.stderr)
+        reply = write_samples(model, tokenizer, ids, config, runtime, generator, warn_cut=True, allowed=allowed,
+                              max_new_tokens=min(config.max_new_tokens, block_size - len(ids)), stop_ids=stop_ids)
+        history = kept + [{"role": "assistant", "content": reply}]
+
+    interactive(turn, "your turn (/reset starts a new conversation)", "you")
+
+
 def run(config: SampleConfig, explicit: set[str]) -> None:
     config.validate(explicit)
     runtime = setup_runtime(config.device, config.dtype)
@@ -262,6 +327,10 @@ def run(config: SampleConfig, explicit: set[str]) -> None:
     acrostic = config.acrostic or config.task == "acrostic"
     if config.acrostic:  # before any sampling: one line if a head cannot be written
         check_head(tokenizer, config.acrostic)
+    chat = tuned_format(ckpt) == "chat"
+    if (config.chat or config.system) and not chat:
+        raise UserError(f"{'--chat' if config.chat else '--system'}: {config.ckpt} was not tuned on conversations; "
+                        "talk to a model tuned with finetune.py --format chat")
     model = for_generation(model, runtime)
     answers = answers_prompts(kind)
     print(f"{config.ckpt}: {KINDS[kind]} model ({kind}), "
@@ -275,9 +344,12 @@ def run(config: SampleConfig, explicit: set[str]) -> None:
                   file=sys.stderr)
     generator = torch.Generator(device=runtime.device).manual_seed(config.seed)
     allowed = config.constraint(tokenizer)  # --rhyme; a tokenizer it cannot work with fails here
-    instruction = config.instruction_text()
     block_size = model.config.block_size
-    instruction_ids = len(prompt_ids(tokenizer, instruction, ""))
+    stop_ids = [tokenizer.special_ids[END]] if chat else []  # a chat model's turn ends at <|end|>
+    if config.chat:
+        return converse(model, tokenizer, config, runtime, generator, allowed, stop_ids)
+    instruction = config.instruction_text()
+    instruction_ids = len(encode_prompt(tokenizer, "", instruction, chat, config.system))
     source = next((f"--{name}" for name in ("title", "acrostic", "input") if getattr(config, name)), "this line")
     # Raw text: --prompt, or the titles typed to a base model asked nothing else; else instruction prompts.
     raw = bool(config.prompt) or not (answers or config.given_input() or config.task or config.instruction
@@ -288,7 +360,7 @@ def run(config: SampleConfig, explicit: set[str]) -> None:
     def answer(text: str, raw: bool = False) -> None:
         if acrostic:
             check_head(tokenizer, text)
-        ids = encode_prompt(tokenizer, text, None if raw else instruction)
+        ids = encode_prompt(tokenizer, text, None if raw else instruction, chat, config.system)
         if raw:  # plain text has no instruction to lose: the model continues what its block holds
             if len(ids) > block_size:
                 print(f"note: the prompt is {len(ids)} tokens; the model reads only the last {block_size} "
@@ -297,7 +369,7 @@ def run(config: SampleConfig, explicit: set[str]) -> None:
         else:
             limit = min(config.max_new_tokens, answer_room(ids, instruction_ids, block_size, source))
         write_samples(model, tokenizer, ids, config, runtime, generator, warn_cut=answers, allowed=allowed,
-                      max_new_tokens=limit)
+                      max_new_tokens=limit, stop_ids=stop_ids)
 
     if config.prompt:
         answer(unescape(config.prompt), raw=True)

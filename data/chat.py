@@ -129,3 +129,22 @@ def encode_conversation(tokenizer: Tokenizer, messages: Sequence[Mapping], loss_
         labels += [IGNORE] * len(opening) + (rest if learned else [IGNORE] * len(rest))
         last_labels += [IGNORE] * len(opening) + (rest if i == last else [IGNORE] * len(rest))
     return EncodedSample(ids[:-1], labels[1:], last_labels[1:])
+
+
+def fit_history(tokenizer: Tokenizer, messages: Sequence[Mapping], budget: int) -> tuple[list[Mapping], int]:
+    """The conversation to answer (ending with the user's turn), trimmed so that its prompt
+    (render_ids with the generation prompt) is at most `budget` ids: the oldest exchanges,
+    a user turn and the assistant's answer, are forgotten first; the system prompt and the
+    last request are kept. Returns the messages kept and how many exchanges were dropped;
+    if even the system prompt and the last request exceed the budget, ChatError."""
+    check_conversation(messages)
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    turns = list(messages[len(system):])
+    dropped = 0
+    while len(render_ids(tokenizer, system + turns, add_generation_prompt=True)) > budget:
+        if len(turns) <= 1:
+            size = len(render_ids(tokenizer, system + turns, add_generation_prompt=True))
+            raise ChatError(f"the request is {size} tokens with the system prompt and the markers, and leaves no "
+                            f"room for an answer in {budget}; shorten it")
+        turns, dropped = turns[2:], dropped + 1
+    return system + turns, dropped

@@ -30,12 +30,12 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Callable
 
-from data.chat import encode_conversation
+from data.chat import encode_conversation, render_ids
 from data.corpus import Poem
 from data.errors import UserError
 from data.forms import clauses, form_name
-from data.instruct import EncodedSample
-from data.tasks import TASKS, MixedTask
+from data.instruct import INSTRUCTION, EncodedSample
+from data.tasks import TASKS, MixedTask, tuning_poems
 from data.tokenizer import Tokenizer
 
 Message = dict[str, str]
@@ -44,6 +44,33 @@ Message = dict[str, str]
 def request_text(instruction: str, input: str) -> str:
     """A task's request as the user types it: the instruction, then its input on the next line."""
     return f"{instruction}\n{input}"
+
+
+def request_messages(instruction: str, input: str, system: str = "") -> list[Message]:
+    """One request of a task as a conversation to answer: the system prompt, if any, then the user's request."""
+    return ([{"role": "system", "content": system}] if system else []) + \
+        [{"role": "user", "content": request_text(instruction, input)}]
+
+
+def chat_prompt_ids(tokenizer: Tokenizer, instruction: str, input: str, system: str = "") -> list[int]:
+    """The chat format's prompt for one request: what a chat model continues with its answer
+    (data/instruct.prompt_ids is the instruction format's)."""
+    return render_ids(tokenizer, request_messages(instruction, input, system), add_generation_prompt=True)
+
+
+def chat_finetune_val_rows(tokenizer: Tokenizer, splits: dict[str, list[Poem]], block_size: int,
+                           unknown: Counter | None = None) -> list[tuple[list[int], list[int]]]:
+    """The finetune-val rows (data/tasks.finetune_val_poems: title -> poem with the book's one
+    sentence) as one-turn conversations: the chat format's val loss, on the same poems and the
+    same request, so it compares with the instruction format's (its stop is <|end|>, not
+    <|endoftext|>). Rows that do not fit block_size are left out."""
+    rows = []
+    for poem in tuning_poems(splits)[1]:
+        messages = request_messages(INSTRUCTION, poem.title) + [{"role": "assistant", "content": poem.body}]
+        inputs, _, response = encode_conversation(tokenizer, messages, "last", unknown)
+        if len(inputs) <= block_size:
+            rows.append((inputs, response))
+    return rows
 
 
 @dataclass(frozen=True)
@@ -131,12 +158,12 @@ class ConversationMaker:
         texts = held_out if self.held_out else training
         return texts[0] if len(texts) == 1 else rng.choice(texts)
 
-    def task_turn(self, rng: random.Random, poem: Poem, fits: Callable[[Turn], bool] = lambda turn: True
-                  ) -> Turn | None:
-        """A request of one of the tasks (by the mixture's weights) on `poem`, and its real
-        answer; a task whose turn does not fit is drawn again among the rest; None if the
-        poem can serve none of them."""
-        names = list(self.tasks)
+    def task_turn(self, rng: random.Random, poem: Poem, fits: Callable[[Turn], bool] = lambda turn: True,
+                  names: list[str] | None = None) -> Turn | None:
+        """A request of one of the tasks `names` (default: all the mixture's; drawn by its
+        weights) on `poem`, and its real answer; a task whose turn does not fit is drawn
+        again among the rest; None if the poem can serve none of them."""
+        names = list(names if names is not None else self.tasks)
         while names:
             name = names[0] if len(names) == 1 else rng.choices(names, weights=[self.tasks[n].weight for n in names])[0]
             task = TASKS[name]
@@ -179,11 +206,11 @@ class ConversationMaker:
         return Turn(text, other.body, other.body, True), other
 
     def conversation(self, rng: random.Random, poem: Poem, fits: Callable[[list[Message]], bool],
-                     max_follow_ups: int = 2) -> list[Message] | None:
-        """A conversation opening with a request on `poem`, with up to max_follow_ups follow-ups
-        and, half the time, a system prompt, each added only while `fits` holds; None if even
-        the first exchange does not fit."""
-        first = self.task_turn(rng, poem, lambda turn: fits(exchange(turn)))
+                     first_tasks: list[str] | None = None, max_follow_ups: int = 2) -> list[Message] | None:
+        """A conversation opening with a request on `poem` (of one of `first_tasks`, default
+        any), with up to max_follow_ups follow-ups and, half the time, a system prompt, each
+        added only while `fits` holds; None if even the first exchange does not fit."""
+        first = self.task_turn(rng, poem, lambda turn: fits(exchange(turn)), first_tasks)
         if first is None:
             return None
         messages = exchange(first)
@@ -208,18 +235,35 @@ class ConversationMaker:
 
 
 class ConversationMixture:
-    """The chat format's training rows of each epoch: one conversation opening on each poem
-    (a poem no task can open within block_size is dropped), drawn from (seed, epoch) alone,
-    as TaskMixture draws the instruction format's samples, so a resumed run sees the same
-    conversations. `loss_on` is data/chat.py's: every assistant turn, or the last."""
+    """The chat format's training rows of each epoch: one conversation opening on each poem,
+    drawn from (seed, epoch) alone, as TaskMixture draws the instruction format's samples, so
+    a resumed run sees the same conversations, as many every epoch. A poem opens with one of
+    the tasks whose first exchange fits block_size in its longest phrasing, as in TaskMixture;
+    a poem no task can open is dropped. `loss_on` is data/chat.py's: every assistant turn, or
+    the last."""
 
     def __init__(self, poems: list[Poem], tasks: dict[str, MixedTask], tokenizer: Tokenizer, block_size: int,
                  loss_on: str = "assistant", seed: int = 0, unknown: Counter | None = None):
         if not tokenizer.has_chat_markers:
             raise UserError("the chat format needs a tokenizer with the chat markers (Tokenizer.with_chat_markers)")
-        self.maker = ConversationMaker(poems, tasks)
+        self.tasks, self.maker = tasks, ConversationMaker(poems, tasks)
         self.tokenizer, self.block_size, self.loss_on, self.seed, self.unknown = \
             tokenizer, block_size, loss_on, seed, unknown
+        longest = {name: max(tasks[name].phrasings, key=lambda t: len(tokenizer.encode(t.format(form="五言絕句"))))
+                   for name in tasks}
+        self.openings: list[tuple[Poem, list[str]]] = []  # each poem that can open, and the tasks it can open with
+        for poem in poems:
+            form = form_name(poem.body) or ""
+            fitting = []
+            for name in tasks:
+                if "{form}" in longest[name] and not form:
+                    continue
+                turn = _task_turn(name, poem, longest[name].format(form=form))
+                if turn is not None and self.fits(exchange(turn)):
+                    fitting.append(name)
+            if fitting:
+                self.openings.append((poem, fitting))
+        self.dropped = len(poems) - len(self.openings)
         self._cached: tuple[int, list[EncodedSample]] | None = None
 
     def fits(self, messages: list[Message]) -> bool:
@@ -229,8 +273,18 @@ class ConversationMixture:
     def conversations(self, epoch: int) -> list[list[Message]]:
         """This epoch's conversations, one per poem that can open one."""
         rng = random.Random(f"conversation mixture {self.seed} {epoch}")  # str seeds hash the same everywhere
-        drawn = (self.maker.conversation(rng, poem, self.fits) for poem in self.maker.poems)
-        return [c for c in drawn if c is not None]
+        drawn = [self.maker.conversation(rng, poem, self.fits, fitting) for poem, fitting in self.openings]
+        assert all(drawn), "a poem's opening task fits in every phrasing"
+        return drawn
+
+    def describe(self, epoch: int) -> str:
+        """How many conversations of 1, 2, 3 exchanges the epoch has, with a system prompt, and each follow-up."""
+        conversations = self.conversations(epoch)
+        turns = Counter(sum(m["role"] == "user" for m in c) for c in conversations)
+        systems = sum(c[0]["role"] == "system" for c in conversations)
+        return (f"{len(conversations):,} conversations, "
+                + ", ".join(f"{turns[n]:,} of {n} exchange{'s' * (n > 1)}" for n in sorted(turns))
+                + f"; {systems:,} with a system prompt")
 
     def rows(self, epoch: int) -> list[EncodedSample]:
         """This epoch's encoded conversations (the last epoch asked for is kept)."""

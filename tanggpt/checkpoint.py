@@ -105,6 +105,21 @@ def check_same_inputs(ckpt: dict | None, inputs: dict[str, str], out: str | Path
                                   "samples; restore it, or start a new run with another --out")
 
 
+def tuned_format(ckpt: dict) -> str:
+    """The format a checkpoint answers requests in: "chat" for a model finetune.py tuned on
+    conversations (--format chat), else "instruct" (<INS>...<INP>...<RES>)."""
+    return ckpt.get("format", "instruct")
+
+
+def refuse_chat_model(ckpt: dict, flag: str, path: str | Path, command: str) -> None:
+    """One line, before any work, for a chat model given to a command that asks in the
+    instruction format (its prompts would be a format the model was never tuned on)."""
+    if tuned_format(ckpt) == "chat":
+        raise UserError(f"{flag} {path} was tuned on conversations (finetune.py --format chat), and {command} asks "
+                        "in the instruction format: give a model tuned without --format chat, or talk to this one "
+                        "with sample.py")
+
+
 def answers_prompts(kind: str) -> bool:
     """Whether a checkpoint of this kind was tuned to answer the instruction prompt and stop."""
     return kind in (SFT, DPO, RL)

@@ -15,8 +15,9 @@ from typing import Any, Callable
 import torch
 
 from data.errors import UserError
+from data.conversations import chat_prompt_ids
 from data.instruct import INSTRUCTION, prompt_ids
-from data.tokenizer import Tokenizer
+from data.tokenizer import END, Tokenizer
 from model import GPT
 from tanggpt.checkpoint import load_checkpoint, model_and_tokenizer
 from tanggpt.cli import RuntimeConfig, flag
@@ -123,19 +124,24 @@ def answer_requests(
     batch_size: int = 64,
     allowed: Callable | None = None,
     compile: bool = False,
+    chat: bool = False,
 ) -> list[Answer]:
-    """Answer each (instruction, input) request, in batches, stopping each at end-of-text."""
+    """Answer each (instruction, input) request, in batches, stopping each at end-of-text.
+    With `chat`, the model is a chat model (finetune.py --format chat): each request is asked
+    as the user's turn of a conversation (data/conversations.chat_prompt_ids), and an answer
+    ends at the <|end|> that closes the assistant's turn (or end-of-text)."""
     generator = torch.Generator(device=runtime.device).manual_seed(seed)
+    stop_ids = [tokenizer.eot_id] + ([tokenizer.special_ids[END]] if chat else [])
     answers = []
     for start in range(0, len(requests), batch_size):
         chunk = requests[start : start + batch_size]
-        prompts = [prompt_ids(tokenizer, instruction, input) for instruction, input in chunk]
+        prompts = [chat_prompt_ids(tokenizer, instruction, input) if chat else prompt_ids(tokenizer, instruction, input)
+                   for instruction, input in chunk]
         with runtime.autocast():
             outputs = model.generate(prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                     allowed=allowed, compile=compile,
-                                     stop_ids=[tokenizer.eot_id], generator=generator)
+                                     allowed=allowed, compile=compile, stop_ids=stop_ids, generator=generator)
         for (instruction, input), ids in zip(chunk, outputs):
-            stopped = bool(ids) and ids[-1] == tokenizer.eot_id
+            stopped = bool(ids) and ids[-1] in stop_ids
             answers.append(Answer(input, tokenizer.decode(ids[:-1] if stopped else ids), stopped, instruction))
     return answers
 

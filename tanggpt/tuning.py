@@ -142,10 +142,15 @@ def done_as_started(ckpt: dict, explicit: set[str], out: str, master: bool = Tru
     return not explicit & {"epochs", "max_iters"} and finished(ckpt, ckpt["max_iters"], out, MORE_EPOCHS, master)
 
 
-def model_to_tune(config: TuneConfig, ckpt: dict | None, source: dict) -> tuple[GPT, Tokenizer, dict]:
+def model_to_tune(config: TuneConfig, ckpt: dict | None, source: dict, chat_markers: bool = False
+                  ) -> tuple[GPT, Tokenizer, dict]:
     """The model a run is about to train (not yet tuned: --init's weights, or the resumed
     run's) and its tokenizer, plus what its checkpoints store beside the weights about
     adapters ({"lora": ...}, or {} for full tuning).
+
+    With chat_markers (finetune.py --format chat) a tokenizer without the chat template's
+    markers gains them, and the model rows for them (GPT.grow_vocab), before any adapter is
+    added: with --lora-tokens specials their rows are among those that train.
 
     A new run starts from --init (an adapter checkpoint as --init is merged first: its
     tuned weights are the new base); with --lora-rank the model is frozen and adapters are
@@ -156,6 +161,9 @@ def model_to_tune(config: TuneConfig, ckpt: dict | None, source: dict) -> tuple[
         model, tokenizer = model_and_tokenizer(ckpt, config.out, merge=False, flag_name="--resume", base_flag="")
         return model, tokenizer, {"lora": ckpt["lora"]} if "lora" in ckpt else {}
     model, tokenizer = model_and_tokenizer(source, config.init, flag_name="--init", base_flag="")
+    if chat_markers:
+        tokenizer = tokenizer.with_chat_markers()
+        model.grow_vocab(tokenizer.vocab_size)
     if not config.lora_rank:
         return model, tokenizer, {}
     token_ids = sorted(tokenizer.special_ids.values()) if config.lora_tokens == "specials" else []

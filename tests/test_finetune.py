@@ -366,6 +366,9 @@ def test_help_documents_every_flag_with_its_default():
     result = subprocess.run([sys.executable, "finetune.py", "--help"], cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 0
     for flag in ("--init", "--epochs", "--lr", "--batch-size", "--loss-on", "--data", "--sample-titles", "--resume",
-                 "--out", "--device", "--seed", "--forms"):
+                 "--out", "--device", "--seed", "--forms", "--format"):
         assert flag in result.stdout, flag
-    assert "(default: ckpt_sft.pt)" in result.stdout and "(default: response)" in result.stdout
+    assert "(default: ckpt_sft.pt)" in result.stdout and "(default: instruct)" in result.stdout
+    help_text = " ".join(result.stdout.split())
+    assert "response (the poem and end-of-text, the default)" in help_text  # --loss-on's default follows --format
+    assert "assistant (every assistant turn, the default)" in help_text
