@@ -2,22 +2,28 @@
 
 A conversation opens with a request of one of the tasks (data/tasks.py: title -> poem, a
 form, an acrostic, a continuation, a title), asked as the user would type it: the
-instruction, a line break, the input. The assistant answers with the corpus's own text.
-Then zero to two follow-ups, each answered by the corpus too:
+instruction, a line break, the input; or, one time in ten, with a request for a poem's
+opening couplet on a title (先寫頭兩句), whose rest is asked next. The assistant answers
+with the corpus's own text. Then zero to two follow-ups, each answered by the corpus too:
 
-    follow-up    the user asks (one of its phrasings)   the assistant answers
-    title_it     為這首詩擬一個題目                      the poem's real title (when the conversation has not given it)
-    form_of_it   這首詩是什麼體裁？                      its form: 五言絕句, 七言絕句, 五言律詩 or 七言律詩
-    same_title   同一個題目，再寫一首                    another poem of the corpus with the same title
-    next         a request of any task, on another poem  that poem's answer
+    follow-up            the user asks (one of its phrasings)    the assistant answers
+    title_it             為這首詩擬一個題目                       the poem's real title, when no turn has named it
+    form_of_it           這首詩是什麼體裁？                       its form: 五言絕句, 七言絕句, 五言律詩 or 七言律詩
+    continue_it          接著寫完                                 the rest of the poem whose opening couplet came first
+    same_title           同一個題目，再寫一首                     another poem of the corpus with that title
+    same_title_form      同一個題目，再寫一首七言絕句             another poem with that title, of the form asked for
+    same_title_acrostic  同一個題目，寫一首藏頭詩，... + heads     another poem with that title, its heads given
+    next                 a request of any task, on another poem   that poem's answer
 
-title_it and form_of_it are about the answer before: the model must read back up the
-conversation. `next` asks something new: the model must answer the last request, not the
-first. Half the conversations open with a system prompt, a persona (你是一位唐代詩人) or a
-rule the answers keep in a way a program can check (你只寫五言詩: every poem the assistant
-writes has 5-character clauses); a rule is given only to conversations whose poems keep
-it, so the rule is what the data teaches. Every follow-up and system prompt has held-out
-phrasings, never trained on, as the tasks have (evaluation asks with them).
+title_it, form_of_it and continue_it are about the answer before: the model must read back
+up the conversation. The same_title kinds need a title the conversation has named, and
+another poem of it in the split (about one poem in ten has one). `next` asks something
+new: the model must answer the last request, not the first. Half the conversations open
+with a system prompt, a persona (你是一位唐代詩人) or a rule the answers keep in a way a
+program can check (你只寫五言詩: every poem the assistant writes has 5-character clauses);
+a rule is given only to conversations whose poems keep it, so the rule is what the data
+teaches. Every follow-up and system prompt has held-out phrasings, never trained on, as
+the tasks have (evaluation asks with them).
 
 The block is short (a 七言律詩 is 64 characters): follow-ups are added only while the
 conversation still fits the model's block_size, and never cut (see data/instruct.py).
@@ -33,7 +39,7 @@ from typing import Callable
 from data.chat import encode_conversation, render_ids
 from data.corpus import Poem
 from data.errors import UserError
-from data.forms import clauses, form_name
+from data.forms import acrostic_head, clauses, form_name, is_regular_form
 from data.instruct import INSTRUCTION, EncodedSample
 from data.tasks import TASKS, MixedTask, tuning_poems
 from data.tokenizer import Tokenizer
@@ -91,8 +97,25 @@ FOLLOW_UPS = {f.name: f for f in (
     FollowUp("same_title", "another poem on the same title",
              ("同一個題目，再寫一首", "用同樣的題目再作一首", "這個題目再來一首", "同題再寫一首"),
              ("就這個題目另寫一首",)),
+    FollowUp("same_title_form", "a poem of the form asked for, on the same title",
+             ("同一個題目，再寫一首{form}", "用同樣的題目寫一首{form}", "這個題目換成{form}再寫一首", "同題作一首{form}"),
+             ("就這個題目另作{form}一首",)),
+    FollowUp("same_title_acrostic", "an acrostic on the same title, its heads on the next line",
+             ("同一個題目，寫一首藏頭詩，各句開頭依次是", "用同樣的題目作藏頭詩，句首為", "同題寫一首藏頭詩，每句第一字依次是",
+              "這個題目再寫一首藏頭詩，句首用"),
+             ("就這個題目另作藏頭詩，句首依次為",)),
+    FollowUp("continue_it", "the rest of the poem whose opening couplet the conversation opened with",
+             ("接著寫完", "請把它續完", "往下寫完這首詩", "後面幾句也寫出來"),
+             ("把這首詩寫完",)),
     FollowUp("next", "a new request, of any task, on another poem", (), ()),
 )}
+
+# A conversation may open by asking for a poem's opening couplet on a title (then continue_it
+# asks for the rest): a poem written in two turns, the second continuing the first.
+OPENING = FollowUp("opening", "the opening couplet of a poem on a title, the title on the next line",
+                   ("請用以下題目寫一首詩，先寫頭兩句", "以下面的題目作詩，先寫首聯", "就這個題目，先寫開頭兩句",
+                    "先寫這個題目的首聯"),
+                   ("以此為題，先給出頭兩句",))
 
 
 @dataclass(frozen=True)
@@ -126,6 +149,7 @@ class Turn:
     assistant: str
     poem: str | None
     title_known: bool  # the conversation has named the title of the poem it is now about
+    opening: bool = False  # the answer is a poem's opening couplet: its rest is asked next
 
 
 def _task_turn(task: str, poem: Poem, instruction: str) -> Turn | None:
@@ -142,6 +166,9 @@ def _task_turn(task: str, poem: Poem, instruction: str) -> Turn | None:
 def exchange(turn: Turn) -> list[Message]:
     """A turn as the user's message and the assistant's."""
     return [{"role": "user", "content": turn.user}, {"role": "assistant", "content": turn.assistant}]
+
+
+OPENING_SHARE = 0.1  # of the conversations that open with a poem's opening couplet, where it fits
 
 
 class ConversationMaker:
@@ -191,6 +218,12 @@ class ConversationMaker:
         others = [p for p in self.by_title.get(poem.title, ()) if p.body != poem.body] if before.title_known else []
         if others:
             choices.append("same_title")
+        if any(form_name(p.body) for p in others):
+            choices.append("same_title_form")
+        if any(is_regular_form(p.body) for p in others):
+            choices.append("same_title_acrostic")
+        if before.opening:  # the rest of the poem, always asked after its opening couplet
+            choices = ["continue_it"]
         kind = rng.choice(choices)
         if kind == "next":
             other = self.poems[rng.randrange(len(self.poems))]
@@ -202,20 +235,44 @@ class ConversationMaker:
             return Turn(text, poem.title, before.poem, True), poem
         if kind == "form_of_it":
             return Turn(text, form_name(before.poem), before.poem, before.title_known), poem
+        if kind == "continue_it":
+            return Turn(text, "\n".join(poem.lines[1:]), poem.body, True), poem
+        if kind == "same_title_form":
+            others = [p for p in others if form_name(p.body)]
+        if kind == "same_title_acrostic":
+            others = [p for p in others if is_regular_form(p.body)]
         other = others[rng.randrange(len(others))]
+        if kind == "same_title_form":
+            text = text.format(form=form_name(other.body))
+        if kind == "same_title_acrostic":
+            text = request_text(text, acrostic_head(other.body))
         return Turn(text, other.body, other.body, True), other
+
+    def opening_turn(self, rng: random.Random, poem: Poem) -> Turn | None:
+        """The opening couplet of `poem` asked for on its title (None for a poem of one line)."""
+        if len(poem.lines) < 2 or len(clauses(poem.lines[0])) != 2:
+            return None
+        text = request_text(self._phrasing(rng, OPENING.phrasings, OPENING.held_out), poem.title)
+        return Turn(text, poem.lines[0], None, True, opening=True)
 
     def conversation(self, rng: random.Random, poem: Poem, fits: Callable[[list[Message]], bool],
                      first_tasks: list[str] | None = None, max_follow_ups: int = 2) -> list[Message] | None:
         """A conversation opening with a request on `poem` (of one of `first_tasks`, default
         any), with up to max_follow_ups follow-ups and, half the time, a system prompt, each
         added only while `fits` holds; None if even the first exchange does not fit."""
-        first = self.task_turn(rng, poem, lambda turn: fits(exchange(turn)), first_tasks)
+        first = None
+        if rng.random() < OPENING_SHARE:  # the opening couplet, then the rest: a poem in two turns
+            first = self.opening_turn(rng, poem)
+            if first is not None:  # kept only if the rest fits after it, asked in the longest way
+                rest = Turn(max(FOLLOW_UPS["continue_it"].phrasings, key=len), "\n".join(poem.lines[1:]), None, True)
+                first = first if fits(exchange(first) + exchange(rest)) else None
+        first = first or self.task_turn(rng, poem, lambda turn: fits(exchange(turn)), first_tasks)
         if first is None:
             return None
         messages = exchange(first)
         turns, about = [first], poem
-        for _ in range(rng.choices(range(max_follow_ups + 1), weights=[1, 2, 1][: max_follow_ups + 1])[0]):
+        follow_ups = rng.choices(range(max_follow_ups + 1), weights=[1, 2, 1][: max_follow_ups + 1])[0]
+        for _ in range(max(follow_ups, 1) if first.opening else follow_ups):
             drawn = self.follow_up(rng, about, turns[-1])
             if drawn is None:
                 break

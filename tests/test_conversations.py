@@ -10,8 +10,8 @@ from collections import Counter
 import pytest
 
 from data.chat import check_conversation, render_ids
-from data.conversations import FOLLOW_UPS, SYSTEM_PROMPTS, ConversationMaker, ConversationMixture, request_text
-from data.forms import FORMS, clauses
+from data.conversations import FOLLOW_UPS, OPENING, SYSTEM_PROMPTS, ConversationMaker, ConversationMixture, request_text
+from data.forms import FORMS, acrostic_head, clauses, form_name
 from data.instruct import IGNORE
 from data.tasks import DEFAULT_TASKS, TASKS, TaskMixture, instructions, parse_tasks, tuning_poems
 
@@ -40,10 +40,10 @@ def epoch0(mixture):
 
 def kind_of(text: str) -> str:
     """Which follow-up or task a user turn asks (by its phrasing)."""
-    for follow in FOLLOW_UPS.values():
-        if text in follow.phrasings + follow.held_out:
-            return follow.name
     instruction = text.split("\n")[0]
+    for follow in (*FOLLOW_UPS.values(), OPENING):
+        if instruction in {t.format(form=f) for t in follow.phrasings + follow.held_out for f in FORMS}:
+            return follow.name
     return next(name for name, task in TASKS.items() for held in (False, True)
                 if instruction in instructions(task, held))
 
@@ -65,10 +65,11 @@ def test_every_assistant_turn_is_a_real_text(epoch0, tuning):
     bodies = {p.body for p in tuning}
     rests = {"\n".join(p.lines[1:]) for p in tuning}
     titles = {p.title for p in tuning}
+    openings = {p.lines[0] for p in tuning}
     for conversation in epoch0:
         for message in conversation:
             if message["role"] == "assistant":
-                assert message["content"] in bodies | rests | titles | set(FORMS), message["content"]
+                assert message["content"] in bodies | rests | titles | openings | set(FORMS), message["content"]
 
 
 def test_follow_ups_refer_to_the_answer_before(epoch0, tuning):
@@ -89,17 +90,27 @@ def test_follow_ups_refer_to_the_answer_before(epoch0, tuning):
             elif kind == "form_of_it":
                 assert answer in FORMS and {len(c) for c in clauses(about)} == {FORMS[answer][0]}
                 assert len(clauses(about)) == FORMS[answer][1]
-            elif kind == "same_title":  # another poem of a title the conversation has named
+            elif kind.startswith("same_title"):  # another poem of a title the conversation has named
                 title = title_of[about] if about else chat[i - 1]["content"]  # after a title request, its answer
                 assert answer != about and title_of[answer] == title and title in said
+                if kind == "same_title_form":
+                    assert asked.endswith(form_name(answer)) or form_name(answer) in asked
+                if kind == "same_title_acrostic":
+                    assert asked.split("\n")[1] == acrostic_head(answer)
                 about = answer
+            elif kind == "opening":  # a poem's first line, its rest asked next
+                assert chat[i + 2]["content"] in FOLLOW_UPS["continue_it"].phrasings
+                about = None
+            elif kind == "continue_it":
+                about = chat[i - 1]["content"] + "\n" + answer
+                assert about in title_of
             elif kind == "continue":
                 about = asked.split("\n", 1)[1] + "\n" + answer
             elif kind != "title":
                 about = answer
             else:
                 about = None
-    assert set(kinds) == set(FOLLOW_UPS) and min(kinds.values()) >= 10
+    assert set(kinds) == set(FOLLOW_UPS) and min(kinds.values()) >= 5  # the same_title kinds are rare
 
 
 def test_a_system_rule_is_kept_by_every_poem_written(epoch0):
@@ -115,8 +126,16 @@ def test_a_system_rule_is_kept_by_every_poem_written(epoch0):
     assert set(rules) == set(SYSTEM_PROMPTS)
 
 
+def test_no_phrasing_asks_two_things():
+    kinds = [(name, f.phrasings + f.held_out) for name, f in {**FOLLOW_UPS, "opening": OPENING}.items()] + \
+        [(name, s.phrasings + s.held_out) for name, s in SYSTEM_PROMPTS.items()] + \
+        [(name, tuple(instructions(t)) + tuple(instructions(t, True))) for name, t in TASKS.items()]
+    seen = Counter(text for _, texts in kinds for text in set(texts))
+    assert [text for text, n in seen.items() if n > 1] == []
+
+
 def test_held_out_phrasings_are_never_trained_and_the_held_out_maker_uses_only_them(epoch0, tuning):
-    held = {t for f in FOLLOW_UPS.values() for t in f.held_out} | \
+    held = {t.format(form=form) for f in (*FOLLOW_UPS.values(), OPENING) for t in f.held_out for form in FORMS} | \
         {t for s in SYSTEM_PROMPTS.values() for t in s.held_out} | \
         {t for task in TASKS.values() for t in instructions(task, held_out=True)}
     said = {m["content"].split("\n")[0] for c in epoch0 for m in c if m["role"] != "assistant"}
