@@ -1,5 +1,5 @@
 """tanggpt: the course's library. Every command (pretrain.py, finetune.py, align.py, rl.py,
-sample.py, evaluate.py, tools/) is a thin main over these modules; none of them imports a
+sample.py, evaluate.py, chat.py, tools/) is a thin main over these modules; none of them imports a
 command. Below it sit model.py (the transformer) and data/ (corpus, tokenizer, the
 instruction format, the tasks, the poem forms), which import nothing from here.
 
@@ -22,5 +22,6 @@ instruction format, the tasks, the poem forms), which import nothing from here.
     preference.py   preference pairs for DPO: building, scoring, caching, their DPO figures
     rhyme_targets.py  the rhyme loss's rows: real rhyming poems and what may rhyme where
     evaluation.py   what evaluate.py measures: every figure of its table, and the tables
+    chat_server.py  the chat page's server (chat.py): the page, an answer streamed, requests bounded
     speed.py        what the speed tools share: the model they measure, its description, a device clock
 """

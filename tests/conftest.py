@@ -74,3 +74,15 @@ def tiny_tuned(tmp_path_factory, small_poems, tiny_pretrained) -> Path:
                    "--dtype", "float32", "--batch-size", "4", "--max-iters", "6", "--warmup-iters", "2",
                    "--sample-tokens", "8"])
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_chat(tmp_path_factory, small_poems, tiny_pretrained) -> Path:
+    """tiny_pretrained after a few steps of tuning on conversations (finetune.py --format chat)."""
+    import finetune
+
+    out = tmp_path_factory.mktemp("chat") / "ckpt_chat.pt"
+    finetune.main(["--init", str(tiny_pretrained), "--poems", str(small_poems), "--out", str(out), "--format", "chat",
+                   "--dtype", "float32", "--batch-size", "4", "--max-iters", "4", "--warmup-iters", "2",
+                   "--sample-tokens", "8"])
+    return out

@@ -60,14 +60,6 @@ def test_flags_that_do_not_go_with_the_format_are_refused(tmp_path, small_poems,
     assert message in run_error(tune(tmp_path, small_poems, tiny_pretrained, *args), capsys)
 
 
-@pytest.fixture(scope="module")
-def tiny_chat(tmp_path_factory, small_poems, tiny_pretrained):
-    out = tmp_path_factory.mktemp("chat") / "ckpt_chat.pt"
-    finetune.main(tune(out.parent, small_poems, tiny_pretrained, "--format", "chat", "--max-iters", "2",
-                       "--out", str(out)))
-    return out
-
-
 @pytest.mark.parametrize("command, flag", [("align", "--init"), ("rl", "--init"), ("rejection_sampling", "--init"),
                                            ("evaluate", "--ckpt")])
 def test_commands_that_ask_in_the_instruction_format_refuse_a_chat_model(tmp_path, small_poems, tiny_chat, capsys,
