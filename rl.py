@@ -110,7 +110,7 @@ RESUME_FIXED = {*LOOP_FIXED, "init", "tasks", "group_size", "max_new_tokens", "t
                 "same_shape", "repeat_voids_rhyme",
                 *(f"{rule}_weight" for rule in {r for rules in TASK_RULES.values() for r in rules}), *LORA_FIXED}
 # A run started before a flag existed was trained with the value it had then.
-BEFORE_THE_FLAG = {"same_shape": False, "repeat_voids_rhyme": False}
+BEFORE_THE_FLAG = {"same_shape": False, "repeat_voids_rhyme": False, "distinct_rhymes_weight": 0.0}
 
 
 class RLStage(Stage):

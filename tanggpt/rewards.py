@@ -95,6 +95,18 @@ def rhyme_reward(poem: str, repeat_voids: bool = True) -> float:
     return share(rhyme_hits(lines))
 
 
+def distinct_rhymes_reward(poem: str) -> float:
+    """The share of the even clauses' last characters (the rhyme positions) that are not one
+    already used at an earlier rhyme position (重韻, rhyming 州 with 州). The rhyme rule already
+    gives a repeat no credit; this rule makes it cost more than a miss, since a policy
+    rewarded for rhyming learns to repeat anyway: a character it has just written is the
+    easiest one of the group to write again (docs/rl.md). 0 for an answer that is not a 絕句
+    or 律詩."""
+    lines = regular_clauses(poem)
+    ends = [clause[-1] for clause in lines[1::2]] if lines else []
+    return share([end not in ends[:i] for i, end in enumerate(ends)])
+
+
 def tonal_reward(poem: str) -> float:
     """The share of clauses keeping the tonal pattern (prosody.tonal_fits): alternating
     within, opposed within the couplet, linked across couplets. 0 for an answer that is
@@ -124,7 +136,7 @@ def no_repeat_reward(poem: str) -> float:
 # the whole poem (the given couplet, then the answer), so the answer must rhyme with the
 # given rhyme; no copy and no repeat on the answer alone, so a copied given line counts once.
 # The title task is not here: whether a title fits its poem is no rule's to judge.
-COMMON_RULES = ("stop", "regular_form", "rhyme", "tonal", "no_copy", "no_repeat")
+COMMON_RULES = ("stop", "regular_form", "rhyme", "distinct_rhymes", "tonal", "no_copy", "no_repeat")
 TASK_RULES = {"poem": COMMON_RULES, "form": COMMON_RULES + ("form",), "acrostic": COMMON_RULES + ("acrostic",),
               "continue": COMMON_RULES}
 
@@ -151,6 +163,8 @@ class RewardWeights:
                                        "with their head character")
     rhyme_weight: float = flag(1.0, "weight of the rhyme rule: the share of even clauses rhyming with the first "
                                     "rhyme by the Pingshui table, no rhyme character repeated")
+    distinct_rhymes_weight: float = flag(0.0, "weight of the distinct-rhymes rule: the share of rhyme positions not "
+                                              "repeating an earlier rhyme character (0 = logged, not rewarded)")
     tonal_weight: float = flag(0.5, "weight of the tonal rule: the share of clauses keeping the tonal pattern "
                                     "(a rough check that real old-style poems break)")
     no_copy_weight: float = flag(1.0, "weight of the no-copy rule: the share of clauses not copied from the "
@@ -196,6 +210,7 @@ def task_reward(task: str, answer: str, stopped: bool, request_input: str, form:
     weights = weights or RewardWeights()
     poem = f"{request_input}\n{answer}" if task == "continue" else answer
     rules = {"stop": stop_reward(stopped), "regular_form": regular_form_reward(poem), "rhyme": rhyme_reward(poem, weights.repeat_voids_rhyme),
+             "distinct_rhymes": distinct_rhymes_reward(poem),
              "tonal": tonal_reward(poem), "no_copy": no_copy_reward(answer, request_input),
              "no_repeat": no_repeat_reward(answer)}
     if task == "form":

@@ -221,3 +221,65 @@ def test_a_port_in_use_is_one_line(capsys, tiny_chat):
             chat.main(["--ckpt", str(tiny_chat), "--device", "cpu", "--port", str(port)])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert exit_info.value.code == 2 and err.startswith(f"error: --host 127.0.0.1 --port {port}: cannot listen there")
+
+
+# -----------------------------------------------------------------------------
+# The page in a real browser: headless Chromium from Debian's packages (.ci/run installs it)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    import os
+    import shutil
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        if os.environ.get("CI"):
+            pytest.fail("chromium and chromedriver are missing: .ci/run installs them from Debian's packages")
+        pytest.skip("needs Chromium and its driver: apt install chromium chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=900,700"):
+        options.add_argument(argument)
+    session = webdriver.Chrome(service=Service(driver), options=options)  # the driver given: nothing downloaded
+    yield session
+    session.quit()
+
+
+def test_the_page_in_a_browser_sends_a_title_and_a_poem_streams_in(browser, tiny_chat):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    slow = service_of(tiny_chat, max_new_tokens=40)
+    original = slow.tokens
+
+    def slowly(*args):  # slow enough to watch the answer grow
+        for token in original(*args):
+            time.sleep(0.03)
+            yield token
+
+    slow.tokens = slowly
+    server = Server(slow)
+    try:
+        browser.get(f"http://127.0.0.1:{server.port}/")
+        assert wait_for(lambda: "tiny" in browser.find_element(By.ID, "model").text)
+        Select(browser.find_element(By.ID, "task")).select_by_value("poem")
+        browser.find_element(By.ID, "text").send_keys("春夜")
+        browser.find_element(By.ID, "send").click()
+        lengths = []
+
+        def finished() -> bool:
+            answers = browser.find_elements(By.CSS_SELECTOR, ".assistant .text")
+            lengths.append(len(answers[0].text) if answers else 0)
+            return bool(browser.find_elements(By.CSS_SELECTOR, ".assistant .marks"))
+
+        assert wait_for(finished, 60)
+        user = browser.find_element(By.CSS_SELECTOR, ".user .text").text
+        assert user == "請用以下題目寫一首詩\n春夜"  # the task switch built the request the model was tuned on
+        answer = browser.find_element(By.CSS_SELECTOR, ".assistant .text").text
+        assert answer and len({n for n in lengths if 0 < n < len(answer)}) >= 2  # seen growing, token by token
+    finally:
+        server.stop()

@@ -10,8 +10,9 @@ from data.forms import FORMS, form_name, regular_clauses
 from data.tasks import TASKS
 from tanggpt.metrics import follows_acrostic
 from tanggpt.prosody import keeps_tonal_pattern, rhymes_without_repeats
-from tanggpt.rewards import (TASK_RULES, RewardWeights, acrostic_reward, form_reward, no_copy_reward, no_repeat_reward,
-                             regular_form_reward, rhyme_reward, stop_reward, task_reward, tonal_reward)
+from tanggpt.rewards import (TASK_RULES, RewardWeights, acrostic_reward, distinct_rhymes_reward, form_reward,
+                             no_copy_reward, no_repeat_reward, regular_form_reward, rhyme_reward, stop_reward,
+                             task_reward, tonal_reward)
 
 JING_YE_SI = "床前明月光，疑是地上霜。\n舉頭望明月，低頭思故鄉。"  # 李白: 霜 and 鄉 in 下平聲七陽; a 古絕
 CHUN_XIAO = "春眠不覺曉，處處聞啼鳥。\n夜來風雨聲，花落知多少。"  # 孟浩然: 鳥 and 少 in 上聲十七篠
@@ -99,6 +100,18 @@ def test_rhyme_credit():
     assert rhyme_reward(MISSING_LINE) == rhyme_reward(WRONG_LENGTH) == rhyme_reward("") == 0.0
 
 
+def test_a_repeated_rhyme_costs_its_share_of_the_distinct_rhymes_rule():
+    assert all(distinct_rhymes_reward(poem) == 1.0 for poem in REAL.values())
+    assert distinct_rhymes_reward(REPEATED_RHYME) == 0.5  # 霜, 霜: the second of two rhyme positions repeats
+    assert distinct_rhymes_reward(LUSHI_REPEATED_RHYME) == 0.75
+    assert distinct_rhymes_reward(LUSHI_STRAY_RHYME) == 1.0  # a stray rhyme is the rhyme rule's to count
+    assert distinct_rhymes_reward(MISSING_LINE) == distinct_rhymes_reward("") == 0.0
+    # Weighted in, a repeat costs more than a miss: the repeated 律詩 now scores below the stray one.
+    weights = RewardWeights(distinct_rhymes_weight=1.0)
+    repeated = task_reward("poem", LUSHI_REPEATED_RHYME, True, "春夜喜雨", weights=weights).total
+    assert repeated < task_reward("poem", LUSHI_STRAY_RHYME, True, "春夜喜雨", weights=weights).total
+
+
 def test_tonal_credit_per_clause():
     for poem in (DENG_GUAN_QUE_LOU, CHUN_YE_XI_YU, DENG_GAO, ZAO_FA_BAI_DI_CHENG):
         assert tonal_reward(poem) == 1.0
@@ -134,6 +147,7 @@ def test_every_rule_stays_in_0_1_and_gives_1_exactly_when_the_check_passes(poem)
     """Full credit is the all-or-nothing check of the rule's home module, never more lenient."""
     lines = regular_clauses(poem)
     values = {"regular_form": regular_form_reward(poem), "rhyme": rhyme_reward(poem), "tonal": tonal_reward(poem),
+              "distinct_rhymes": distinct_rhymes_reward(poem),
               "no_repeat": no_repeat_reward(poem), "no_copy": no_copy_reward(poem, "床前明月光"),
               **{form: form_reward(poem, form) for form in FORMS},
               "acrostic": acrostic_reward(poem, "床疑舉低")}
@@ -142,6 +156,8 @@ def test_every_rule_stays_in_0_1_and_gives_1_exactly_when_the_check_passes(poem)
     assert all((values[form] == 1.0) == (form_name(poem) == form) for form in FORMS)
     assert (values["rhyme"] == 1.0) == (lines is not None and rhymes_without_repeats(lines))
     assert (values["tonal"] == 1.0) == (lines is not None and keeps_tonal_pattern(lines))
+    ends = [clause[-1] for clause in lines[1::2]] if lines else []
+    assert (values["distinct_rhymes"] == 1.0) == (lines is not None and len(set(ends)) == len(ends))
     assert (values["acrostic"] == 1.0) == follows_acrostic(poem, "床疑舉低")
 
 
