@@ -21,6 +21,7 @@ from tanggpt.checkpoint import load_checkpoint, model_and_tokenizer
 from tests.test_finetune import run_error, tune
 
 
+@pytest.mark.slow
 def test_a_chat_run_grows_the_vocabulary_once_and_resumes_as_chat(tmp_path, small_poems, tiny_pretrained, capsys):
     finetune.main(tune(tmp_path, small_poems, tiny_pretrained, "--format", "chat", "--max-iters", "3",
                        "--eval-interval", "3"))
