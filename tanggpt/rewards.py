@@ -147,11 +147,13 @@ class RewardWeights:
     the weighted mean of its rules; 0 leaves a rule out of the total (it is still logged). And
     one switch of how the rhyme rule counts (--repeat-voids-rhyme).
 
-    Chosen by judgment, not yet measured: the RL stage's runs are to measure them. The
-    instruction's own demand (the form asked for, the acrostic) weighs twice the rest, so that
-    an answer doing what was asked beats one that only rhymes; the tonal pattern weighs half,
-    because its check is rough (the 2nd, 4th and 6th characters only) and real poems break
-    it: 靜夜思 and 春曉 are old-style quatrains (古絕) that do not keep it.
+    Chosen by judgment, except where docs/rl.md measured them. The instruction's own demand
+    (the form asked for, the acrostic) weighs twice the rest, so that an answer doing what was
+    asked beats one that only rhymes; the tonal pattern weighs half, because its check is rough
+    (the 2nd, 4th and 6th characters only) and real poems break it: 靜夜思 and 春曉 are
+    old-style quatrains (古絕) that do not keep it. The distinct-rhymes rule weighs 1, so that a
+    repeated rhyme character costs more than a miss: measured against 0, it cut the share of
+    rhymes that repeat a character (docs/rl.md, the repeated rhyme).
     """
 
     stop_weight: float = flag(1.0, "weight of the stop rule in the reward: the answer ended with end-of-text")
@@ -163,8 +165,9 @@ class RewardWeights:
                                        "with their head character")
     rhyme_weight: float = flag(1.0, "weight of the rhyme rule: the share of even clauses rhyming with the first "
                                     "rhyme by the Pingshui table, no rhyme character repeated")
-    distinct_rhymes_weight: float = flag(0.0, "weight of the distinct-rhymes rule: the share of rhyme positions not "
-                                              "repeating an earlier rhyme character (0 = logged, not rewarded)")
+    distinct_rhymes_weight: float = flag(1.0, "weight of the distinct-rhymes rule: the share of rhyme positions not "
+                                              "repeating an earlier rhyme character (a repeat then costs more than a "
+                                              "miss)")
     tonal_weight: float = flag(0.5, "weight of the tonal rule: the share of clauses keeping the tonal pattern "
                                     "(a rough check that real old-style poems break)")
     no_copy_weight: float = flag(1.0, "weight of the no-copy rule: the share of clauses not copied from the "
