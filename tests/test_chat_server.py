@@ -125,16 +125,21 @@ def wait_for(condition, seconds: float = 20) -> bool:
     return True
 
 
-def test_a_client_that_leaves_mid_answer_frees_its_place(tiny_chat):
-    slow = service_of(tiny_chat, max_concurrent=1, max_new_tokens=400)
-    original = slow.tokens
+def slowed(service: ChatService, seconds: float) -> ChatService:
+    """The service, sleeping `seconds` before each token: an answer slow enough to watch or to leave."""
+    original = service.tokens
 
-    def slowly(*args):  # an answer long enough to leave in the middle of
+    def slowly(*args):
         for token in original(*args):
-            time.sleep(0.05)
+            time.sleep(seconds)
             yield token
 
-    slow.tokens = slowly
+    service.tokens = slowly
+    return service
+
+
+def test_a_client_that_leaves_mid_answer_frees_its_place(tiny_chat):
+    slow = slowed(service_of(tiny_chat, max_concurrent=1, max_new_tokens=400), 0.05)
     server = Server(slow)
     try:
         sock = socket.create_connection(("127.0.0.1", server.port))
@@ -253,16 +258,7 @@ def test_the_page_in_a_browser_sends_a_title_and_a_poem_streams_in(browser, tiny
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
-    slow = service_of(tiny_chat, max_new_tokens=40)
-    original = slow.tokens
-
-    def slowly(*args):  # slow enough to watch the answer grow
-        for token in original(*args):
-            time.sleep(0.03)
-            yield token
-
-    slow.tokens = slowly
-    server = Server(slow)
+    server = Server(slowed(service_of(tiny_chat, max_new_tokens=40), 0.03))
     try:
         browser.get(f"http://127.0.0.1:{server.port}/")
         assert wait_for(lambda: "tiny" in browser.find_element(By.ID, "model").text)
