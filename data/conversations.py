@@ -90,10 +90,10 @@ class FollowUp:
 FOLLOW_UPS = {f.name: f for f in (
     FollowUp("title_it", "title the poem just written",
              ("為這首詩擬一個題目", "給它起個題目", "這首詩該叫什麼題目？", "替剛才這首詩取個題目"),
-             ("幫這首詩想個題目",)),
+             ("請為此詩想個題目",)),
     FollowUp("form_of_it", "name the form of the poem just written",
-             ("這首詩是什麼體裁？", "它屬於哪種詩體？", "說說這首詩的體裁", "這首詩是絕句還是律詩，五言還是七言？"),
-             ("這首詩算哪一體？",)),
+             ("這首詩是什麼體裁？", "它屬於何種詩體？", "說說這首詩的體裁", "這首詩是絕句還是律詩，五言還是七言？"),
+             ("此詩算是何體？",)),
     FollowUp("same_title", "another poem on the same title",
              ("同一個題目，再寫一首", "用同樣的題目再作一首", "這個題目再來一首", "同題再寫一首"),
              ("就這個題目另寫一首",)),

@@ -126,6 +126,15 @@ def test_a_system_rule_is_kept_by_every_poem_written(epoch0):
     assert set(rules) == set(SYSTEM_PROMPTS)
 
 
+def test_every_phrasing_is_spelled_by_the_corpus_vocabulary(char_tokenizer):
+    """The char tokenizer knows the corpus and the tasks' phrasings: a conversation's phrasing
+    with a character outside them would reach the model as <unk>."""
+    texts = [t.format(form=form) for f in (*FOLLOW_UPS.values(), OPENING) for t in f.phrasings + f.held_out
+             for form in FORMS] + [t for s in SYSTEM_PROMPTS.values() for t in s.phrasings + s.held_out]
+    unknown = [text for text in texts if char_tokenizer.unk_id in char_tokenizer.encode(text)]
+    assert unknown == []
+
+
 def test_no_phrasing_asks_two_things():
     kinds = [(name, f.phrasings + f.held_out) for name, f in {**FOLLOW_UPS, "opening": OPENING}.items()] + \
         [(name, s.phrasings + s.held_out) for name, s in SYSTEM_PROMPTS.items()] + \
