@@ -193,9 +193,7 @@ class ConversationMaker:
         names = list(names if names is not None else self.tasks)
         while names:
             name = names[0] if len(names) == 1 else rng.choices(names, weights=[self.tasks[n].weight for n in names])[0]
-            task = TASKS[name]
-            texts = task.held_out if self.held_out else self.tasks[name].phrasings
-            instruction = texts[0] if len(texts) == 1 else rng.choice(texts)
+            instruction = self._phrasing(rng, self.tasks[name].phrasings, TASKS[name].held_out)
             form = form_name(poem.body) or ""
             if "{form}" in instruction and not form:
                 names.remove(name)
@@ -321,6 +319,7 @@ class ConversationMixture:
             if fitting:
                 self.openings.append((poem, fitting))
         self.dropped = len(poems) - len(self.openings)
+        self._drawn: tuple[int, list[list[Message]]] | None = None  # the last epoch drawn: a step asks many times
         self._cached: tuple[int, list[EncodedSample]] | None = None
 
     def fits(self, messages: list[Message]) -> bool:
@@ -328,11 +327,13 @@ class ConversationMixture:
         return len(encode_conversation(self.tokenizer, messages, self.loss_on).inputs) <= self.block_size
 
     def conversations(self, epoch: int) -> list[list[Message]]:
-        """This epoch's conversations, one per poem that can open one."""
-        rng = random.Random(f"conversation mixture {self.seed} {epoch}")  # str seeds hash the same everywhere
-        drawn = [self.maker.conversation(rng, poem, self.fits, fitting) for poem, fitting in self.openings]
-        assert all(drawn), "a poem's opening task fits in every phrasing"
-        return drawn
+        """This epoch's conversations, one per poem that can open one (the last epoch drawn is kept)."""
+        if self._drawn is None or self._drawn[0] != epoch:
+            rng = random.Random(f"conversation mixture {self.seed} {epoch}")  # str seeds hash the same everywhere
+            drawn = [self.maker.conversation(rng, poem, self.fits, fitting) for poem, fitting in self.openings]
+            assert all(drawn), "a poem's opening task fits in every phrasing"
+            self._drawn = (epoch, drawn)
+        return self._drawn[1]
 
     def describe(self, epoch: int) -> str:
         """How many conversations of 1, 2, 3 exchanges the epoch has, with a system prompt, and each follow-up."""
@@ -352,5 +353,5 @@ class ConversationMixture:
         return self._cached[1]
 
     def __len__(self) -> int:
-        return len(self.rows(0))
+        return len(self.openings)  # one conversation a poem that can open one, every epoch
 

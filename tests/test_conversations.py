@@ -157,8 +157,8 @@ def test_held_out_phrasings_are_never_trained_and_the_held_out_maker_uses_only_t
 
 
 def test_the_same_seed_and_epoch_draw_the_same_conversations(mixture, epoch0, tuning, chat_tokenizer):
-    assert mixture.conversations(0) == epoch0
     assert mixture.conversations(1) != epoch0
+    assert mixture.conversations(0) == epoch0  # drawn again: the mixture keeps the last epoch only
     again = ConversationMixture(tuning, parse_tasks(DEFAULT_TASKS), chat_tokenizer, BLOCK_SIZE, seed=7)
     assert again.conversations(0) == epoch0
 
