@@ -8,7 +8,11 @@
 One column per checkpoint, each figure described in tanggpt/evaluation.py: losses, poems
 for unseen titles (stop, form, diversity, memorisation, rhyme and tones), the title gain and,
 for a tuned checkpoint, instruction following and the rule rewards of its answers
-(tanggpt/rewards.py).
+(tanggpt/rewards.py). A chat model (finetune.py --format chat) is asked every request as a
+turn of a conversation, and then in conversations: follow-ups and system prompts, beside a
+single-turn model's figures for the same tasks (tanggpt/conversation_evaluation.py):
+
+    python evaluate.py --ckpt ckpt_chat.pt --compare ckpt_sft.pt
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from pathlib import Path
 
 from data.corpus import DEFAULT_POEMS_DIR, clean_poems, load_corpus, load_poems
 from data.errors import UserError
-from tanggpt.checkpoint import answers_prompts, refuse_chat_model
+from tanggpt.checkpoint import answers_prompts, tuned_format
+from tanggpt.conversation_evaluation import format_conversation_table
 from tanggpt.cli import flag, require_positive, run_cli
 from tanggpt.device import setup_runtime
 from tanggpt.evaluation import (EvaluationConfig, check_measurable, evaluate_checkpoint, format_instruction_table,
@@ -82,7 +87,6 @@ def run(config: EvaluateConfig, explicit: set[str]) -> dict:
                                              (config.compare, "--compare", config.compare_base, "--compare-base")):
         if path:
             ckpt, model, tokenizer = load_for_sampling(path, flag_name, base, base_flag)
-            refuse_chat_model(ckpt, flag_name, path, "evaluate.py")
             try:
                 allowed = config.constraint(tokenizer)
             except UserError as e:
@@ -108,8 +112,8 @@ def run(config: EvaluateConfig, explicit: set[str]) -> dict:
         check_measurable(model, tokenizer, splits, f"{flag_name} {path}")
     # A title whose prompt does not fit a model's block would lose its instruction to the crop:
     # such titles are left out of every column (the columns answer the same titles).
-    fit = [all(title_fits(tokenizer, p.title, model.config.block_size) for _, _, model, tokenizer, _ in loaded.values())
-           for p in title_poems]
+    fit = [all(title_fits(tokenizer, p.title, model.config.block_size, chat=tuned_format(ckpt) == "chat")
+               for _, ckpt, model, tokenizer, _ in loaded.values()) for p in title_poems]
     kept = [p for p, fits in zip(title_poems, fit) if fits]
     if len(kept) < len(title_poems):
         longest = max((p.title for p, fits in zip(title_poems, fit) if not fits), key=len)
@@ -138,6 +142,9 @@ def run(config: EvaluateConfig, explicit: set[str]) -> dict:
     if any(f.get("instructions") for f in columns.values()):
         print(f"\n{format_instruction_table(columns)}\n({config.task_prompts} prompts per task and form; seen: the "
               "training phrasings in turn; held-out: a phrasing no training sample used)")
+    if any(f.get("conversations") for f in columns.values()):
+        print(f"\n{format_conversation_table(columns)}\n(up to {config.task_prompts} unseen conversations per "
+              "follow-up; a single-turn model's column: the same task asked in one request)")
     return columns
 
 

@@ -6,7 +6,7 @@
     python finetune.py --init ckpt.pt --loss-on all    # the book's variant: loss on the prompt too
     python finetune.py --init ckpt.pt --data my.jsonl  # add {"instruction","input","output"} records
     python finetune.py --init ckpt.pt --lora-rank 8 --out ckpt_sft_lora.pt   # LoRA: adapters on a frozen model
-    python finetune.py --init ckpt.pt --format chat --out ckpt_chat.pt   # conversations in the chat template
+    python finetune.py --init ckpt.pt --format chat    # conversations in the chat template: ckpt_chat.pt
     python finetune.py --resume                        # continue the run saved at --out
 
 Every finetune-train poem becomes one sample per epoch, of a task drawn for it that epoch
@@ -49,10 +49,17 @@ from tanggpt.tuning import (LORA_FIXED, MORE_EPOCHS, TuneConfig, describe_tuning
                             open_run)
 
 
+# What each --loss-on puts the loss on, as the run's summary and plot say it.
+LOSS_ON_WORDS = {"response": "response tokens", "all": "all tokens", "assistant": "every assistant turn",
+                 "last": "the last assistant turn"}
+CHAT_OUT = "ckpt_chat.pt"  # --out of a --format chat run, when not typed
+
+
 @dataclass
 class FinetuneConfig(TuneConfig):
     init: str = flag("", "the pretrained checkpoint to tune (e.g. ckpt.pt); not needed with --resume")
-    out: str = flag("ckpt_sft.pt", "checkpoint path; the log, loss plot and samples are written beside it")
+    out: str = flag("ckpt_sft.pt", "checkpoint path; the log, loss plot and samples are written beside it "
+                                   f"(with --format chat and no --out: {CHAT_OUT})")
     lr: float = flag(0.0, "peak learning rate (0 = 1e-3 for a mixture of tasks, 3e-4 for --tasks book: new "
                           "skills to learn, or one format to adjust to)")
     min_lr: float = flag(0.0, "learning rate at the end of the cosine decay (0 = --lr / 10)")
@@ -140,7 +147,7 @@ class FinetuneStage(Stage):
         self.gallery, self.runtime, self.rank, self.adapters, self.inputs = gallery, runtime, rank, adapters, inputs
         self.train_rows = [(row.inputs, row.response_labels) for row in batches.rows[:512]]
         self.kind = SFT
-        self.plot_title = f"instruction tuning: loss on {config.loss_on} tokens, val on response tokens"
+        self.plot_title = f"instruction tuning: loss on {LOSS_ON_WORDS[config.loss_on]}, val on response tokens"
         self.sample_before_training = True
         self.max_val_loss = 2 * math.log(tokenizer.vocab_size)  # far worse than a uniform guess: diverged
 
@@ -156,7 +163,7 @@ class FinetuneStage(Stage):
     def sample(self, model: GPT, step: int) -> str:
         answers = answer_requests(model, self.tokenizer, self.gallery, self.runtime, self.config.sample_tokens,
                                   seed=self.config.seed, chat=self.config.format == "chat")
-        return format_answers(answers)
+        return format_answers(answers, chat=self.config.format == "chat")
 
     def describe_step(self, step: int) -> str:
         return f"epoch {step / self.batches.steps_per_epoch:g}"
@@ -171,6 +178,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def run(config: FinetuneConfig, explicit: set[str]) -> dict:
+    if config.format == "chat" and "out" not in explicit:  # a chat model is not the instruction-tuned one
+        config.out = CHAT_OUT
     ckpt, source, notes = open_run(config, explicit, SFT, RESUME_FIXED, init_example="ckpt.pt",
                                    before_the_flag=BEFORE_THE_FLAG, inputs={"--data": config.data})
     extra = load_instruction_jsonl(config.data) if config.data else []  # a bad file fails before the corpus loads
@@ -246,7 +255,7 @@ def run(config: FinetuneConfig, explicit: set[str]) -> dict:
                   + "".join(c for c, _ in unknown.most_common(20)))
         print(f"batches: {batches.padding_share():.0%} of epoch 1's positions are padding"
               + (" (length buckets)" if config.length_buckets else " (no length buckets)"))
-        print(f"loss on {config.loss_on} tokens; {per_step} samples per step, {steps_per_epoch} steps per epoch, "
+        print(f"loss on {LOSS_ON_WORDS[config.loss_on]}; {per_step} samples per step, {steps_per_epoch} steps per epoch, "
               f"{config.epochs} epochs" + (f", stopped at --max-iters {max_iters}" if config.max_iters else "")
               + f" = {max_iters} steps")
     figures = train(model, config, stage, runtime, max_iters, ckpt, dist_info)

@@ -45,7 +45,7 @@ import torch
 
 from data.errors import UserError, not_utf8
 from data.forms import CLAUSE_BREAK, FORMS
-from data.chat import ChatError, fit_history, render_ids
+from data.chat import ChatError, fit_history, render_ids, reserved_for_answer
 from data.conversations import request_messages
 from data.instruct import prompt_ids
 from data.tasks import TASKS, task_instruction
@@ -285,13 +285,12 @@ def interactive(answer: Callable[[str], None], what: str, label: str = "title") 
 def converse(model: GPT, tokenizer: Tokenizer, config: SampleConfig, runtime: Runtime, generator: torch.Generator,
              allowed: Callable | None, stop_ids: list[int]) -> None:
     """--chat: each typed line is the user's turn; the model answers it with the conversation
-    so far (the --system prompt, then every exchange). The answer needs room in the block:
-    at least --max-new-tokens or half the block, whichever is less; to keep that room, the
-    oldest exchanges are forgotten (data/chat.fit_history), with a note. /reset forgets all
-    but the system prompt."""
+    so far (the --system prompt, then every exchange). The answer needs room in the block
+    (data/chat.reserved_for_answer); to keep it, the oldest exchanges are forgotten
+    (data/chat.fit_history), with a note. /reset forgets all but the system prompt."""
     system = [{"role": "system", "content": config.system}] if config.system else []
     block_size = model.config.block_size
-    room = min(config.max_new_tokens, block_size // 2)
+    room = reserved_for_answer(block_size, config.max_new_tokens)
     history: list[dict] = list(system)
 
     def turn(line: str) -> None:
@@ -313,7 +312,7 @@ def converse(model: GPT, tokenizer: Tokenizer, config: SampleConfig, runtime: Ru
         if unknown:
             print(f"note: not in the tokenizer's vocabulary: {' '.join(unknown)}", file=sys.stderr)
         reply = write_samples(model, tokenizer, ids, config, runtime, generator, warn_cut=True, allowed=allowed,
-                              max_new_tokens=min(config.max_new_tokens, block_size - len(ids)), stop_ids=stop_ids)
+                              stop_ids=stop_ids)
         history = kept + [{"role": "assistant", "content": reply}]
 
     interactive(turn, "your turn (/reset starts a new conversation)", "you")

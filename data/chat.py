@@ -131,6 +131,17 @@ def encode_conversation(tokenizer: Tokenizer, messages: Sequence[Mapping], loss_
     return EncodedSample(ids[:-1], labels[1:], last_labels[1:])
 
 
+def reserved_for_answer(block_size: int, max_new_tokens: int) -> int:
+    """The ids kept free in the block for the assistant's next answer when a conversation is
+    fitted to it (fit_history's budget is block_size minus this): max_new_tokens or an eighth
+    of the block, whichever is less. Enough for a title or a form's name to be written with the
+    whole conversation in view. A longer answer, a poem, slides the window as it goes
+    (model.GPT.generate_stream crops the context to its last block_size ids): by then the
+    request is read and the poem begun. Keeping room for the longest answer instead would
+    forget, before answering, the very poem a follow-up asks about (這首詩是什麼體裁？)."""
+    return min(max_new_tokens, block_size // 8)
+
+
 def fit_history(tokenizer: Tokenizer, messages: Sequence[Mapping], budget: int) -> tuple[list[Mapping], int]:
     """The conversation to answer (ending with the user's turn), trimmed so that its prompt
     (render_ids with the generation prompt) is at most `budget` ids: the oldest exchanges,

@@ -40,7 +40,7 @@ from data.chat import encode_conversation, render_ids
 from data.corpus import Poem
 from data.errors import UserError
 from data.forms import acrostic_head, clauses, form_name, is_regular_form
-from data.instruct import INSTRUCTION, EncodedSample
+from data.instruct import EncodedSample, Sample, poem_sample
 from data.tasks import TASKS, MixedTask, tuning_poems
 from data.tokenizer import Tokenizer
 
@@ -64,19 +64,35 @@ def chat_prompt_ids(tokenizer: Tokenizer, instruction: str, input: str, system: 
     return render_ids(tokenizer, request_messages(instruction, input, system), add_generation_prompt=True)
 
 
+def conversation_rows(tokenizer: Tokenizer, samples: list[Sample], block_size: int, unknown: Counter | None = None
+                      ) -> list[tuple[list[int], list[int]] | None]:
+    """data/instruct.response_rows for a chat model: each sample asked as a one-turn conversation
+    (request_messages), its response the assistant's turn, as (inputs, the answer's labels:
+    its text and <|end|>); None where it does not fit block_size. One entry per sample, in order."""
+    rows = []
+    for sample in samples:
+        messages = request_messages(sample.instruction, sample.input) + \
+            [{"role": "assistant", "content": sample.response}]
+        inputs, _, response = encode_conversation(tokenizer, messages, "last", unknown)
+        rows.append((inputs, response) if len(inputs) <= block_size else None)
+    return rows
+
+
+def chat_finetune_val_poems(tokenizer: Tokenizer, splits: dict[str, list[Poem]], block_size: int,
+                            unknown: Counter | None = None) -> list[tuple[Poem, tuple[list[int], list[int]]]]:
+    """The finetune-val poems (data/tasks.finetune_val_poems: title -> poem with the book's one
+    sentence) as one-turn conversations, each beside its poem: the chat format's val loss, on
+    the same poems and the same request, so it compares with the instruction format's (its
+    stop is <|end|>, not <|endoftext|>). Poems that do not fit block_size are left out."""
+    poems = tuning_poems(splits)[1]
+    rows = conversation_rows(tokenizer, [poem_sample(p) for p in poems], block_size, unknown)
+    return [(poem, row) for poem, row in zip(poems, rows) if row is not None]
+
+
 def chat_finetune_val_rows(tokenizer: Tokenizer, splits: dict[str, list[Poem]], block_size: int,
                            unknown: Counter | None = None) -> list[tuple[list[int], list[int]]]:
-    """The finetune-val rows (data/tasks.finetune_val_poems: title -> poem with the book's one
-    sentence) as one-turn conversations: the chat format's val loss, on the same poems and the
-    same request, so it compares with the instruction format's (its stop is <|end|>, not
-    <|endoftext|>). Rows that do not fit block_size are left out."""
-    rows = []
-    for poem in tuning_poems(splits)[1]:
-        messages = request_messages(INSTRUCTION, poem.title) + [{"role": "assistant", "content": poem.body}]
-        inputs, _, response = encode_conversation(tokenizer, messages, "last", unknown)
-        if len(inputs) <= block_size:
-            rows.append((inputs, response))
-    return rows
+    """chat_finetune_val_poems' rows alone: what finetune.py evaluates a chat run on."""
+    return [row for _, row in chat_finetune_val_poems(tokenizer, splits, block_size, unknown)]
 
 
 @dataclass(frozen=True)

@@ -128,6 +128,14 @@ def lora_checkpoint() -> Path:
     return _tune("ckpt_sft_lora.pt", ["--lora-rank", "8"])
 
 
+def chat_checkpoint(loss_on: str = "assistant") -> Path:
+    """A chat model, tuned on conversations: ckpt_chat.pt (from `python finetune.py --init ckpt.pt
+    --format chat`, the loss on every assistant turn) or, with loss_on="last", ckpt_chat_last.pt
+    (`... --loss-on last --out ckpt_chat_last.pt`, the loss on the last turn only)."""
+    name = "ckpt_chat.pt" if loss_on == "assistant" else f"ckpt_chat_{loss_on}.pt"
+    return _tune(name, ["--format", "chat", "--loss-on", loss_on])
+
+
 def _align(name: str, default_flags: list[str]) -> Path:
     """An align.py run from tuned_checkpoint(): REPO/name when present, else a short one into
     notebooks/out/. Fast mode's tiny model writes no poem worth judging, so its pairs are

@@ -22,6 +22,7 @@ instruction format, the tasks, the poem forms), which import nothing from here.
     preference.py   preference pairs for DPO: building, scoring, caching, their DPO figures
     rhyme_targets.py  the rhyme loss's rows: real rhyming poems and what may rhyme where
     evaluation.py   what evaluate.py measures: every figure of its table, and the tables
+    conversation_evaluation.py  a chat model in conversation: each follow-up's check, system prompts
     chat_server.py  the chat page's server (chat.py): the page, an answer streamed, requests bounded
     speed.py        what the speed tools share: the model they measure, its description, a device clock
 """

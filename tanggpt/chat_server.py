@@ -36,7 +36,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
-from data.chat import ChatError, check_conversation, fit_history, render_ids
+from data.chat import ChatError, check_conversation, fit_history, render_ids, reserved_for_answer
 from data.forms import FORMS
 from data.tokenizer import END, Tokenizer
 from model import GPT
@@ -105,16 +105,15 @@ class ChatService:
         return messages, max_new_tokens, float(temperature)
 
     def prompt(self, messages: list[dict], max_new_tokens: int) -> tuple[list[int], int, int]:
-        """The prompt's ids, the answer's room, and how many exchanges were forgotten to make it:
-        the answer keeps at least max_new_tokens or half the block, whichever is less."""
+        """The prompt's ids, the answer's length limit, and how many exchanges were forgotten to
+        leave the answer its room in the block (data/chat.reserved_for_answer)."""
         block_size = self.model.config.block_size
-        room = min(max_new_tokens, block_size // 2)
         try:
+            room = reserved_for_answer(block_size, max_new_tokens)
             kept, dropped = fit_history(self.tokenizer, messages, block_size - room)
         except ChatError as e:
             raise BadRequest(400, str(e)) from None
-        ids = render_ids(self.tokenizer, kept, add_generation_prompt=True)
-        return ids, min(max_new_tokens, block_size - len(ids)), dropped
+        return render_ids(self.tokenizer, kept, add_generation_prompt=True), max_new_tokens, dropped
 
     def tokens(self, ids: list[int], max_new_tokens: int, temperature: float, seed: int) -> Iterator[int]:
         """The answer's ids, one at a time (the stop id not included), generated in the caller's thread."""

@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from data.conversations import chat_finetune_val_poems, chat_prompt_ids, conversation_rows
 from data.corpus import Poem, pretrain_text
 from data.errors import UserError
 from data.forms import FORMS, acrostic_head, clauses, form_name, is_regular_form
@@ -43,7 +44,8 @@ from data.instruct import IGNORE, INSTRUCTION, Sample, prompt_ids, response_rows
 from data.tasks import TASKS, finetune_val_poems, instructions, task_instruction
 from data.tokenizer import Tokenizer
 from model import GPT
-from tanggpt.checkpoint import answers_prompts
+from tanggpt.checkpoint import answers_prompts, tuned_format
+from tanggpt.conversation_evaluation import conversation_figures
 from tanggpt.cli import flag
 from tanggpt.device import Runtime
 from tanggpt.generation import SamplingConfig, answer_requests, answer_titles, for_generation
@@ -66,8 +68,9 @@ class EvaluationConfig(SamplingConfig):
 
 
 def loss_figures(model: GPT, tokenizer: Tokenizer, splits: dict[str, list[Poem]], batch_size: int,
-                 runtime: Runtime, seed: int) -> dict:
-    """pretrain-val and finetune-val response losses, and the title-conditioning gain."""
+                 runtime: Runtime, seed: int, chat: bool = False) -> dict:
+    """pretrain-val and finetune-val response losses, and the title-conditioning gain; with
+    `chat`, the finetune-val poems and the titles asked as one-turn conversations."""
     text = pretrain_text(splits["pretrain_val"])
     tokens = tokenizer.encode_array(text)
     figures = {"pretrain_val_loss": stream_loss(model, tokens, batch_size, runtime)}
@@ -75,9 +78,9 @@ def loss_figures(model: GPT, tokenizer: Tokenizer, splits: dict[str, list[Poem]]
 
     # The finetune-val loss every stage logs (data.tasks.finetune_val_rows), over the same rows
     # (check_measurable has made sure there are some).
-    fitting = finetune_val_poems(tokenizer, splits, model.config.block_size)
+    fitting = (chat_finetune_val_poems if chat else finetune_val_poems)(tokenizer, splits, model.config.block_size)
     # The title gain, on every finetune-val poem whose sample fits under its own title and another's.
-    swap = title_swap_nll(model, tokenizer, splits["finetune_val"], batch_size, runtime, seed)
+    swap = title_swap_nll(model, tokenizer, splits["finetune_val"], batch_size, runtime, seed, chat)
     rows = [row for _, row in fitting]
     figures["finetune_val_loss"] = response_loss(model, rows, tokenizer.eot_id, batch_size, runtime)
     response_tokens = sum(sum(label != IGNORE for label in labels) for _, labels in rows)
@@ -98,12 +101,15 @@ def check_measurable(model: GPT, tokenizer: Tokenizer, splits: dict[str, list[Po
                         f"{model.config.block_size}; use a larger --poems folder")
 
 
-def title_fits(tokenizer: Tokenizer, title: str, block_size: int, instruction: str = INSTRUCTION) -> bool:
-    """Whether the prompt asking for a poem on `title` leaves room in block_size for an answer.
+def title_fits(tokenizer: Tokenizer, title: str, block_size: int, instruction: str = INSTRUCTION,
+               chat: bool = False) -> bool:
+    """Whether the prompt asking for a poem on `title` (in the chat template, with `chat`)
+    leaves room in block_size for an answer.
 
     A longer prompt would be cropped from the front by GPT.generate_stream, <INS> and the
     instruction first: the model would answer a request it no longer sees."""
-    return len(prompt_ids(tokenizer, instruction, title)) < block_size
+    prompt = chat_prompt_ids(tokenizer, instruction, title) if chat else prompt_ids(tokenizer, instruction, title)
+    return len(prompt) < block_size
 
 
 def evaluate_checkpoint(ckpt: dict, model: GPT, tokenizer: Tokenizer, config: EvaluationConfig,
@@ -115,26 +121,31 @@ def evaluate_checkpoint(ckpt: dict, model: GPT, tokenizer: Tokenizer, config: Ev
     start = time.perf_counter()
     model = model.to(runtime.device).eval()
     lora = f" + LoRA r{ckpt['lora']['rank']}" if "lora" in ckpt else ""
-    figures = {"kind": ckpt["kind"] + lora, "parameters": model.num_params()}
-    figures.update(loss_figures(model, tokenizer, splits, config.batch_size, runtime, config.seed))
+    chat = tuned_format(ckpt) == "chat"  # asked in the chat template, every figure the same request
+    figures = {"kind": ckpt["kind"] + lora + (" (chat)" if chat else ""), "parameters": model.num_params()}
+    figures.update(loss_figures(model, tokenizer, splits, config.batch_size, runtime, config.seed, chat))
 
     writer = for_generation(copy.deepcopy(model), runtime)  # a copy: `model` stays fp32 for the answers' loss
     answers = answer_titles(writer, tokenizer, titles, runtime, config.max_new_tokens, seed=config.seed,
-                            batch_size=config.batch_size, allowed=allowed,
+                            batch_size=config.batch_size, allowed=allowed, chat=chat,
                             **config.generate_kwargs())
     figures.update(generation_figures([a.response for a in answers], [a.stopped for a in answers], training_lines))
     figures.update(prosody_figures([a.response for a in answers]))
     # What the sampler's choices cost in the model's own eyes (--rhyme overrides it at the
     # rhyme positions): the fp32 model's loss on its stopped answers, poem and end-of-text.
-    rows = [row for row in response_rows(tokenizer, [Sample(INSTRUCTION, a.title, a.response) for a in answers if a.stopped],
-                                         model.config.block_size) if row is not None]
+    scored = [Sample(INSTRUCTION, a.title, a.response) for a in answers if a.stopped]
+    rows = [row for row in (conversation_rows if chat else response_rows)(tokenizer, scored, model.config.block_size)
+            if row is not None]
     figures["answer_loss"] = None  # no answer stopped: nothing to score
     if rows:
         nll, count = labelled_nll(model, rows, tokenizer.eot_id, config.batch_size, runtime)
         figures["answer_loss"] = float(nll.sum() / count.sum())
     if config.task_prompts and answers_prompts(ckpt["kind"]):  # a base model was never asked anything
         figures["instructions"] = instruction_figures(model, writer, tokenizer, splits["finetune_val"], config,
-                                                      runtime)
+                                                      runtime, chat)
+        if chat:  # and past one request: follow-ups and system prompts
+            figures["conversations"] = conversation_figures(model, writer, tokenizer, splits["finetune_val"], config,
+                                                            config.task_prompts, config.batch_size, runtime)
     figures["seconds"] = time.perf_counter() - start
     return figures
 
@@ -175,13 +186,14 @@ def reward_figures(task: str, rewards: list[Reward]) -> dict[str, float | None]:
 
 
 def instruction_figures(model: GPT, writer: GPT, tokenizer: Tokenizer, poems: list[Poem], config: EvaluationConfig,
-                        runtime: Runtime) -> dict[str, dict]:
+                        runtime: Runtime, chat: bool = False) -> dict[str, dict]:
     """Does the model follow each task's instruction? {"seen": figures, "held_out": figures}.
 
     The same inputs are asked twice: with the training phrasings (taking turns) and with
     the held-out phrasing no training sample used. `poems` are unseen (finetune-val) ones.
     An input whose prompt would not fit the block in every phrasing is not asked; a figure
-    nothing could be asked for (no poem of two text lines to continue, say) is None.
+    nothing could be asked for (no poem of two text lines to continue, say) is None. With
+    `chat`, each request is the user's turn of a one-turn conversation (a chat model's format).
     """
     n, block_size = config.task_prompts, model.config.block_size
 
@@ -190,7 +202,7 @@ def instruction_figures(model: GPT, writer: GPT, tokenizer: Tokenizer, poems: li
 
     def fits(text: str, *tasks: str) -> bool:
         """Whether the prompt of `text` leaves room for an answer in every phrasing of `tasks`."""
-        return all(title_fits(tokenizer, text, block_size, longest_phrasing[task]) for task in tasks)
+        return all(title_fits(tokenizer, text, block_size, longest_phrasing[task], chat) for task in tasks)
 
     titles = [p.title for p in poems if fits(p.title, "poem", "form")][:n]  # asked for a poem, and in each form
     heads = {"unseen": [h for h in (acrostic_head(p.body) for p in poems if is_regular_form(p.body))
@@ -216,7 +228,7 @@ def instruction_figures(model: GPT, writer: GPT, tokenizer: Tokenizer, poems: li
             requests = [(task_instruction(task, form, kind == "held_out", phrasing=i), text)
                         for i, text in enumerate(inputs)]
             return answer_requests(writer, tokenizer, requests, runtime, config.max_new_tokens, seed=config.seed,
-                                   batch_size=config.batch_size, **config.generate_kwargs())
+                                   batch_size=config.batch_size, chat=chat, **config.generate_kwargs())
 
         f = {}
         # Each judged task's rewards, from the answers its own figures are measured on: the
@@ -248,7 +260,7 @@ def instruction_figures(model: GPT, writer: GPT, tokenizer: Tokenizer, poems: li
             f.update(reward_figures(task, task_rewards))
         samples = [Sample(task_instruction("title", held_out=kind == "held_out", phrasing=i), p.body, p.title)
                    for i, p in enumerate(titled)]
-        swap = input_swap_nll(model, tokenizer, samples, config.batch_size, runtime, config.seed)
+        swap = input_swap_nll(model, tokenizer, samples, config.batch_size, runtime, config.seed, chat)
         # None where fewer than 2 poems fit the block (a tiny model's): nothing to compare
         f["title_task_gain"], f["title_task_gain_se"] = (mean_and_standard_error(swap.gains.tolist())
                                                          if len(swap.poems) >= 2 else (None, None))

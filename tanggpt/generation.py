@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 
 from data.errors import UserError
+from data.chat import render_ids
 from data.conversations import chat_prompt_ids
 from data.instruct import INSTRUCTION, prompt_ids
 from data.tokenizer import END, Tokenizer
@@ -117,6 +118,34 @@ def answer_requests(
     requests: list[tuple[str, str]],
     runtime: Runtime,
     max_new_tokens: int = 200,
+    chat: bool = False,
+    **kwargs,
+) -> list[Answer]:
+    """Answer each (instruction, input) request, in batches, stopping each at end-of-text
+    (generate_answers' other arguments). With `chat`, the model is a chat model (finetune.py
+    --format chat): each request is asked as the user's turn of a conversation
+    (data/conversations.chat_prompt_ids), and an answer ends at the <|end|> that closes the
+    assistant's turn (or end-of-text)."""
+    prompts = [chat_prompt_ids(tokenizer, instruction, input) if chat else prompt_ids(tokenizer, instruction, input)
+               for instruction, input in requests]
+    written = generate_answers(model, tokenizer, prompts, runtime, max_new_tokens, chat=chat, **kwargs)
+    return [Answer(input, text, stopped, instruction) for (instruction, input), (text, stopped) in zip(requests, written)]
+
+
+def answer_conversations(model: GPT, tokenizer: Tokenizer, conversations: list[list[dict[str, str]]],
+                         runtime: Runtime, max_new_tokens: int = 200, **kwargs) -> list[tuple[str, bool]]:
+    """A chat model's next assistant turn in each conversation (each ending with the user's
+    turn), as (text, stopped at <|end|> or end-of-text); generate_answers' other arguments."""
+    prompts = [render_ids(tokenizer, messages, add_generation_prompt=True) for messages in conversations]
+    return generate_answers(model, tokenizer, prompts, runtime, max_new_tokens, chat=True, **kwargs)
+
+
+def generate_answers(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompts: list[list[int]],
+    runtime: Runtime,
+    max_new_tokens: int = 200,
     temperature: float = 0.8,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -125,25 +154,21 @@ def answer_requests(
     allowed: Callable | None = None,
     compile: bool = False,
     chat: bool = False,
-) -> list[Answer]:
-    """Answer each (instruction, input) request, in batches, stopping each at end-of-text.
-    With `chat`, the model is a chat model (finetune.py --format chat): each request is asked
-    as the user's turn of a conversation (data/conversations.chat_prompt_ids), and an answer
-    ends at the <|end|> that closes the assistant's turn (or end-of-text)."""
+) -> list[tuple[str, bool]]:
+    """What the model writes after each prompt, in batches of batch_size with one seeded
+    generator: (the text, whether it stopped by itself: at end-of-text, or with `chat` at <|end|>)."""
     generator = torch.Generator(device=runtime.device).manual_seed(seed)
     stop_ids = [tokenizer.eot_id] + ([tokenizer.special_ids[END]] if chat else [])
-    answers = []
-    for start in range(0, len(requests), batch_size):
-        chunk = requests[start : start + batch_size]
-        prompts = [chat_prompt_ids(tokenizer, instruction, input) if chat else prompt_ids(tokenizer, instruction, input)
-                   for instruction, input in chunk]
+    written = []
+    for start in range(0, len(prompts), batch_size):
         with runtime.autocast():
-            outputs = model.generate(prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                     allowed=allowed, compile=compile, stop_ids=stop_ids, generator=generator)
-        for (instruction, input), ids in zip(chunk, outputs):
+            outputs = model.generate(prompts[start : start + batch_size], max_new_tokens, temperature=temperature,
+                                     top_k=top_k, top_p=top_p, allowed=allowed, compile=compile, stop_ids=stop_ids,
+                                     generator=generator)
+        for ids in outputs:
             stopped = bool(ids) and ids[-1] in stop_ids
-            answers.append(Answer(input, tokenizer.decode(ids[:-1] if stopped else ids), stopped, instruction))
-    return answers
+            written.append((tokenizer.decode(ids[:-1] if stopped else ids), stopped))
+    return written
 
 
 def answer_titles(model: GPT, tokenizer: Tokenizer, titles: list[str], runtime: Runtime, max_new_tokens: int = 200,
@@ -163,13 +188,14 @@ def continue_text(model: GPT, tokenizer: Tokenizer, text: str, runtime: Runtime,
     return tokenizer.decode(prompt + new)
 
 
-def format_answers(answers: list[Answer], note: Callable[[str], str] | None = None) -> str:
+def format_answers(answers: list[Answer], note: Callable[[str], str] | None = None, chat: bool = False) -> str:
     """The gallery: each title (or, for another instruction, the instruction and its input),
-    the answer, whether the model stopped by itself, and the `note` on the poem, if given
-    (align.py marks rhymes and tones with prosody.prosody_marks)."""
+    the answer, whether the model stopped by itself (with `chat`, at the <|end|> of its turn),
+    and the `note` on the poem, if given (align.py marks rhymes and tones with prosody.prosody_marks)."""
+    stop = END if chat else "<|endoftext|>"
     blocks = []
     for a in answers:
-        ending = "[ended with <|endoftext|>]" if a.stopped else "[no end-of-text: cut at the length limit]"
+        ending = f"[ended with {stop}]" if a.stopped else f"[no {stop}: cut at the length limit]"
         if note is not None:
             ending += f" [{note(a.response)}]"
         asked = f"《{a.input}》" if a.instruction == INSTRUCTION else f"〔{a.instruction}〕\n{a.input}\n→"

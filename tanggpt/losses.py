@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from data.conversations import conversation_rows
 from data.corpus import Poem
 from data.instruct import IGNORE, Sample, pad_batch, poem_sample, response_rows
 from data.tokenizer import Tokenizer
@@ -118,15 +119,17 @@ class TitleSwap:
 
 
 def input_swap_nll(model: GPT, tokenizer: Tokenizer, samples: list[Sample], batch_size: int, runtime: Runtime,
-                   seed: int) -> TitleSwap:
+                   seed: int, chat: bool = False) -> TitleSwap:
     """Each sample's response under its own input, and under the input of another sample: a
     seeded shuffle pairs each sample with the next one in it, so every input is used once as
-    the "other". For poem samples the input is the title; for the title task, the poem."""
+    the "other". For poem samples the input is the title; for the title task, the poem.
+    With `chat`, each sample is asked as a one-turn conversation (a chat model's format)."""
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
     other_input = {i: samples[j].input for i, j in zip(order, order[1:] + order[:1])}
     block_size = model.config.block_size
-    own = response_rows(tokenizer, samples, block_size)
-    swapped = response_rows(tokenizer, [Sample(s.instruction, other_input[i], s.response)
+    rows = conversation_rows if chat else response_rows
+    own = rows(tokenizer, samples, block_size)
+    swapped = rows(tokenizer, [Sample(s.instruction, other_input[i], s.response)
                                         for i, s in enumerate(samples)], block_size)
     fits = [i for i in range(len(samples)) if own[i] is not None and swapped[i] is not None]
     nll_own, count = labelled_nll(model, [own[i] for i in fits], tokenizer.eot_id, batch_size, runtime)
@@ -135,9 +138,9 @@ def input_swap_nll(model: GPT, tokenizer: Tokenizer, samples: list[Sample], batc
 
 
 def title_swap_nll(model: GPT, tokenizer: Tokenizer, poems: list[Poem], batch_size: int, runtime: Runtime,
-                   seed: int) -> TitleSwap:
+                   seed: int, chat: bool = False) -> TitleSwap:
     """Each poem under its own title, and under the title of another poem (input_swap_nll)."""
-    return input_swap_nll(model, tokenizer, [poem_sample(p) for p in poems], batch_size, runtime, seed)
+    return input_swap_nll(model, tokenizer, [poem_sample(p) for p in poems], batch_size, runtime, seed, chat)
 
 
 # -----------------------------------------------------------------------------

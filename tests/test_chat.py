@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data.chat import LOSS_ON, ChatError, check_conversation, encode_conversation, render, render_ids
+from data.chat import (LOSS_ON, ChatError, check_conversation, encode_conversation, fit_history, render, render_ids,
+                       reserved_for_answer)
 from data.instruct import IGNORE
 from data.tokenizer import ASSISTANT, CHAT_MARKERS, END, SPECIALS, SYSTEM, USER, CharTokenizer, tokenizer_from_dict
 from model import GPT, GPTConfig
@@ -136,3 +137,19 @@ def test_a_grown_model_answers_as_before():
 def test_a_char_tokenizer_built_with_markers_is_the_grown_one():
     plain = CharTokenizer("春夏秋冬")
     assert CharTokenizer("春夏秋冬", chat_markers=True).to_dict() == plain.with_chat_markers().to_dict()
+
+
+def test_a_follow_up_about_a_long_poem_keeps_the_poem_in_view(char_tokenizer):
+    """After a 七言律詩 (about 70 ids of a 128-id block), "what form is it?" is answered with the
+    poem still in the prompt: the room kept free is a short answer's, not a poem's (which slides
+    the window as it is written), so the poem asked about is not forgotten first."""
+    tokenizer = char_tokenizer.with_chat_markers()
+    poem = "\n".join(["風急天高猿嘯哀，渚清沙白鳥飛迴。", "無邊落木蕭蕭下，不盡長江滾滾來。",
+                      "萬里悲秋常作客，百年多病獨登臺。", "艱難苦恨繁霜鬢，潦倒新停濁酒杯。"])
+    messages = [{"role": "user", "content": "請用以下題目寫一首詩\n登高"}, {"role": "assistant", "content": poem},
+                {"role": "user", "content": "這首詩是什麼體裁？"}]
+    room = reserved_for_answer(128, 200)
+    assert 5 < room < 64  # a form's name fits; half the block would not leave the poem room
+    kept, dropped = fit_history(tokenizer, messages, 128 - room)
+    assert dropped == 0 and kept == messages
+    assert reserved_for_answer(128, 4) == 4  # never more than the answer may take

@@ -26,7 +26,10 @@ def test_a_chat_run_grows_the_vocabulary_once_and_resumes_as_chat(tmp_path, smal
     finetune.main(tune(tmp_path, small_poems, tiny_pretrained, "--format", "chat", "--max-iters", "3",
                        "--eval-interval", "3"))
     out = capsys.readouterr().out
-    assert "loss on assistant tokens" in out and " conversations, " in out and "with a system prompt" in out
+    assert "loss on every assistant turn" in out and " conversations, " in out and "with a system prompt" in out
+    gallery = (tmp_path / "sft.samples.txt").read_text(encoding="utf-8")  # a turn ends at <|end|>
+    assert "[ended with <|end|>]" in gallery or "[no <|end|>: cut" in gallery
+    assert "<|endoftext|>]" not in gallery
     base = torch.load(tiny_pretrained, weights_only=True)
     ckpt = torch.load(tmp_path / "sft.pt", weights_only=True)
     assert ckpt["format"] == "chat" and ckpt["loss_on"] == "assistant"
@@ -61,16 +64,14 @@ def test_flags_that_do_not_go_with_the_format_are_refused(tmp_path, small_poems,
     assert message in run_error(tune(tmp_path, small_poems, tiny_pretrained, *args), capsys)
 
 
-@pytest.mark.parametrize("command, flag", [("align", "--init"), ("rl", "--init"), ("rejection_sampling", "--init"),
-                                           ("evaluate", "--ckpt")])
+@pytest.mark.parametrize("command, flag", [("align", "--init"), ("rl", "--init"), ("rejection_sampling", "--init")])
 def test_commands_that_ask_in_the_instruction_format_refuse_a_chat_model(tmp_path, small_poems, tiny_chat, capsys,
                                                                          command, flag):
     module = __import__(command)
     with pytest.raises(SystemExit) as exit_info:
         module.main([flag, str(tiny_chat), "--poems", str(small_poems), "--out", str(tmp_path / "out.jsonl")]
                     if command == "rejection_sampling" else
-                    [flag, str(tiny_chat), "--poems", str(small_poems)]
-                    + (["--out", str(tmp_path / "out.pt")] if command != "evaluate" else []))
+                    [flag, str(tiny_chat), "--poems", str(small_poems), "--out", str(tmp_path / "out.pt")])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and "Traceback" not in err
     assert err.splitlines()[-1] == (f"error: {flag} {tiny_chat} was tuned on conversations (finetune.py --format "
@@ -126,13 +127,14 @@ def test_chat_carries_the_conversation_and_reset_forgets_it(capsys, monkeypatch,
 
 
 def test_a_conversation_that_outgrows_the_block_forgets_its_oldest_exchanges(capsys, monkeypatch, tiny_chat):
-    # block 96, answers of at most 20 tokens: a prompt may hold 76; each turn here is 34 with its markers.
-    line = "春" * 30
+    # block 96, answers of at most 20 tokens: a prompt keeps 12 free (reserved_for_answer), so it may hold 84;
+    # each user turn here is 38 with its markers, and the system prompt 5: two never fit with an answer.
+    line = "春" * 36
     _, err, seen = chat_run(capsys, monkeypatch, ["--ckpt", str(tiny_chat), "--chat", "--system", "是詩人",
                                                   "--max-new-tokens", "20"], f"{line}\n{line}\n{'春' * 90}\n秋\n\n")
     tokenizer = chat_tokenizer_of(tiny_chat)
     assert "the oldest 1 exchange forgotten]" in err
-    assert all(len(ids) <= 76 for ids in seen) and len(seen) == 3  # the 90-character line was refused, alone
+    assert all(len(ids) <= 84 for ids in seen) and len(seen) == 3  # the 90-character line was refused, alone
     assert "error: the request is" in err
     assert tokenizer.decode(seen[1]).startswith(f"{SYSTEM}是詩人{END}{USER}{line}{END}{ASSISTANT}")
     assert tokenizer.decode(seen[1]).count(line) == 1  # the first exchange forgotten, the system prompt kept
@@ -150,3 +152,11 @@ def test_chat_flags_are_checked_in_one_line(capsys, tiny_tuned, args, message):
         sample.main(["--ckpt", str(tiny_tuned), *args, "--device", "cpu"])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and err.splitlines()[-1].startswith(message.format(ckpt=tiny_tuned))
+
+
+def test_a_chat_run_writes_ckpt_chat_unless_told_otherwise(tmp_path, small_poems, monkeypatch, capsys):
+    """The chat model does not take the instruction-tuned model's default path (ckpt_sft.pt)."""
+    monkeypatch.chdir(tmp_path)
+    assert "no checkpoint at ckpt_chat.pt" in run_error(["--resume", "--format", "chat", "--poems", str(small_poems)],
+                                                        capsys)
+    assert "no checkpoint at ckpt_sft.pt" in run_error(["--resume", "--poems", str(small_poems)], capsys)
