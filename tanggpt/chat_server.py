@@ -37,7 +37,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from data.chat import ChatError, check_conversation, fit_history, render_ids, reserved_for_answer
-from data.forms import FORMS
+from data.forms import FORMS, clauses
 from data.tokenizer import END, Tokenizer
 from model import GPT
 from tanggpt.device import Runtime
@@ -163,7 +163,7 @@ class ChatService:
                     shown = text
             text = self.tokenizer.decode(pieces)
             stopped = len(pieces) < max_new_tokens
-            yield event("done", {"text": text, "stopped": stopped, "marks": prosody_marks(text)})
+            yield event("done", {"text": text, "stopped": stopped, "marks": answer_marks(text)})
         finally:
             tokens.close()
             free()
@@ -173,6 +173,12 @@ class ChatService:
         # it is entered around each step, not once around the generator.
         with self.lock, self.runtime.autocast():
             return next(tokens, None)
+
+
+def answer_marks(text: str) -> str:
+    """An answer's marks on the page: a poem's form, rhyme and tones, as the galleries mark
+    poems (prosody.prosody_marks); nothing for an answer of one clause, a title or a form's name."""
+    return prosody_marks(text) if len(clauses(text)) > 1 else ""
 
 
 def event(name: str, data: dict) -> str:

@@ -13,7 +13,7 @@ import pytest
 import uvicorn
 
 import chat
-from tanggpt.chat_server import ChatService, ServerLimits, make_app
+from tanggpt.chat_server import ChatService, ServerLimits, answer_marks, make_app
 from tanggpt.device import setup_runtime
 from tanggpt.generation import for_generation, load_for_sampling
 
@@ -97,8 +97,14 @@ def test_an_answer_streams_token_by_token_and_ends_with_its_marks(server):
     tokens = [data["token"] for name, data in stream if name == "message"]
     name, done = stream[-1]
     assert name == "done" and len(tokens) >= 1 and "".join(tokens) == done["text"]
-    assert isinstance(done["stopped"], bool) and done["marks"]
+    assert isinstance(done["stopped"], bool) and done["marks"] == answer_marks(done["text"])
     assert done["stopped"] or len(tokens) == 12
+
+
+def test_a_poem_is_marked_and_a_title_or_form_name_is_not():
+    assert answer_marks("白日依山盡，黃河入海流。\n欲窮千里目，更上一層樓。").startswith("五言絕句 · ")
+    assert answer_marks("春思秋色早，空庭不夢深") == "not 絕句/律詩-shaped"  # a poem, of no regular form
+    assert answer_marks("五言律詩") == answer_marks("登鸛雀樓") == ""
 
 
 def test_two_clients_at_once(server):
