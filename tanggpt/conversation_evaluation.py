@@ -27,7 +27,8 @@ the held-out phrasing ("held-out"), as the instruction figures ask the tasks:
 A conversation is asked only where its prompt leaves room in block_size for the answer
 asked for (a training conversation always fits, data/conversations.py): a follow-up asking
 for a long poem is asked after the shorter first answers. Each kind reports how many
-conversations it asked.
+conversations it asked. A follow-up's answer is cut a couplet past a 七言律詩 (the
+first turns run to --max-new-tokens, as every single request does).
 """
 
 from __future__ import annotations
@@ -86,10 +87,10 @@ def conversation_figures(model: GPT, writer: GPT, tokenizer: Tokenizer, poems: l
         def phrase(training: tuple[str, ...], held_out: tuple[str, ...], i: int) -> str:
             return held_out[0] if held else training[i % len(training)]
 
-        def answer(conversations: list[list[Message]]) -> list[tuple[str, bool]]:
+        def answer(conversations: list[list[Message]], limit: int = config.max_new_tokens) -> list[tuple[str, bool]]:
             if not conversations:
                 return []
-            return answer_conversations(writer, tokenizer, conversations, runtime, config.max_new_tokens,
+            return answer_conversations(writer, tokenizer, conversations, runtime, min(limit, config.max_new_tokens),
                                         seed=config.seed, batch_size=batch_size, **config.generate_kwargs())
 
         def fits(messages: list[Message], room: int) -> bool:
@@ -97,6 +98,9 @@ def conversation_figures(model: GPT, writer: GPT, tokenizer: Tokenizer, poems: l
             return len(render_ids(tokenizer, messages, add_generation_prompt=True)) + room <= block_size
 
         longest = poem_room(tokenizer, 7, 8)  # a 七言律詩
+        # A follow-up's answer is cut a couplet past the longest poem: longer, it answers no request
+        # here, and a batch runs as long as its longest answer (past the block, without the cache).
+        follow_up_limit = longest + poem_room(tokenizer, 7, 2)
         f: dict[str, float | int | None] = {}
 
         # First turns: title -> poem, on up to POOL * n titles whose request leaves room for any form.
@@ -120,7 +124,7 @@ def conversation_figures(model: GPT, writer: GPT, tokenizer: Tokenizer, poems: l
                     asked.append(built)
                 if len(asked) == n:
                     break
-            return asked, answer([messages for messages, _, _ in asked])
+            return asked, answer([messages for messages, _, _ in asked], follow_up_limit)
 
         spec = FOLLOW_UPS["form_of_it"]
         asked, answers = follow(lambda i, p, h, first: (h + [_user(phrase(spec.phrasings, spec.held_out, i))],
@@ -210,7 +214,7 @@ def conversation_figures(model: GPT, writer: GPT, tokenizer: Tokenizer, poems: l
                 asked.append((messages, given))
             if len(asked) == n:
                 break
-        answers = answer([messages for messages, _ in asked])
+        answers = answer([messages for messages, _ in asked], follow_up_limit)
         f["continue_it_stop"] = _share(stopped for _, stopped in answers)
         f["continue_it_length"] = _share(bool(clauses(text)) and {len(c) for c in clauses(text)} == {len(given[0])}
                                          for (_, given), (text, _) in zip(asked, answers))
