@@ -40,8 +40,8 @@ from data.chat import encode_conversation, render_ids
 from data.corpus import Poem
 from data.errors import UserError
 from data.forms import acrostic_head, clauses, form_name, is_regular_form
-from data.instruct import EncodedSample, Sample, poem_sample
-from data.tasks import TASKS, MixedTask, tuning_poems
+from data.instruct import EncodedSample, Sample
+from data.tasks import TASKS, MixedTask
 from data.tokenizer import Tokenizer
 
 Message = dict[str, str]
@@ -76,23 +76,6 @@ def conversation_rows(tokenizer: Tokenizer, samples: list[Sample], block_size: i
         inputs, _, response = encode_conversation(tokenizer, messages, "last", unknown)
         rows.append((inputs, response) if len(inputs) <= block_size else None)
     return rows
-
-
-def chat_finetune_val_poems(tokenizer: Tokenizer, splits: dict[str, list[Poem]], block_size: int,
-                            unknown: Counter | None = None) -> list[tuple[Poem, tuple[list[int], list[int]]]]:
-    """The finetune-val poems (data/tasks.finetune_val_poems: title -> poem with the book's one
-    sentence) as one-turn conversations, each beside its poem: the chat format's val loss, on
-    the same poems and the same request, so it compares with the instruction format's (its
-    stop is <|end|>, not <|endoftext|>). Poems that do not fit block_size are left out."""
-    poems = tuning_poems(splits)[1]
-    rows = conversation_rows(tokenizer, [poem_sample(p) for p in poems], block_size, unknown)
-    return [(poem, row) for poem, row in zip(poems, rows) if row is not None]
-
-
-def chat_finetune_val_rows(tokenizer: Tokenizer, splits: dict[str, list[Poem]], block_size: int,
-                           unknown: Counter | None = None) -> list[tuple[list[int], list[int]]]:
-    """chat_finetune_val_poems' rows alone: what finetune.py evaluates a chat run on."""
-    return [row for _, row in chat_finetune_val_poems(tokenizer, splits, block_size, unknown)]
 
 
 @dataclass(frozen=True)

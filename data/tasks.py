@@ -121,21 +121,25 @@ def tuning_poems(splits: dict[str, list[Poem]], forms: str = "regular") -> tuple
 
 
 def finetune_val_poems(tokenizer: Tokenizer, splits: dict[str, list[Poem]], block_size: int,
-                       unknown: Counter | None = None) -> list[tuple[Poem, tuple[list[int], list[int]]]]:
+                       unknown: Counter | None = None, rows: Callable = response_rows
+                       ) -> list[tuple[Poem, tuple[list[int], list[int]]]]:
     """The finetune-val set every stage and evaluate.py report a loss on, one definition so
     their figures compare: each regular-form finetune-val poem (tuning_poems' default) as the
     book's task, title -> poem in its one sentence, as (inputs, response labels), beside its
     poem, whatever --tasks, --forms or --loss-on a run trains with. Poems whose sample does
-    not fit block_size are left out (never truncated)."""
+    not fit block_size are left out (never truncated). `rows` lays the samples out in a
+    format: data/instruct.response_rows, or for a chat model data/conversations.conversation_rows
+    (the same request as a one-turn conversation, its stop <|end|>)."""
     val_poems = tuning_poems(splits)[1]
-    rows = response_rows(tokenizer, [poem_sample(p) for p in val_poems], block_size, unknown)
-    return [(poem, row) for poem, row in zip(val_poems, rows) if row is not None]
+    laid_out = rows(tokenizer, [poem_sample(p) for p in val_poems], block_size, unknown)
+    return [(poem, row) for poem, row in zip(val_poems, laid_out) if row is not None]
 
 
 def finetune_val_rows(tokenizer: Tokenizer, splits: dict[str, list[Poem]], block_size: int,
-                      unknown: Counter | None = None) -> list[tuple[list[int], list[int]]]:
+                      unknown: Counter | None = None, rows: Callable = response_rows
+                      ) -> list[tuple[list[int], list[int]]]:
     """finetune_val_poems' rows alone: what finetune.py and align.py evaluate."""
-    return [row for _, row in finetune_val_poems(tokenizer, splits, block_size, unknown)]
+    return [row for _, row in finetune_val_poems(tokenizer, splits, block_size, unknown, rows)]
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from data.conversations import chat_finetune_val_poems, chat_prompt_ids, conversation_rows
+from data.conversations import chat_prompt_ids, conversation_rows
 from data.corpus import Poem, pretrain_text
 from data.errors import UserError
 from data.forms import FORMS, acrostic_head, clauses, form_name, is_regular_form
@@ -78,7 +78,8 @@ def loss_figures(model: GPT, tokenizer: Tokenizer, splits: dict[str, list[Poem]]
 
     # The finetune-val loss every stage logs (data.tasks.finetune_val_rows), over the same rows
     # (check_measurable has made sure there are some).
-    fitting = (chat_finetune_val_poems if chat else finetune_val_poems)(tokenizer, splits, model.config.block_size)
+    fitting = finetune_val_poems(tokenizer, splits, model.config.block_size,
+                                 rows=conversation_rows if chat else response_rows)
     # The title gain, on every finetune-val poem whose sample fits under its own title and another's.
     swap = title_swap_nll(model, tokenizer, splits["finetune_val"], batch_size, runtime, seed, chat)
     rows = [row for _, row in fitting]

@@ -192,10 +192,10 @@ def format_answers(answers: list[Answer], note: Callable[[str], str] | None = No
     """The gallery: each title (or, for another instruction, the instruction and its input),
     the answer, whether the model stopped by itself (with `chat`, at the <|end|> of its turn),
     and the `note` on the poem, if given (align.py marks rhymes and tones with prosody.prosody_marks)."""
-    stop = END if chat else "<|endoftext|>"
+    stop, missing = (END, END) if chat else ("<|endoftext|>", "end-of-text")
     blocks = []
     for a in answers:
-        ending = f"[ended with {stop}]" if a.stopped else f"[no {stop}: cut at the length limit]"
+        ending = f"[ended with {stop}]" if a.stopped else f"[no {missing}: cut at the length limit]"
         if note is not None:
             ending += f" [{note(a.response)}]"
         asked = f"《{a.input}》" if a.instruction == INSTRUCTION else f"〔{a.instruction}〕\n{a.input}\n→"

@@ -169,6 +169,10 @@ def test_evaluate_puts_a_chat_model_beside_a_single_turn_one(small_poems, tiny_c
     chat, single = report[str(tiny_chat)], report[str(tiny_tuned)]
     assert chat["kind"].endswith("(chat)") and "conversations" in chat and "conversations" not in single
     assert set(chat["conversations"]["seen"]) == set(chat["conversations"]["held_out"])
+    # The finetune-val loss is the one finetune.py logged for this chat run: the same rows, in its format.
+    records = [json.loads(line) for line in tiny_chat.with_name("ckpt_chat.log.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "val_loss" in r][-1]
+    assert chat["finetune_val_loss"] == pytest.approx(logged["val_loss"], rel=1e-5)
     table = ce.format_conversation_table({"chat": chat, "single": single})
     first_row = next(line for line in table.splitlines() if line.startswith("first turn"))
     poem_stop = single["instructions"]["seen"]["poem_stop"]
