@@ -190,7 +190,7 @@ class RLStage(Stage):
 
     def sample(self, model: GPT, step: int) -> str:
         answers = answer_requests(model, self.tokenizer, [(r.instruction, r.input) for r in self.gallery],
-                                  self.runtime, self.config.max_new_tokens, seed=self.config.seed)
+                                  self.runtime, self.config.sample_tokens, seed=self.config.seed)
         return format_answers(answers, note=prosody_marks)
 
     def checkpoint_extra(self) -> dict:

@@ -118,7 +118,7 @@ def conversation_figures(model: GPT, writer: GPT, tokenizer: Tokenizer, poems: l
             """Up to n conversations built from the histories (build -> (messages, room, what the
             check needs) or None), those whose prompt leaves room, and the model's answers."""
             asked = []
-            for i, (poem, history, first) in enumerate(histories):
+            for poem, history, first in histories:
                 built = build(len(asked), poem, history, first)
                 if built is not None and fits(built[0], built[1]):
                     asked.append(built)

@@ -166,6 +166,11 @@ def test_a_run_trains_logs_every_rule_and_saves_an_rl_checkpoint(tmp_path, small
             assert 0 <= figures[f"{kind} {name}"] or name == "kl", name
         assert 0 <= figures[f"{kind} reward"] <= 1
     assert "prompts:" in capsys.readouterr().out
+    # The gallery's answers are held to --sample-tokens (8), not to the rollouts' --max-new-tokens (24).
+    gallery = (tmp_path / "rl.samples.txt").read_text(encoding="utf-8")
+    cut = gallery.count("[no end-of-text: cut at the length limit]")
+    answers = [block.split("\n")[-2] for block in gallery.split("\n\n") if "cut at the length limit" in block]
+    assert cut and all(len(answer) <= 8 for answer in answers)
 
 
 def test_a_resumed_run_is_the_same_run(tmp_path, small_poems, tiny_tuned):
