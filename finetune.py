@@ -34,8 +34,8 @@ import torch
 from data.corpus import Poem, corpus_fingerprint, corpus_folder, load_corpus
 from data.errors import UserError
 from data.chat import LOSS_ON
-from data.conversations import ConversationMixture, conversation_rows
-from data.instruct import INSTRUCTION, EpochBatches, load_instruction_jsonl, response_rows
+from data.conversations import ConversationMixture, rows_in_format
+from data.instruct import INSTRUCTION, EpochBatches, load_instruction_jsonl
 from data.tasks import DEFAULT_TASKS, TaskMixture, finetune_val_rows, parse_tasks, task_instruction, tuning_poems
 from data.tokenizer import Tokenizer
 from model import GPT
@@ -214,7 +214,7 @@ def run(config: FinetuneConfig, explicit: set[str]) -> dict:
                               unknown)
     # The val loss is always the book's task, title -> poem: comparable between runs of any --tasks or --forms
     # (and, asked as one turn of a conversation, between the two formats).
-    val_rows = finetune_val_rows(tokenizer, splits, block_size, unknown, conversation_rows if chat else response_rows)
+    val_rows = finetune_val_rows(tokenizer, splits, block_size, unknown, rows_in_format(chat))
     dropped_val = len(tuning_poems(splits)[1]) - len(val_rows)
     poems_read = [] if extra and config.data_mode == "replace" else train_poems
     if not poems_read and not extra:

@@ -40,7 +40,7 @@ from data.chat import encode_conversation, render_ids
 from data.corpus import Poem
 from data.errors import UserError
 from data.forms import acrostic_head, clauses, form_name, is_regular_form
-from data.instruct import EncodedSample, Sample
+from data.instruct import EncodedSample, Sample, prompt_ids, response_rows
 from data.tasks import TASKS, MixedTask
 from data.tokenizer import Tokenizer
 
@@ -62,6 +62,18 @@ def chat_prompt_ids(tokenizer: Tokenizer, instruction: str, input: str, system: 
     """The chat format's prompt for one request: what a chat model continues with its answer
     (data/instruct.prompt_ids is the instruction format's)."""
     return render_ids(tokenizer, request_messages(instruction, input, system), add_generation_prompt=True)
+
+
+def prompt_in_format(tokenizer: Tokenizer, instruction: str, input: str, chat: bool) -> list[int]:
+    """One request's prompt in a model's format: for a chat model (`chat`) a one-turn
+    conversation (chat_prompt_ids), else the book's <INS>...<INP>...<RES> (data/instruct.prompt_ids)."""
+    return chat_prompt_ids(tokenizer, instruction, input) if chat else prompt_ids(tokenizer, instruction, input)
+
+
+def rows_in_format(chat: bool) -> Callable[..., list[tuple[list[int], list[int]] | None]]:
+    """How samples become scored rows in a model's format: conversation_rows for a chat model,
+    else data/instruct.response_rows (the same arguments, the same one-entry-per-sample result)."""
+    return conversation_rows if chat else response_rows
 
 
 def conversation_rows(tokenizer: Tokenizer, samples: list[Sample], block_size: int, unknown: Counter | None = None

@@ -104,16 +104,16 @@ class ChatService:
             raise BadRequest(400, f"temperature must be a number from 0 to 2, got {temperature!r}")
         return messages, max_new_tokens, float(temperature)
 
-    def prompt(self, messages: list[dict], max_new_tokens: int) -> tuple[list[int], int, int]:
-        """The prompt's ids, the answer's length limit, and how many exchanges were forgotten to
-        leave the answer its room in the block (data/chat.reserved_for_answer)."""
+    def prompt(self, messages: list[dict], max_new_tokens: int) -> tuple[list[int], int]:
+        """The prompt's ids, and how many exchanges were forgotten to leave the answer its room
+        in the block (data/chat.reserved_for_answer)."""
         block_size = self.model.config.block_size
+        room = reserved_for_answer(block_size, max_new_tokens)
         try:
-            room = reserved_for_answer(block_size, max_new_tokens)
             kept, dropped = fit_history(self.tokenizer, messages, block_size - room)
         except ChatError as e:
             raise BadRequest(400, str(e)) from None
-        return render_ids(self.tokenizer, kept, add_generation_prompt=True), max_new_tokens, dropped
+        return render_ids(self.tokenizer, kept, add_generation_prompt=True), dropped
 
     def tokens(self, ids: list[int], max_new_tokens: int, temperature: float, seed: int) -> Iterator[int]:
         """The answer's ids, one at a time (the stop id not included), generated in the caller's thread."""
@@ -224,7 +224,7 @@ def make_app(service: ChatService) -> FastAPI:
             except (UnicodeDecodeError, json.JSONDecodeError):
                 raise BadRequest(400, "the body is not JSON") from None
             messages, max_new_tokens, temperature = service.check(body)
-            ids, room, dropped = service.prompt(messages, max_new_tokens)
+            ids, dropped = service.prompt(messages, max_new_tokens)
             if service.active >= service.limits.max_concurrent:
                 raise BadRequest(429, f"{service.active} answers are being written, the most this server writes at "
                                       "once; try again in a moment")
@@ -233,7 +233,7 @@ def make_app(service: ChatService) -> FastAPI:
         # The place is freed when the answer's stream ends, however it ends; and, should the
         # client vanish before the stream even starts, when the unstarted stream is collected.
         free = service.take_place()
-        stream = service.answer(ids, room, temperature, dropped, free)
+        stream = service.answer(ids, max_new_tokens, temperature, dropped, free)
         weakref.finalize(stream, free)
         return StreamingResponse(stream, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

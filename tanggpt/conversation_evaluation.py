@@ -47,7 +47,7 @@ from model import GPT
 from tanggpt.device import Runtime
 from tanggpt.generation import SamplingConfig, answer_conversations
 from tanggpt.losses import labelled_nll
-from tanggpt.metrics import follows_acrostic, mean_and_standard_error, text_lines
+from tanggpt.metrics import follows_acrostic, mean_and_standard_error, share_of, text_lines
 
 FORM_ORDER = list(FORMS)  # asked in turn
 TITLE_ROOM = 16  # title_it asks about poems whose title is at most this many ids
@@ -59,11 +59,6 @@ def poem_room(tokenizer: Tokenizer, length: int, count: int) -> int:
     lays a poem (a couplet a line), with the <|end|> that closes the turn."""
     couplet = "山" * length + "，" + "山" * length + "。"
     return len(tokenizer.encode("\n".join([couplet] * (count // 2)))) + 1
-
-
-def _share(flags) -> float | None:
-    flags = list(flags)
-    return sum(flags) / len(flags) if flags else None
 
 
 def _user(text: str) -> Message:
@@ -108,8 +103,8 @@ def conversation_figures(model: GPT, writer: GPT, tokenizer: Tokenizer, poems: l
                   for i, p in enumerate(poems)]
         pool = [(p, m) for p, m in zip(poems, firsts) if fits(m, longest)][: POOL * n]
         written = answer([m for _, m in pool])
-        f["first_stop"] = _share(stopped for _, stopped in written)
-        f["first_regular"] = _share(is_regular_form(text) for text, _ in written)
+        f["first_stop"] = share_of(stopped for _, stopped in written)
+        f["first_regular"] = share_of(is_regular_form(text) for text, _ in written)
         f["asked first"] = len(written)
         # The conversations that go on: a first answer that stopped, kept in the history.
         histories = [(p, m + [_assistant(text)], text) for (p, m), (text, stopped) in zip(pool, written) if stopped]
@@ -130,15 +125,15 @@ def conversation_figures(model: GPT, writer: GPT, tokenizer: Tokenizer, poems: l
         asked, answers = follow(lambda i, p, h, first: (h + [_user(phrase(spec.phrasings, spec.held_out, i))],
                                                         len(tokenizer.encode("五言絕句")) + 1, form_name(first))
                                 if form_name(first) else None)
-        f["form_of_it"] = _share(text.strip() == form for (_, _, form), (text, _) in zip(asked, answers))
+        f["form_of_it"] = share_of(text.strip() == form for (_, _, form), (text, _) in zip(asked, answers))
         f["asked form_of_it"] = len(asked)
 
         spec = FOLLOW_UPS["same_title"]
         asked, answers = follow(lambda i, p, h, first: (h + [_user(phrase(spec.phrasings, spec.held_out, i))],
                                                         poem_room(tokenizer, 7, 4), first))
-        f["same_title_stop"] = _share(stopped for _, stopped in answers)
-        f["same_title_regular"] = _share(is_regular_form(text) for text, _ in answers)
-        f["same_title_new"] = _share(not set(text_lines(text)) & set(text_lines(first))
+        f["same_title_stop"] = share_of(stopped for _, stopped in answers)
+        f["same_title_regular"] = share_of(is_regular_form(text) for text, _ in answers)
+        f["same_title_new"] = share_of(not set(text_lines(text)) & set(text_lines(first))
                                      for (_, _, first), (text, _) in zip(asked, answers))
         f["asked same_title"] = len(asked)
 
@@ -157,7 +152,7 @@ def conversation_figures(model: GPT, writer: GPT, tokenizer: Tokenizer, poems: l
             return in_turn(i, lambda form: history + [_user(phrase(spec.phrasings, spec.held_out, i).format(form=form))])
 
         asked, answers = follow(same_title_form)
-        f["same_title_form"] = _share(form_name(text) == form for (_, _, form), (text, _) in zip(asked, answers))
+        f["same_title_form"] = share_of(form_name(text) == form for (_, _, form), (text, _) in zip(asked, answers))
         f["asked same_title_form"] = len(asked)
         f["forms same_title_form"] = dict(Counter(form for _, _, form in asked))  # the mix the block allowed
 
@@ -175,7 +170,7 @@ def conversation_figures(model: GPT, writer: GPT, tokenizer: Tokenizer, poems: l
             return history + [_user(text)], poem_room(tokenizer, *FORMS[form]), head
 
         asked, answers = follow(same_title_acrostic)
-        f["same_title_acrostic"] = _share(follows_acrostic(text, head)
+        f["same_title_acrostic"] = share_of(follows_acrostic(text, head)
                                           for (_, _, head), (text, _) in zip(asked, answers))
         f["asked same_title_acrostic"] = len(asked)
 
@@ -189,7 +184,7 @@ def conversation_figures(model: GPT, writer: GPT, tokenizer: Tokenizer, poems: l
                                                                          other.title))])
 
         asked, answers = follow(next_request)
-        f["next_form"] = _share(form_name(text) == form for (_, _, form), (text, _) in zip(asked, answers))
+        f["next_form"] = share_of(form_name(text) == form for (_, _, form), (text, _) in zip(asked, answers))
         f["asked next"] = len(asked)
         f["forms next"] = dict(Counter(form for _, _, form in asked))
 
@@ -203,7 +198,7 @@ def conversation_figures(model: GPT, writer: GPT, tokenizer: Tokenizer, poems: l
             given = clauses(couplet)
             return stopped and len(text_lines(couplet)) == 1 and len(given) == 2 and len(given[0]) == len(given[1])
 
-        f["opening_couplet"] = _share(is_couplet(*c) for c in couplets)
+        f["opening_couplet"] = share_of(is_couplet(*c) for c in couplets)
         asked = []
         for opening, (couplet, stopped) in zip(openings, couplets):
             if not is_couplet(couplet, stopped):
@@ -215,10 +210,10 @@ def conversation_figures(model: GPT, writer: GPT, tokenizer: Tokenizer, poems: l
             if len(asked) == n:
                 break
         answers = answer([messages for messages, _ in asked], follow_up_limit)
-        f["continue_it_stop"] = _share(stopped for _, stopped in answers)
-        f["continue_it_length"] = _share(bool(clauses(text)) and {len(c) for c in clauses(text)} == {len(given[0])}
+        f["continue_it_stop"] = share_of(stopped for _, stopped in answers)
+        f["continue_it_length"] = share_of(bool(clauses(text)) and {len(c) for c in clauses(text)} == {len(given[0])}
                                          for (_, given), (text, _) in zip(asked, answers))
-        f["continue_it_no_repeat"] = _share(not set(given) & set(clauses(text))
+        f["continue_it_no_repeat"] = share_of(not set(given) & set(clauses(text))
                                             for (_, given), (text, _) in zip(asked, answers))
         f["asked continue_it"] = len(asked)
 
@@ -229,8 +224,8 @@ def conversation_figures(model: GPT, writer: GPT, tokenizer: Tokenizer, poems: l
             rule = SYSTEM_PROMPTS[name]
             ruled = [[{"role": "system", "content": phrase(rule.phrasings, rule.held_out, i)}] + m
                      for i, (_, m) in enumerate(pool[:n])]
-            f[f"system_{name}"] = _share(rule.keeps(text) for text, _ in answer(ruled))
-            f[f"no_system_{name}"] = _share(rule.keeps(text) for text, _ in written[:n])
+            f[f"system_{name}"] = share_of(rule.keeps(text) for text, _ in answer(ruled))
+            f[f"no_system_{name}"] = share_of(rule.keeps(text) for text, _ in written[:n])
         f["asked system"] = min(n, len(pool))
         figures[kind] = f
     return figures

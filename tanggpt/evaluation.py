@@ -36,11 +36,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from data.conversations import chat_prompt_ids, conversation_rows
+from data.conversations import prompt_in_format, rows_in_format
 from data.corpus import Poem, pretrain_text
 from data.errors import UserError
 from data.forms import FORMS, acrostic_head, clauses, form_name, is_regular_form
-from data.instruct import IGNORE, INSTRUCTION, Sample, prompt_ids, response_rows, sample_length
+from data.instruct import IGNORE, INSTRUCTION, Sample, sample_length
 from data.tasks import TASKS, finetune_val_poems, instructions, task_instruction
 from data.tokenizer import Tokenizer
 from model import GPT
@@ -50,7 +50,7 @@ from tanggpt.cli import flag
 from tanggpt.device import Runtime
 from tanggpt.generation import SamplingConfig, answer_requests, answer_titles, for_generation
 from tanggpt.losses import bits_per_char, input_swap_nll, labelled_nll, response_loss, stream_loss, title_swap_nll
-from tanggpt.metrics import acrostic_hits, follows_acrostic, generation_figures, mean_and_standard_error
+from tanggpt.metrics import acrostic_hits, follows_acrostic, generation_figures, mean_and_standard_error, share_of
 from tanggpt.prosody import prosody_figures
 from tanggpt.rewards import TASK_RULES, Reward, task_reward
 
@@ -78,8 +78,7 @@ def loss_figures(model: GPT, tokenizer: Tokenizer, splits: dict[str, list[Poem]]
 
     # The finetune-val loss every stage logs (data.tasks.finetune_val_rows), over the same rows
     # (check_measurable has made sure there are some).
-    fitting = finetune_val_poems(tokenizer, splits, model.config.block_size,
-                                 rows=conversation_rows if chat else response_rows)
+    fitting = finetune_val_poems(tokenizer, splits, model.config.block_size, rows=rows_in_format(chat))
     # The title gain, on every finetune-val poem whose sample fits under its own title and another's.
     swap = title_swap_nll(model, tokenizer, splits["finetune_val"], batch_size, runtime, seed, chat)
     rows = [row for _, row in fitting]
@@ -109,8 +108,7 @@ def title_fits(tokenizer: Tokenizer, title: str, block_size: int, instruction: s
 
     A longer prompt would be cropped from the front by GPT.generate_stream, <INS> and the
     instruction first: the model would answer a request it no longer sees."""
-    prompt = chat_prompt_ids(tokenizer, instruction, title) if chat else prompt_ids(tokenizer, instruction, title)
-    return len(prompt) < block_size
+    return len(prompt_in_format(tokenizer, instruction, title, chat)) < block_size
 
 
 def evaluate_checkpoint(ckpt: dict, model: GPT, tokenizer: Tokenizer, config: EvaluationConfig,
@@ -135,8 +133,7 @@ def evaluate_checkpoint(ckpt: dict, model: GPT, tokenizer: Tokenizer, config: Ev
     # What the sampler's choices cost in the model's own eyes (--rhyme overrides it at the
     # rhyme positions): the fp32 model's loss on its stopped answers, poem and end-of-text.
     scored = [Sample(INSTRUCTION, a.title, a.response) for a in answers if a.stopped]
-    rows = [row for row in (conversation_rows if chat else response_rows)(tokenizer, scored, model.config.block_size)
-            if row is not None]
+    rows = [row for row in rows_in_format(chat)(tokenizer, scored, model.config.block_size) if row is not None]
     figures["answer_loss"] = None  # no answer stopped: nothing to score
     if rows:
         nll, count = labelled_nll(model, rows, tokenizer.eot_id, config.batch_size, runtime)
@@ -215,12 +212,6 @@ def instruction_figures(model: GPT, writer: GPT, tokenizer: Tokenizer, poems: li
               if sample_length(longest, len(tokenizer.encode(p.body)), len(tokenizer.encode(p.title))) <= block_size]
     titled = titled[:n]
 
-    def share(flags) -> float | None:
-        """The share of true flags; None when nothing was asked (no input of this kind fits, or the
-        poems have none: a folder without two-line poems has no first couplet to continue)."""
-        flags = list(flags)
-        return sum(flags) / len(flags) if flags else None
-
     figures = {}
     for kind in ("seen", "held_out"):
         def ask(task: str, inputs: list[str], form: str = "") -> list:
@@ -236,26 +227,27 @@ def instruction_figures(model: GPT, writer: GPT, tokenizer: Tokenizer, poems: li
         # rules score the very answers the table reports, with no sampling of their own.
         rewards: dict[str, list[Reward]] = {task: [] for task in REWARD_TASKS}
         answers = ask("poem", titles)
-        f["poem_stop"] = share(a.stopped for a in answers)
-        f["poem_regular"] = share(is_regular_form(a.response) for a in answers)
+        f["poem_stop"] = share_of(a.stopped for a in answers)
+        f["poem_regular"] = share_of(is_regular_form(a.response) for a in answers)
         rewards["poem"] = [task_reward("poem", a.response, a.stopped, a.input) for a in answers]
         for form in FORMS:
             answers = ask("form", titles, form)
-            f[f"form {form}"] = share(form_name(a.response) == form for a in answers)
+            f[f"form {form}"] = share_of(form_name(a.response) == form for a in answers)
             rewards["form"] += [task_reward("form", a.response, a.stopped, a.input, form) for a in answers]
         for name, asked in heads.items():
             answers = ask("acrostic", asked)
             if name == "unseen":  # unseen inputs, as for the other tasks; the 20 set phrases keep their own rows
                 rewards["acrostic"] = [task_reward("acrostic", a.response, a.stopped, a.input) for a in answers]
-            f[f"acrostic_{name}"] = share(follows_acrostic(a.response, h) for a, h in zip(answers, asked))
+            f[f"acrostic_{name}"] = share_of(follows_acrostic(a.response, h) for a, h in zip(answers, asked))
             f[f"acrostic_{name}_lines"] = (sum(acrostic_hits(a.response, h) for a, h in zip(answers, asked))
                                            / sum(map(len, asked))) if asked else None
         answers = ask("continue", [p.lines[0] for p in openings])
         given = [clauses(p.lines[0]) for p in openings]
-        f["continue_stop"] = share(a.stopped for a in answers)
-        f["continue_length"] = share(bool(clauses(a.response)) and {len(c) for c in clauses(a.response)} == {len(g[0])}
-                                     for a, g in zip(answers, given))
-        f["continue_no_repeat"] = share(not set(g) & set(clauses(a.response)) for a, g in zip(answers, given))
+        f["continue_stop"] = share_of(a.stopped for a in answers)
+        f["continue_length"] = share_of(bool(clauses(a.response))
+                                        and {len(c) for c in clauses(a.response)} == {len(g[0])}
+                                        for a, g in zip(answers, given))
+        f["continue_no_repeat"] = share_of(not set(g) & set(clauses(a.response)) for a, g in zip(answers, given))
         rewards["continue"] = [task_reward("continue", a.response, a.stopped, a.input) for a in answers]
         for task, task_rewards in rewards.items():
             f.update(reward_figures(task, task_rewards))

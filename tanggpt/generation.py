@@ -16,8 +16,8 @@ import torch
 
 from data.errors import UserError
 from data.chat import render_ids
-from data.conversations import chat_prompt_ids
-from data.instruct import INSTRUCTION, prompt_ids
+from data.conversations import prompt_in_format
+from data.instruct import INSTRUCTION
 from data.tokenizer import END, Tokenizer
 from model import GPT
 from tanggpt.checkpoint import load_checkpoint, model_and_tokenizer
@@ -126,8 +126,7 @@ def answer_requests(
     --format chat): each request is asked as the user's turn of a conversation
     (data/conversations.chat_prompt_ids), and an answer ends at the <|end|> that closes the
     assistant's turn (or end-of-text)."""
-    prompts = [chat_prompt_ids(tokenizer, instruction, input) if chat else prompt_ids(tokenizer, instruction, input)
-               for instruction, input in requests]
+    prompts = [prompt_in_format(tokenizer, instruction, input, chat) for instruction, input in requests]
     written = generate_answers(model, tokenizer, prompts, runtime, max_new_tokens, chat=chat, **kwargs)
     return [Answer(input, text, stopped, instruction) for (instruction, input), (text, stopped) in zip(requests, written)]
 

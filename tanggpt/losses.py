@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from data.conversations import conversation_rows
+from data.conversations import rows_in_format
 from data.corpus import Poem
-from data.instruct import IGNORE, Sample, pad_batch, poem_sample, response_rows
+from data.instruct import IGNORE, Sample, pad_batch, poem_sample
 from data.tokenizer import Tokenizer
 from model import GPT
 from tanggpt.device import Runtime
@@ -127,10 +127,10 @@ def input_swap_nll(model: GPT, tokenizer: Tokenizer, samples: list[Sample], batc
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
     other_input = {i: samples[j].input for i, j in zip(order, order[1:] + order[:1])}
     block_size = model.config.block_size
-    rows = conversation_rows if chat else response_rows
+    rows = rows_in_format(chat)
     own = rows(tokenizer, samples, block_size)
-    swapped = rows(tokenizer, [Sample(s.instruction, other_input[i], s.response)
-                                        for i, s in enumerate(samples)], block_size)
+    swapped = rows(tokenizer, [Sample(s.instruction, other_input[i], s.response) for i, s in enumerate(samples)],
+                   block_size)
     fits = [i for i in range(len(samples)) if own[i] is not None and swapped[i] is not None]
     nll_own, count = labelled_nll(model, [own[i] for i in fits], tokenizer.eot_id, batch_size, runtime)
     nll_swapped, _ = labelled_nll(model, [swapped[i] for i in fits], tokenizer.eot_id, batch_size, runtime)

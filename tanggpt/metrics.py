@@ -23,6 +23,13 @@ def follows_acrostic(poem: str, head: str) -> bool:
     return acrostic_head(poem) == head
 
 
+def share_of(flags: Iterable[bool]) -> float | None:
+    """The share of true flags; None when there are none (nothing of this kind could be asked:
+    a folder without two-line poems has no first couplet to continue)."""
+    flags = list(flags)
+    return sum(flags) / len(flags) if flags else None
+
+
 def distinct_n(texts: list[str], n: int = 2) -> float:
     """Distinct character n-grams over all n-grams in the texts: 1.0 = no repetition at all."""
     grams = [t[i : i + n] for t in texts for i in range(len(t) - n + 1)]
