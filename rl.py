@@ -45,7 +45,7 @@ from data.corpus import corpus_fingerprint, corpus_folder, load_corpus
 from data.errors import UserError
 from data.instruct import IGNORE, EpochBatches, pad_batch
 from data.tasks import finetune_val_rows, tuning_poems
-from data.tokenizer import Tokenizer
+from data.tokenizer import CharTokenizer, Tokenizer
 from model import GPT
 from tanggpt.checkpoint import KINDS, RL, check_same_inputs, refuse_chat_model
 from tanggpt.cli import flag, resume_rule, run_cli
@@ -54,10 +54,10 @@ from tanggpt.generation import answer_requests, format_answers
 from tanggpt.lora import adapters_disabled
 from tanggpt.losses import RolloutBatch, group_advantages, grpo_loss, response_loss, token_logprobs
 from tanggpt.metrics import distinct_n
-from tanggpt.prosody import prosody_marks
+from tanggpt.prosody import RhymeConstraint, prosody_marks
 from tanggpt.rewards import TASK_RULES, RewardWeights
 from tanggpt.rollouts import (RL_TASKS, Request, Rollout, fitting, make_requests, parse_rl_tasks, roll_out,
-                              rollout_rows)
+                              rollout_rows, rollout_target_rows)
 from tanggpt.training import LOOP_FIXED, Stage, start_runtime, train
 from tanggpt.tuning import (LORA_FIXED, TuneConfig, describe_tuning, done_as_started, fingerprint_of_init,
                             model_to_tune, open_run, read_init_again, refuse_pretrained)
@@ -76,6 +76,9 @@ class RLConfig(TuneConfig, RewardWeights):
     temperature: float = flag(1.0, "sampling temperature of the answers (1 samples the policy itself, as the "
                                    "loss assumes)")
     kl_weight: float = flag(0.02, "weight of the KL penalty to the --init model (0 = none, and no reference model)")
+    target_weight: float = flag(0.0, "where a rule names what to write (an acrostic head, a rhyme group), also raise "
+                                     "the probability of what it allows, in the policy's own answers: such a place weighs "
+                                     "like one more answer token of this advantage (0 = GRPO alone; tanggpt/rule_targets.py)")
     same_shape: bool = flag(True, "compare an answer to a title or a continuation only with its group's answers of "
                                   "the same shape (4 or 8 clauses): the reward then judges how a poem is written, not "
                                   "which length it chose (without it the policy learns to write quatrains, with fewer "
@@ -104,14 +107,17 @@ class RLConfig(TuneConfig, RewardWeights):
         if self.temperature <= 0 or self.kl_weight < 0:
             raise UserError(f"--temperature must be positive and --kl-weight not negative, got {self.temperature:g} "
                             f"and {self.kl_weight:g}")
+        if self.target_weight < 0:
+            raise UserError(f"--target-weight must not be negative, got {self.target_weight:g}")
 
 
 # What --resume never changes: these decide the prompts, the answers and the loss.
 RESUME_FIXED = {*LOOP_FIXED, "init", "tasks", "group_size", "max_new_tokens", "temperature", "kl_weight",
-                "same_shape", "repeat_voids_rhyme",
+                "target_weight", "same_shape", "repeat_voids_rhyme",
                 *(f"{rule}_weight" for rule in {r for rules in TASK_RULES.values() for r in rules}), *LORA_FIXED}
 # A run started before a flag existed was trained with the value it had then.
-BEFORE_THE_FLAG = {"same_shape": False, "repeat_voids_rhyme": False, "distinct_rhymes_weight": 0.0}
+BEFORE_THE_FLAG = {"same_shape": False, "repeat_voids_rhyme": False, "distinct_rhymes_weight": 0.0,
+                   "target_weight": 0.0}
 
 
 class RLStage(Stage):
@@ -131,6 +137,7 @@ class RLStage(Stage):
         self.sample_before_training = True
         self.evaluate_before_training = True  # the --init model's rewards: what the run is measured against
         self.max_val_loss = 2 * math.log(tokenizer.vocab_size)  # far worse than a uniform guess: diverged
+        self.constraint = RhymeConstraint(tokenizer) if config.target_weight else None  # the rhyme groups' ids
 
     def rollouts(self, requests: list[Request], seed: int) -> list[Rollout]:
         generator = torch.Generator(device=self.runtime.device).manual_seed(seed)
@@ -165,10 +172,16 @@ class RLStage(Stage):
         reference = self.reference_logps(inputs, labels)
         self.model.train(was_training)
         advantages = group_advantages(rewards, self.config.group_size, shapes)
-        return RolloutBatch(inputs, labels, advantages.to(device), reference)
+        if not self.config.target_weight:
+            return RolloutBatch(inputs, labels, advantages.to(device), reference)
+        rows, masks = rollout_target_rows(self.tokenizer, rollouts, self.constraint)
+        targets = torch.full(labels.shape, IGNORE)
+        for i, row in enumerate(rows):
+            targets[i, : len(row)] = torch.tensor(row)
+        return RolloutBatch(inputs, labels, advantages.to(device), reference, targets.to(device), masks.to(device))
 
     def loss(self, model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
-        return grpo_loss(model, batch, self.config.kl_weight)
+        return grpo_loss(model, batch, self.config.kl_weight, self.config.target_weight)
 
     def evaluate(self, model: GPT) -> dict:
         config = self.config
@@ -278,6 +291,9 @@ def run(config: RLConfig, explicit: set[str]) -> dict:
         return {}
 
     model, tokenizer, adapters = model_to_tune(config, ckpt, source)
+    if config.target_weight and not isinstance(tokenizer, CharTokenizer):
+        raise UserError(f"--target-weight needs the char tokenizer (one id, one character), not {tokenizer.name}; "
+                        "give --target-weight 0")
     init_fingerprint = fingerprint_of_init(ckpt, model, adapters)
     # The KL's reference is --init: with LoRA, the policy with its adapters off; otherwise a
     # frozen copy, of the model as it starts, or read again when a run resumes.

@@ -21,7 +21,8 @@ For each checkpoint:
   training phrasings and again with its held-out phrasing, on --task-prompts unseen
   inputs: title -> poem (stop, regular form); form control (the share in the form asked
   for, per form); acrostic (every clause opens with its head character, and per clause)
-  on heads of finetune-val poems and on 20 common heads such as 春夏秋冬; continuation
+  on the heads of finetune-val 絕句 and 律詩 (4 or 8 heads) and on 20 common heads such as
+  春夏秋冬; continuation
   (stops, keeps the given lines' length, repeats no given line); titling a poem (the true
   title's log-likelihood given its poem minus given another poem, nats); and, from the same
   answers, the reward the RL stage trains on (tanggpt/rewards.py, default RewardWeights) for
@@ -203,7 +204,10 @@ def instruction_figures(model: GPT, writer: GPT, tokenizer: Tokenizer, poems: li
         return all(title_fits(tokenizer, text, block_size, longest_phrasing[task], chat) for task in tasks)
 
     titles = [p.title for p in poems if fits(p.title, "poem", "form")][:n]  # asked for a poem, and in each form
-    heads = {"unseen": [h for h in (acrostic_head(p.body) for p in poems if is_regular_form(p.body))
+    # The heads of unseen 絕句 and 律詩 (4 or 8 heads): the acrostics the RL stage trains and its
+    # rewards judge. A long regulated poem (排律) has 10 to 44 heads, a poem the block of a small
+    # model cannot hold: asked for them, the model could only fail, whatever it learned.
+    heads = {"unseen": [h for h in (acrostic_head(p.body) for p in poems if form_name(p.body))
                         if fits(h, "acrostic")][:n],
              "common": [h for h in COMMON_HEADS if fits(h, "acrostic")][:n]}
     openings = [p for p in poems if TASKS["continue"].sample(p, "") is not None and fits(p.lines[0], "continue")][:n]

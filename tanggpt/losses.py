@@ -11,7 +11,8 @@
 - `input_swap_nll`: each response's NLL under its own input and under another sample's
   input; `title_swap_nll`, the same for poems under their titles: how much a model reads
   the title (or, for the title task, the poem).
-- `dpo_loss`, `preference_loss`: preference tuning; `rhyme_group_loss`: the rhyme positions.
+- `dpo_loss`, `preference_loss`: preference tuning; `allowed_set_nll`, `rhyme_group_loss`: the
+  probability of a set of allowed characters (a rhyme group) where a rule names it.
 - `group_advantages`, `grpo_loss`: reinforcement learning on rewards the rules give.
 """
 
@@ -211,8 +212,22 @@ def preference_loss(model: torch.nn.Module, batch: PreferenceBatch, beta: float,
     return loss
 
 
+def allowed_set_nll(logits: torch.Tensor, set_labels: torch.Tensor, set_masks: torch.Tensor) -> torch.Tensor:
+    """(positions,): at each labelled position, -log of the probability the model gives to the
+    whole set of tokens allowed there. set_labels holds, at the position that predicts such a
+    token, the index of its set (a row of set_masks, (sets, vocab) bool), and IGNORE elsewhere;
+    the positions come in row-major order."""
+    at = (set_labels.flatten() != IGNORE).nonzero().squeeze(1)
+    # index_select, not logits[mask]: its backward (index_add) sums in a fixed order on the CPU,
+    # so a resumed run repeats an uninterrupted one bit for bit.
+    logps = torch.log_softmax(logits.flatten(0, 1).index_select(0, at).float(), dim=-1)  # (positions, vocab)
+    allowed = set_masks[set_labels.flatten()[at]]
+    return -torch.logsumexp(logps.masked_fill(~allowed, -math.inf), dim=-1)
+
+
 def rhyme_group_loss(logits: torch.Tensor, rhyme_labels: torch.Tensor, group_masks: torch.Tensor) -> torch.Tensor:
-    """At each rhyme position, -log of the probability the model gives to the whole rhyme group.
+    """At each rhyme position, -log of the probability the model gives to the whole rhyme group
+    (allowed_set_nll), averaged.
 
     rhyme_labels holds, at the position that predicts a rhyme character, the index of the
     set of characters that rhyme there (a row of group_masks, (sets, vocab) bool), and
@@ -220,12 +235,7 @@ def rhyme_group_loss(logits: torch.Tensor, rhyme_labels: torch.Tensor, group_mas
     rewards any character of the group, the thing to learn: it costs nothing to rhyme on
     霜 rather than 鄉, and everything to rhyme on neither.
     """
-    at = (rhyme_labels.flatten() != IGNORE).nonzero().squeeze(1)
-    # index_select, not logits[mask]: its backward (index_add) sums in a fixed order on the CPU,
-    # so a resumed run repeats an uninterrupted one bit for bit.
-    logps = torch.log_softmax(logits.flatten(0, 1).index_select(0, at).float(), dim=-1)  # (positions, vocab)
-    in_group = group_masks[rhyme_labels.flatten()[at]]
-    return -torch.logsumexp(logps.masked_fill(~in_group, -math.inf), dim=-1).mean()
+    return allowed_set_nll(logits, rhyme_labels, group_masks).mean()
 
 
 # -----------------------------------------------------------------------------
@@ -240,6 +250,10 @@ class RolloutBatch(NamedTuple):
     labels: torch.Tensor  # (B, T), IGNORE on the prompt and the padding
     advantages: torch.Tensor  # (B,) each answer's reward against its group's (group_advantages)
     reference_logps: torch.Tensor  # (B, T) the frozen --init model's log-probability of each label (0 elsewhere)
+    # Where a rule names what to write (tanggpt/rule_targets.py): at the position predicting such
+    # a character, the index of its allowed set (a row of target_masks), IGNORE elsewhere. None: no targets.
+    target_labels: torch.Tensor | None = None  # (B, T)
+    target_masks: torch.Tensor | None = None  # (sets, vocab) bool
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, shapes: torch.Tensor | None = None) -> torch.Tensor:
@@ -268,13 +282,18 @@ def group_advantages(rewards: torch.Tensor, group_size: int, shapes: torch.Tenso
 
 def token_logprobs(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(B, T): the log-probability of each label under the model, 0 where the label is IGNORE."""
-    logits, _ = model(inputs)
+    return label_logprobs(model(inputs)[0], labels)
+
+
+def label_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T): the log-probability of each label under `logits`, 0 where the label is IGNORE."""
     logps = torch.log_softmax(logits.float(), dim=-1)
     token_logps = logps.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return token_logps * (labels != IGNORE)
 
 
-def grpo_loss(model: torch.nn.Module, batch: RolloutBatch, kl_weight: float) -> torch.Tensor:
+def grpo_loss(model: torch.nn.Module, batch: RolloutBatch, kl_weight: float, target_weight: float = 0.0
+              ) -> torch.Tensor:
     """The policy-gradient loss of GRPO (Shao et al. 2024), per answer token, for one on-policy
     update: the answers were sampled from these very weights, and are used for one step.
 
@@ -288,12 +307,21 @@ def grpo_loss(model: torch.nn.Module, batch: RolloutBatch, kl_weight: float) -> 
     The mean is over every answer token of the batch (token-level, as DAPO): each token
     counts once, so a long answer is not weighed less per token than a short one, and a
     policy gains nothing by changing its length alone.
+
+    target_weight adds, at each place of an answer where a rule names what to write
+    (batch.target_labels: an acrostic head, a rhyme group), -log of the probability of what the
+    rule allows there, times target_weight, summed into the same mean over answer tokens: such
+    a place weighs like one more token whose advantage is target_weight (rule_targets.py).
     """
-    logps = token_logprobs(model, batch.inputs, batch.labels)
+    logits, _ = model(batch.inputs)
+    logps = label_logprobs(logits, batch.labels)
     mask = (batch.labels != IGNORE).float()
     ratio = torch.exp(logps - logps.detach())
     per_token = -ratio * batch.advantages[:, None]
     if kl_weight:
         delta = batch.reference_logps - logps
         per_token = per_token + kl_weight * (torch.exp(delta) - delta - 1)
-    return (per_token * mask).sum() / mask.sum()
+    total = (per_token * mask).sum()
+    if target_weight and batch.target_labels is not None and (batch.target_labels != IGNORE).any():
+        total = total + target_weight * allowed_set_nll(logits, batch.target_labels, batch.target_masks).sum()
+    return total / mask.sum()

@@ -30,10 +30,11 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from data.forms import CLAUSE_BREAK, CLAUSE_LENGTHS, CLAUSE_TEXT, MOST_CLAUSES, form_name, regular_clauses
+from data.forms import CLAUSE_BREAK, CLAUSE_LENGTHS, MOST_CLAUSES, form_name, regular_clauses
 from data.tokenizer import CharTokenizer, Tokenizer
 
 LEVEL, OBLIQUE = "level", "oblique"
@@ -124,38 +125,39 @@ def keeps_tonal_pattern(clauses: list[str], table: PingshuiTable | None = None) 
     return all(tonal_fits(clauses, table))
 
 
-def rhyme_positions(poem: str, table: PingshuiTable | None = None) -> list[tuple[int, tuple[str, ...], str]]:
-    """Where a rhyming 絕句/律詩 answers its earlier rhymes: for the last character of its 4th
-    (6th, 8th) clause, (its index in the poem, the rhyme groups the earlier rhyme characters
-    share, those characters). Empty for a poem that is not shaped or does not rhyme. The
-    targets of align.py's rhyme loss: a character there should come from those groups, and
-    not be one already used to rhyme (a repeated rhyme, 重韻, is a fault, and an easy way out)."""
+class RhymeDemand(NamedTuple):
+    """What the rhyme rule asks of one rhyme position (the last character of the 4th, 6th or
+    8th clause): a character of `groups`, not one of `used`."""
+    groups: frozenset[str]  # the rhyme groups the rhymes before it share (empty: nothing to answer)
+    used: str  # the rhyme characters already written: a repeat (重韻) is a fault
+    written: str  # the character the poem has there
+
+
+def rhyme_demands(clauses: list[str], table: PingshuiTable | None = None) -> list[RhymeDemand]:
+    """For each even clause after the first (the 4th, 6th, 8th), what its last character must be
+    to rhyme: a character sharing a rhyme group with the rhymes before it, and not one of them.
+    "The rhymes before it" are those that rhymed: one stray rhyme costs its own clause, not
+    every clause after it (so its demand is the one the clause before it had)."""
     table = table or load_table()
-    clauses = regular_clauses(poem)
-    if clauses is None or not rhymes(clauses, table):
-        return []
-    ends = [m.end() - 1 for m in CLAUSE_TEXT.finditer(poem) if m.group().strip()]
-    return [(ends[k], tuple(sorted(shared_rhyme_groups(clauses[:k], table))), "".join(l[-1] for l in clauses[1:k:2]))
-            for k in range(3, len(clauses), 2)]
+    ends = [clause[-1] for clause in clauses[1::2]]
+    shared = table.groups.get(ends[0], frozenset()) if ends else frozenset()
+    demands = []
+    for k, char in enumerate(ends[1:], start=1):
+        demands.append(RhymeDemand(shared, "".join(ends[:k]), char))
+        groups = shared & table.groups.get(char, frozenset())
+        if groups and char not in ends[:k]:
+            shared = groups
+    return demands
 
 
 def rhyme_hits(clauses: list[str], table: PingshuiTable | None = None) -> list[bool]:
     """For each even clause after the first (the 4th, 6th, 8th): whether its last character
-    shares a rhyme group with the rhymes before it, and is not one of them (a repeated rhyme,
-    重韻, is a fault, and an easy way out). "The rhymes before it" are those that rhymed: one
-    stray rhyme costs its own clause, not every clause after it. All true exactly when the
+    answers its rhyme_demands (shares a rhyme group with the rhymes before it, and is not one of
+    them: a repeated rhyme, 重韻, is a fault, and an easy way out). All true exactly when the
     even clauses rhyme without repeats (given a first rhyme the table knows)."""
     table = table or load_table()
-    ends = [clause[-1] for clause in clauses[1::2]]
-    shared = table.groups.get(ends[0], frozenset()) if ends else frozenset()
-    hits = []
-    for k, char in enumerate(ends[1:], start=1):
-        groups = shared & table.groups.get(char, frozenset())
-        hit = bool(groups) and char not in ends[:k]
-        if hit:
-            shared = groups
-        hits.append(hit)
-    return hits
+    return [bool(d.groups & table.groups.get(d.written, frozenset())) and d.written not in d.used
+            for d in rhyme_demands(clauses, table)]
 
 
 def rhymes_without_repeats(clauses: list[str], table: PingshuiTable | None = None) -> bool:

@@ -25,7 +25,9 @@ from data.tasks import TASKS, parse_tasks, task_instruction
 from data.tokenizer import Tokenizer
 from model import GPT
 from tanggpt.device import Runtime
+from tanggpt.prosody import RhymeConstraint
 from tanggpt.rewards import TASK_RULES, Reward, RewardWeights, task_reward
+from tanggpt.rule_targets import Target, answer_targets, place_targets, target_masks
 
 RL_TASKS = tuple(TASK_RULES)  # the tasks a rule can judge: poem, form, acrostic, continue
 
@@ -142,6 +144,25 @@ def rollout_rows(tokenizer: Tokenizer, rollouts: list[Rollout]) -> list[tuple[li
         ids = prompt + rollout.ids
         rows.append((ids[:-1], [IGNORE] * (len(prompt) - 1) + rollout.ids))
     return rows
+
+
+def rollout_target_rows(tokenizer: Tokenizer, rollouts: list[Rollout], constraint: RhymeConstraint
+                        ) -> tuple[list[list[int]], torch.Tensor]:
+    """For each rollout, a row laid out as rollout_rows' labels, holding at each place of the
+    answer a rule decides (rule_targets.answer_targets: the acrostic heads, the rhyme groups) the
+    index of its allowed set, IGNORE elsewhere; and the sets' masks ((sets, vocab) bool). Needs
+    the char tokenizer (one id, one character); an answer holding an id of more than one
+    character (<unk>) gets no targets, its characters and ids no longer lining up."""
+    sets: dict[Target, int] = {}
+    rows = []
+    for rollout in rollouts:
+        request = rollout.request
+        first = len(prompt_ids(tokenizer, request.instruction, request.input)) - 1  # predicts the answer's 1st id
+        answer = rollout.ids[:-1] if rollout.stopped else rollout.ids
+        aligned = len(tokenizer.decode(answer)) == len(answer)
+        targets = answer_targets(request.task, request.input, rollout.text) if aligned else []
+        rows.append(place_targets(first + len(rollout.ids), first, targets, sets))
+    return rows, target_masks(tokenizer, list(sets), constraint)
 
 
 def best_of_groups(rollouts: list[Rollout], group_size: int, min_reward: float = 0.0,

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 import align
+from data.corpus import Poem
 from data.instruct import IGNORE
+from data.tokenizer import CharTokenizer
 from model import GPT, GPTConfig
 from tanggpt import preference
 from tanggpt.checkpoint import load_checkpoint, load_model, model_and_tokenizer
@@ -221,16 +223,34 @@ def test_help_documents_every_flag_with_its_default(capsys):
     assert "(default: tonal)" in text and "(default: 0.1)" in text
 
 
-def test_rhyme_positions_point_at_the_rhymes_that_answer_earlier_ones():
-    from tanggpt.prosody import rhyme_positions
+def test_rhyme_position_targets_point_at_the_rhymes_that_answer_earlier_ones():
+    from tanggpt.rule_targets import rhyme_position_targets
 
-    positions = rhyme_positions(CHUN_YE_XI_YU)
-    assert [CHUN_YE_XI_YU[i] for i, _, _ in positions] == ["聲", "明", "城"]  # 生 is the first rhyme: nothing to answer
-    assert {groups for _, groups, _ in positions} == {("下平聲八庚",)}
-    assert [used for _, _, used in positions] == ["生", "生聲", "生聲明"]  # not to be repeated
-    assert [JING_YE_SI[i] for i, _, _ in rhyme_positions(JING_YE_SI)] == ["鄉"]
-    assert rhyme_positions("白日依山盡，黃河入海流。\n欲窮千里目，更上一層天。") == []  # does not rhyme
-    assert rhyme_positions("一二三四五六") == []  # not shaped
+    targets = rhyme_position_targets(CHUN_YE_XI_YU)
+    assert [CHUN_YE_XI_YU[i] for i, _ in targets] == ["聲", "明", "城"]  # 生 is the first rhyme: nothing to answer
+    assert {t.groups for _, t in targets} == {("下平聲八庚",)}
+    assert [t.excluded for _, t in targets] == ["生", "生聲", "生聲明"]  # not to be repeated
+    assert [JING_YE_SI[i] for i, _ in rhyme_position_targets(JING_YE_SI)] == ["鄉"]
+    # 天 does not rhyme with 流: its place still asks for 流's group (what the policy should have written)
+    stray = "白日依山盡，黃河入海流。\n欲窮千里目，更上一層天。"
+    assert [(stray[i], t.groups, t.excluded) for i, t in rhyme_position_targets(stray)] == [("天", ("下平聲十一尤",), "流")]
+    assert rhyme_position_targets("一二三四五六") == []  # not shaped
+
+
+def test_the_rhyme_rows_are_real_poems_that_rhyme():
+    from tanggpt.rhyme_targets import rhyme_rows
+
+    tokenizer = CharTokenizer.from_texts([CHUN_YE_XI_YU, JING_YE_SI, "白日依山盡，黃河入海流。欲窮千里目，更上一層天。"])
+    poems = [Poem("春夜喜雨", CHUN_YE_XI_YU.split("\n")), Poem("登樓", ["白日依山盡，黃河入海流。", "欲窮千里目，更上一層天。"])]
+    rows, masks = rhyme_rows(tokenizer, poems, 128)
+    assert len(rows) == 1  # the stray rhyme's poem is no example of rhyming
+    labelled = [tokenizer.itos[rows[0].inputs[p + 1]] for p, label in enumerate(rows[0].labels) if label != IGNORE]
+    assert labelled == ["聲", "明", "城"]
+    sets = [label for label in rows[0].labels if label != IGNORE]
+    assert masks.shape == (3, tokenizer.vocab_size)  # 八庚 less what already rhymed: 生; 生聲; 生聲明
+    ids = {c: tokenizer.stoi[c] for c in "生聲明城"}
+    assert [[bool(masks[s, ids[c]]) for c in "生聲明城"] for s in sets] == [
+        [False, True, True, True], [False, False, True, True], [False, False, False, True]]
 
 
 def test_rhyme_group_loss_is_minus_log_the_groups_probability():

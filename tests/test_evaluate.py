@@ -440,6 +440,22 @@ def test_instruction_figures_of_poems_with_no_regular_form_are_none(monkeypatch,
         assert figures[kind]["acrostic_common"] == 1.0 and figures[kind]["poem_stop"] == 1.0
 
 
+def test_the_unseen_acrostic_heads_are_those_of_jueju_and_lushi(monkeypatch, tiny_tuned):
+    """A long regulated poem (排律, here 12 clauses) is a regular form, but its 12 heads ask for a
+    poem no 絕句 or 律詩 is: only the heads of the four forms are asked (the RL stage's acrostics)."""
+    asked = scripted_answers(monkeypatch, perfect)
+    model, tokenizer = model_and_tokenizer(load_checkpoint(tiny_tuned))
+    long_poem = Poem("長律", ["春風吹綠草，白日照青山。"] * 6)
+    quatrain = Poem("秋夜", ["秋月明如水，長夜照空庭。", "霜落寒山寺，鐘聲到客船。"])
+    assert is_regular_form(long_poem.body) and len(acrostic_head(long_poem.body)) == 12
+    config = evaluation.EvaluationConfig(task_prompts=2, max_new_tokens=4, batch_size=4)
+    figures = evaluation.instruction_figures(model.eval(), model, tokenizer, [long_poem, quatrain], config,
+                                             setup_runtime("cpu", "float32"))
+    heads = {text for instruction, text in asked if TASK_OF[instruction] == "acrostic"}
+    assert acrostic_head(quatrain.body) in heads and acrostic_head(long_poem.body) not in heads
+    assert figures["seen"]["acrostic_unseen"] == 1.0
+
+
 def adapter_pair(tmp_path, tiny_tuned):
     """Two adapter checkpoints, each on its own base, both bases moved away from the recorded paths."""
     tokenizer = char_tokenizer_of(tiny_tuned)

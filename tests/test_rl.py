@@ -94,6 +94,29 @@ def test_the_grpo_loss_and_its_gradient_equal_a_hand_computation(kl_weight):
         assert loss.item() == pytest.approx(-(4 * 0.75 - 3 * 0.25) / 7)
 
 
+def test_the_rule_targets_add_their_allowed_sets_log_probability_as_answer_tokens():
+    base = rollout_batch()
+    targets = torch.full(base.labels.shape, IGNORE)
+    targets[0, 2], targets[0, 4], targets[1, 1] = 0, 1, 0  # three places a rule decides
+    masks = torch.zeros(2, 11, dtype=torch.bool)
+    masks[0, [4, 6]] = True  # e.g. a rhyme group
+    masks[1, 9] = True  # e.g. an acrostic head
+    batch = base._replace(target_labels=targets, target_masks=masks)
+    model = tiny()
+    loss = grpo_loss(model, batch, 0.1, target_weight=0.5)
+    loss.backward()
+    ours = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    p = torch.softmax(model(batch.inputs)[0], dim=-1)
+    sets = -(torch.log(p[0, 2, 4] + p[0, 2, 6]) + torch.log(p[0, 4, 9]) + torch.log(p[1, 1, 4] + p[1, 1, 6]))
+    expected = by_hand(model, batch, 0.1) + 0.5 * sets / 7  # 7 answer tokens in all
+    expected.backward()
+    assert torch.allclose(loss, expected, atol=1e-6)
+    for got, want in zip(ours, (p.grad for p in model.parameters())):
+        assert torch.allclose(got, want, atol=1e-6)
+    assert grpo_loss(model, batch, 0.1).item() == pytest.approx(by_hand(model, base, 0.1).item(), abs=1e-6)
+
+
 def test_an_answer_above_its_group_is_made_more_likely():
     batch = rollout_batch()
     model = tiny()
@@ -173,10 +196,11 @@ def test_a_run_trains_logs_every_rule_and_saves_an_rl_checkpoint(tmp_path, small
     assert cut and all(len(answer) <= 8 for answer in answers)
 
 
-def test_a_resumed_run_is_the_same_run(tmp_path, small_poems, tiny_tuned):
-    straight = rl_argv(tmp_path, small_poems, tiny_tuned, "--max-iters", "4", "--eval-interval", "2", out="a.pt")
+@pytest.mark.parametrize("extra", [[], ["--target-weight", "0.5"]])
+def test_a_resumed_run_is_the_same_run(tmp_path, small_poems, tiny_tuned, extra):
+    straight = rl_argv(tmp_path, small_poems, tiny_tuned, "--max-iters", "4", "--eval-interval", "2", *extra, out="a.pt")
     rl.main(straight)
-    rl.main(rl_argv(tmp_path, small_poems, tiny_tuned, "--max-iters", "2", "--eval-interval", "2", out="b.pt"))
+    rl.main(rl_argv(tmp_path, small_poems, tiny_tuned, "--max-iters", "2", "--eval-interval", "2", *extra, out="b.pt"))
     rl.main(["--out", str(tmp_path / "b.pt"), "--resume", "--max-iters", "4"])
     a, b = (torch.load(tmp_path / name, weights_only=True) for name in ("a.pt", "b.pt"))
     assert a["step"] == b["step"] == 4
@@ -191,6 +215,7 @@ def test_a_resumed_run_is_the_same_run(tmp_path, small_poems, tiny_tuned):
     (["--kl-weight", "-1"], "--kl-weight not negative"),
     (["--temperature", "0"], "--temperature must be positive"),
     (["--rhyme-weight", "-1"], "--rhyme-weight must not be negative"),
+    (["--target-weight", "-1"], "--target-weight must not be negative"),
     (["--max-new-tokens", "200"], "no prompt leaves --max-new-tokens 200 of the model's block_size 96 free"),
 ])
 def test_bad_flags_are_one_line(tmp_path, small_poems, tiny_tuned, capsys, args, expected):
