@@ -54,7 +54,7 @@ from tanggpt.losses import PreferenceBatch, preference_loss, response_loss, rhym
 from tanggpt.preference import (PREFERENCES, Pair, build_pairs, fits, load_pairs, no_pairs_error, pair_batch,
                                 pair_figures, reference_logprobs, save_pairs, split_pairs)
 from tanggpt.prosody import RhymeConstraint, prosody_marks
-from tanggpt.rhyme_targets import rhyme_rows
+from tanggpt.rule_targets import rhyme_rows
 from tanggpt.training import LOOP_FIXED, Stage, finished, start_runtime, train
 from tanggpt.tuning import (LORA_FIXED, MORE_EPOCHS, TuneConfig, describe_tuning, done_as_started,
                             fingerprint_of_init, model_to_tune, open_run, read_init_again, refuse_pretrained)

@@ -20,7 +20,8 @@ instruction format, the tasks, the poem forms), which import nothing from here.
     rewards.py      the rules as RL rewards: one per rule in [0, 1], partial credit, a task's weighted mean
     rollouts.py     the requests the rules judge, groups of sampled answers, their rewards (rl.py)
     preference.py   preference pairs for DPO: building, scoring, caching, their DPO figures
-    rhyme_targets.py  the rhyme loss's rows: real rhyming poems and what may rhyme where
+    rule_targets.py where a rule names what to write (an acrostic head, a rhyme group): RL's
+                    targets on the policy's answers, align's rhyme rows on real poems
     evaluation.py   what evaluate.py measures: every figure of its table, and the tables
     conversation_evaluation.py  a chat model in conversation: each follow-up's check, system prompts
     chat_server.py  the chat page's server (chat.py): the page, an answer streamed, requests bounded

@@ -212,17 +212,22 @@ def preference_loss(model: torch.nn.Module, batch: PreferenceBatch, beta: float,
     return loss
 
 
+def set_nll(logps: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """(rows,): -log of the probability each row of log-probabilities (rows, vocab) gives to the
+    whole set of tokens its `allowed` row (rows, vocab) bool marks."""
+    return -torch.logsumexp(logps.masked_fill(~allowed, -math.inf), dim=-1)
+
+
 def allowed_set_nll(logits: torch.Tensor, set_labels: torch.Tensor, set_masks: torch.Tensor) -> torch.Tensor:
     """(positions,): at each labelled position, -log of the probability the model gives to the
-    whole set of tokens allowed there. set_labels holds, at the position that predicts such a
-    token, the index of its set (a row of set_masks, (sets, vocab) bool), and IGNORE elsewhere;
-    the positions come in row-major order."""
+    whole set of tokens allowed there (set_nll). set_labels holds, at the position that predicts
+    such a token, the index of its set (a row of set_masks, (sets, vocab) bool), and IGNORE
+    elsewhere; the positions come in row-major order."""
     at = (set_labels.flatten() != IGNORE).nonzero().squeeze(1)
     # index_select, not logits[mask]: its backward (index_add) sums in a fixed order on the CPU,
     # so a resumed run repeats an uninterrupted one bit for bit.
     logps = torch.log_softmax(logits.flatten(0, 1).index_select(0, at).float(), dim=-1)  # (positions, vocab)
-    allowed = set_masks[set_labels.flatten()[at]]
-    return -torch.logsumexp(logps.masked_fill(~allowed, -math.inf), dim=-1)
+    return set_nll(logps, set_masks[set_labels.flatten()[at]])
 
 
 def rhyme_group_loss(logits: torch.Tensor, rhyme_labels: torch.Tensor, group_masks: torch.Tensor) -> torch.Tensor:
@@ -314,14 +319,19 @@ def grpo_loss(model: torch.nn.Module, batch: RolloutBatch, kl_weight: float, tar
     a place weighs like one more token whose advantage is target_weight (rule_targets.py).
     """
     logits, _ = model(batch.inputs)
-    logps = label_logprobs(logits, batch.labels)
-    mask = (batch.labels != IGNORE).float()
-    ratio = torch.exp(logps - logps.detach())
-    per_token = -ratio * batch.advantages[:, None]
+    # Only the answer tokens are scored: the prompt and padding rows (about half the batch) are
+    # left out before the softmax over the vocabulary, the costliest part of the loss.
+    at = (batch.labels.flatten() != IGNORE).nonzero().squeeze(1)
+    logps = torch.log_softmax(logits.flatten(0, 1).index_select(0, at).float(), dim=-1)  # (answer tokens, vocab)
+    own = logps.gather(1, batch.labels.flatten()[at].unsqueeze(1)).squeeze(1)  # log pi of each sampled token
+    advantages = batch.advantages[:, None].expand(batch.labels.shape).flatten()[at]
+    per_token = -torch.exp(own - own.detach()) * advantages
     if kl_weight:
-        delta = batch.reference_logps - logps
+        delta = batch.reference_logps.flatten()[at] - own
         per_token = per_token + kl_weight * (torch.exp(delta) - delta - 1)
-    total = (per_token * mask).sum()
-    if target_weight and batch.target_labels is not None and (batch.target_labels != IGNORE).any():
-        total = total + target_weight * allowed_set_nll(logits, batch.target_labels, batch.target_masks).sum()
-    return total / mask.sum()
+    total = per_token.sum()
+    if target_weight and batch.target_labels is not None:
+        sets = batch.target_labels.flatten()[at]  # a rule's place is an answer token: predicted, and labelled
+        placed = sets != IGNORE
+        total = total + target_weight * set_nll(logps[placed], batch.target_masks[sets[placed]]).sum()
+    return total / len(at)

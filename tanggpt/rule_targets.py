@@ -20,6 +20,8 @@ character will do.
     targets    answer_targets(task, input, answer): (character index in the answer, Target)
     labels     place_targets(...): a row labelling where each target's character is predicted
     masks      target_masks(tokenizer, targets): one (vocab,) row of allowed ids per Target
+    rows       rhyme_rows(...): align.py's rhyme loss, on real rhyming poems at their rhyme
+               positions (what may rhyme there: the group, less the rhymes used, 重韻 a fault)
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ from typing import NamedTuple
 
 import torch
 
+from data.corpus import Poem
+from data.errors import UserError
 from data.forms import CLAUSE_TEXT, regular_clauses
-from data.instruct import IGNORE
+from data.instruct import IGNORE, encode_sample, poem_sample
 from data.tokenizer import Tokenizer
-from tanggpt.prosody import RhymeConstraint, rhyme_demands
+from tanggpt.prosody import RhymeConstraint, rhyme_demands, rhymes
 
 
 class Target(NamedTuple):
@@ -106,3 +110,31 @@ def target_masks(tokenizer: Tokenizer, targets: list[Target], constraint: RhymeC
         masks[row, [tokenizer.stoi[c] for c in target.chars if c in tokenizer.stoi]] = True
         masks[row, [tokenizer.stoi[c] for c in target.excluded if c in tokenizer.stoi]] = False
     return masks
+
+
+class RhymeRow(NamedTuple):
+    inputs: list[int]  # a real poem's instruction sample
+    labels: list[int]  # at each rhyme position the index of its rhyme set (a row of the masks), else IGNORE
+    response_labels: list[int]  # the poem and end-of-text, for the anchor on real poems
+
+
+def rhyme_rows(tokenizer: Tokenizer, poems: list[Poem], block_size: int) -> tuple[list[RhymeRow], torch.Tensor]:
+    """The rhyming 絕句/律詩 among `poems` as rows for losses.rhyme_group_loss, and the masks of
+    their rhyme sets ((sets, vocab) bool: the characters that rhyme at such a position)."""
+    try:
+        constraint = RhymeConstraint(tokenizer)
+    except ValueError as e:
+        raise UserError(f"--rhyme-weight: {e}; give --rhyme-weight 0") from None
+    sets: dict[Target, int] = {}  # each rhyme set (groups, less the characters already used) -> its mask's row
+    rows = []
+    for poem in poems:
+        lines = regular_clauses(poem.body)
+        targets = [(i, t) for i, t in rhyme_position_targets(poem.body) if constraint.mask(t.groups, "cpu").any()] \
+            if lines and rhymes(lines) else []
+        sample = encode_sample(tokenizer, poem_sample(poem))
+        if not targets or len(sample.inputs) > block_size:
+            continue
+        first = next(p for p, label in enumerate(sample.response_labels) if label != IGNORE)
+        rows.append(RhymeRow(sample.inputs, place_targets(len(sample.inputs), first, targets, sets),
+                             sample.response_labels))
+    return rows, target_masks(tokenizer, list(sets), constraint)

@@ -23,7 +23,7 @@ from tanggpt.generation import Answer
 from tanggpt.lora import adapters_disabled
 from tanggpt.losses import PreferenceBatch, dpo_loss, preference_loss, sequence_logprobs
 from tanggpt.preference import Pair, build_pairs, judge, load_pairs, pair_batch, reference_logprobs
-from tanggpt.rhyme_targets import rhyme_rows
+from tanggpt.rule_targets import rhyme_rows
 from tests.test_prosody import CHUN_XIAO, CHUN_YE_XI_YU, DENG_GUAN_QUE_LOU, JING_YE_SI
 
 KEEPS_TONES = [DENG_GUAN_QUE_LOU, CHUN_YE_XI_YU]
@@ -238,7 +238,7 @@ def test_rhyme_position_targets_point_at_the_rhymes_that_answer_earlier_ones():
 
 
 def test_the_rhyme_rows_are_real_poems_that_rhyme():
-    from tanggpt.rhyme_targets import rhyme_rows
+    from tanggpt.rule_targets import rhyme_rows
 
     tokenizer = CharTokenizer.from_texts([CHUN_YE_XI_YU, JING_YE_SI, "白日依山盡，黃河入海流。欲窮千里目，更上一層天。"])
     poems = [Poem("春夜喜雨", CHUN_YE_XI_YU.split("\n")), Poem("登樓", ["白日依山盡，黃河入海流。", "欲窮千里目，更上一層天。"])]

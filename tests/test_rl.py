@@ -196,7 +196,7 @@ def test_a_run_trains_logs_every_rule_and_saves_an_rl_checkpoint(tmp_path, small
     assert cut and all(len(answer) <= 8 for answer in answers)
 
 
-@pytest.mark.parametrize("extra", [[], ["--target-weight", "0.5"]])
+@pytest.mark.parametrize("extra", [["--target-weight", "0"], []])
 def test_a_resumed_run_is_the_same_run(tmp_path, small_poems, tiny_tuned, extra):
     straight = rl_argv(tmp_path, small_poems, tiny_tuned, "--max-iters", "4", "--eval-interval", "2", *extra, out="a.pt")
     rl.main(straight)
@@ -226,3 +226,26 @@ def test_bad_flags_are_one_line(tmp_path, small_poems, tiny_tuned, capsys, args,
 def test_a_pretrained_init_is_refused(tmp_path, small_poems, tiny_pretrained, capsys):
     err = one_line_error(rl.main, rl_argv(tmp_path, small_poems, tiny_pretrained), capsys)
     assert "is a pretrained checkpoint" in err and "finetune.py" in err
+
+
+def test_rule_targets_on_a_tiktoken_model_are_refused_when_asked_and_left_out_by_default(tmp_path, small_poems,
+                                                                                          capsys, monkeypatch):
+    from tests.test_run_inputs import tiktoken_tuned
+
+    bpe = tiktoken_tuned(tmp_path)
+    monkeypatch.setattr(rl, "load_corpus", lambda *a, **k: pytest.fail("the corpus was loaded before the check"))
+    err = one_line_error(rl.main, rl_argv(tmp_path, small_poems, bpe, "--target-weight", "1"), capsys)
+    assert "--target-weight needs the char tokenizer" in err
+    with pytest.raises(pytest.fail.Exception, match="the corpus was loaded"):  # the default goes on, without targets
+        rl.main(rl_argv(tmp_path, small_poems, bpe))
+    assert "no rule targets (--target-weight 0)" in capsys.readouterr().out
+
+
+def test_a_run_from_before_the_rule_targets_resumes_without_them(tmp_path, small_poems, tiny_tuned):
+    rl.main(rl_argv(tmp_path, small_poems, tiny_tuned, "--max-iters", "2", "--eval-interval", "2"))
+    ckpt = torch.load(tmp_path / "rl.pt", weights_only=True)
+    assert ckpt["train_config"]["target_weight"] == 1.0
+    del ckpt["train_config"]["target_weight"]  # written before the flag existed
+    torch.save(ckpt, tmp_path / "rl.pt")
+    rl.main(["--out", str(tmp_path / "rl.pt"), "--resume", "--max-iters", "3"])
+    assert torch.load(tmp_path / "rl.pt", weights_only=True)["train_config"]["target_weight"] == 0.0
