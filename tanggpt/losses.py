@@ -11,7 +11,7 @@
 - `input_swap_nll`: each response's NLL under its own input and under another sample's
   input; `title_swap_nll`, the same for poems under their titles: how much a model reads
   the title (or, for the title task, the poem).
-- `dpo_loss`, `preference_loss`: preference tuning; `allowed_set_nll`, `rhyme_group_loss`: the
+- `dpo_loss`, `preference_loss`: preference tuning; `set_nll`, `rhyme_group_loss`: the
   probability of a set of allowed characters (a rhyme group) where a rule names it.
 - `group_advantages`, `grpo_loss`: reinforcement learning on rewards the rules give.
 """
@@ -218,21 +218,9 @@ def set_nll(logps: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     return -torch.logsumexp(logps.masked_fill(~allowed, -math.inf), dim=-1)
 
 
-def allowed_set_nll(logits: torch.Tensor, set_labels: torch.Tensor, set_masks: torch.Tensor) -> torch.Tensor:
-    """(positions,): at each labelled position, -log of the probability the model gives to the
-    whole set of tokens allowed there (set_nll). set_labels holds, at the position that predicts
-    such a token, the index of its set (a row of set_masks, (sets, vocab) bool), and IGNORE
-    elsewhere; the positions come in row-major order."""
-    at = (set_labels.flatten() != IGNORE).nonzero().squeeze(1)
-    # index_select, not logits[mask]: its backward (index_add) sums in a fixed order on the CPU,
-    # so a resumed run repeats an uninterrupted one bit for bit.
-    logps = torch.log_softmax(logits.flatten(0, 1).index_select(0, at).float(), dim=-1)  # (positions, vocab)
-    return set_nll(logps, set_masks[set_labels.flatten()[at]])
-
-
 def rhyme_group_loss(logits: torch.Tensor, rhyme_labels: torch.Tensor, group_masks: torch.Tensor) -> torch.Tensor:
     """At each rhyme position, -log of the probability the model gives to the whole rhyme group
-    (allowed_set_nll), averaged.
+    (set_nll), averaged.
 
     rhyme_labels holds, at the position that predicts a rhyme character, the index of the
     set of characters that rhyme there (a row of group_masks, (sets, vocab) bool), and
@@ -240,7 +228,11 @@ def rhyme_group_loss(logits: torch.Tensor, rhyme_labels: torch.Tensor, group_mas
     rewards any character of the group, the thing to learn: it costs nothing to rhyme on
     霜 rather than 鄉, and everything to rhyme on neither.
     """
-    return allowed_set_nll(logits, rhyme_labels, group_masks).mean()
+    at = (rhyme_labels.flatten() != IGNORE).nonzero().squeeze(1)
+    # index_select, not logits[mask]: its backward (index_add) sums in a fixed order on the CPU,
+    # so a resumed run repeats an uninterrupted one bit for bit.
+    logps = torch.log_softmax(logits.flatten(0, 1).index_select(0, at).float(), dim=-1)  # (positions, vocab)
+    return set_nll(logps, group_masks[rhyme_labels.flatten()[at]]).mean()
 
 
 # -----------------------------------------------------------------------------
@@ -287,11 +279,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, shapes: torch.Tenso
 
 def token_logprobs(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(B, T): the log-probability of each label under the model, 0 where the label is IGNORE."""
-    return label_logprobs(model(inputs)[0], labels)
-
-
-def label_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B, T): the log-probability of each label under `logits`, 0 where the label is IGNORE."""
+    logits, _ = model(inputs)
     logps = torch.log_softmax(logits.float(), dim=-1)
     token_logps = logps.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return token_logps * (labels != IGNORE)

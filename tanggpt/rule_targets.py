@@ -11,9 +11,9 @@ tokens, and only when a sampled answer happened to be right. An acrostic head th
 character is almost never sampled, so the policy is almost never shown it: the acrostic did
 not move under GRPO (docs/rl.md). With `--target-weight`, rl.py also asks, at each place a
 rule decides in the policy's own answer, for a higher probability of what the rule allows
-there (losses.allowed_set_nll): the policy's own context, the rule's answer. For the rhyme
-that is the whole group, as align.py's rhyme loss asks on real poems, so any rhyming
-character will do.
+there (losses.grpo_loss): the policy's own context, the rule's answer. For the rhyme that is
+the whole group (losses.set_nll), as align.py's rhyme loss asks on real poems, so any
+rhyming character will do.
 
     Target     what a rule allows at one character: a rhyme group's characters (less those
                used) and/or given characters
@@ -87,11 +87,11 @@ def answer_targets(task: str, request_input: str, answer: str) -> list[tuple[int
 
 def place_targets(length: int, first: int, targets: list[tuple[int, Target]], sets: dict[Target, int]
                   ) -> list[int]:
-    """A row of `length` set labels for losses.allowed_set_nll: IGNORE, except where a target's
-    character is predicted, the index of its Target in `sets` (added there if new). `first` is
-    the position that predicts the answer's first character: the label at position p predicts
-    token p + 1, so the answer's character j (one token each, char tokenizer) is predicted at
-    first + j."""
+    """A row of `length` set labels (RolloutBatch.target_labels, align's rhyme rows): IGNORE,
+    except where a target's character is predicted, the index of its Target in `sets` (added
+    there if new). `first` is the position that predicts the answer's first character: the
+    label at position p predicts token p + 1, so the answer's character j (one token each, char
+    tokenizer) is predicted at first + j."""
     labels = [IGNORE] * length
     for char_index, target in targets:
         labels[first + char_index] = sets.setdefault(target, len(sets))
