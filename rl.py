@@ -21,7 +21,9 @@ Each step (GRPO, Shao et al. 2024; tanggpt/losses.py):
    reinforced; worse, discouraged; a group all alike teaches nothing. An answer to a title
    or a continuation is compared with its siblings of the same shape only (--same-shape).
 4. One update on the policy-gradient loss of those very answers, token by token, with an
-   optional KL penalty (--kl-weight) that holds the policy near the --init model.
+   optional KL penalty (--kl-weight) that holds the policy near the --init model; and where
+   a rule names what to write (an acrostic head, a rhyme group), the probability of what it
+   allows raised on the policy's own answer (--target-weight; tanggpt/rule_targets.py).
 
 Before the first step and at each evaluation, it answers held-out requests (unseen
 finetune-val poems; the training phrasings and the held-out one, --group-size times each)
