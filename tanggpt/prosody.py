@@ -131,6 +131,7 @@ class RhymeDemand(NamedTuple):
     groups: frozenset[str]  # the rhyme groups the rhymes before it share (empty: nothing to answer)
     used: str  # the rhyme characters already written: a repeat (重韻) is a fault
     written: str  # the character the poem has there
+    hit: bool  # whether it answers the demand
 
 
 def rhyme_demands(clauses: list[str], table: PingshuiTable | None = None) -> list[RhymeDemand]:
@@ -143,9 +144,10 @@ def rhyme_demands(clauses: list[str], table: PingshuiTable | None = None) -> lis
     shared = table.groups.get(ends[0], frozenset()) if ends else frozenset()
     demands = []
     for k, char in enumerate(ends[1:], start=1):
-        demands.append(RhymeDemand(shared, "".join(ends[:k]), char))
         groups = shared & table.groups.get(char, frozenset())
-        if groups and char not in ends[:k]:
+        hit = bool(groups) and char not in ends[:k]
+        demands.append(RhymeDemand(shared, "".join(ends[:k]), char, hit))
+        if hit:
             shared = groups
     return demands
 
@@ -155,9 +157,7 @@ def rhyme_hits(clauses: list[str], table: PingshuiTable | None = None) -> list[b
     answers its rhyme_demands (shares a rhyme group with the rhymes before it, and is not one of
     them: a repeated rhyme, 重韻, is a fault, and an easy way out). All true exactly when the
     even clauses rhyme without repeats (given a first rhyme the table knows)."""
-    table = table or load_table()
-    return [bool(d.groups & table.groups.get(d.written, frozenset())) and d.written not in d.used
-            for d in rhyme_demands(clauses, table)]
+    return [d.hit for d in rhyme_demands(clauses, table)]
 
 
 def rhymes_without_repeats(clauses: list[str], table: PingshuiTable | None = None) -> bool:
