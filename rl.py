@@ -167,7 +167,8 @@ class RLStage(Stage):
         rollouts = self.rollouts(requests, seed)
         rewards = torch.tensor([r.reward.total for r in rollouts])
         shapes = torch.tensor([r.shape for r in rollouts]) if self.config.same_shape else None
-        inputs, labels = pad_batch(rollout_rows(self.tokenizer, rollouts), self.tokenizer.eot_id)
+        rows = rollout_rows(self.tokenizer, rollouts)
+        inputs, labels = pad_batch(rows, self.tokenizer.eot_id)
         device = self.runtime.device
         inputs, labels = inputs.to(device), labels.to(device)
         was_training = self.model.training
@@ -177,10 +178,8 @@ class RLStage(Stage):
         advantages = group_advantages(rewards, self.config.group_size, shapes)
         if not self.config.target_weight:
             return RolloutBatch(inputs, labels, advantages.to(device), reference)
-        rows, masks = rollout_target_rows(self.tokenizer, rollouts, self.constraint)
-        targets = torch.full(labels.shape, IGNORE)
-        for i, row in enumerate(rows):
-            targets[i, : len(row)] = torch.tensor(row)
+        target_rows, masks = rollout_target_rows(self.tokenizer, rollouts, self.constraint)
+        _, targets = pad_batch([(x, t) for (x, _), t in zip(rows, target_rows)], self.tokenizer.eot_id)
         return RolloutBatch(inputs, labels, advantages.to(device), reference, targets.to(device), masks.to(device))
 
     def loss(self, model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
