@@ -31,6 +31,41 @@ if FAST:
     torch.set_num_threads(1)
 OUT = REPO / "notebooks" / "out"  # short runs made by the notebooks (git-ignored)
 
+# The plots' font. Matplotlib's own fonts have no Chinese characters: a label 春 would draw as
+# an empty box. Noto Sans CJK SC (SIL Open Font License) has both scripts, the poems'
+# traditional characters and the notes' simplified ones; the mplfonts package ships its file
+# (requirements.txt), so the README's one install command brings it and nothing downloads.
+CJK_FONT_FILE = "NotoSansCJKsc-Regular.otf"
+
+
+def _use_cjk_font() -> bool:
+    """Register the CJK font with matplotlib and make it the first sans-serif choice; False,
+    with one printed note, when the font file is not installed."""
+    try:
+        import mplfonts
+    except ImportError:
+        mplfonts = None
+    path = Path(mplfonts.__file__).parent / "fonts" / CJK_FONT_FILE if mplfonts else None
+    if path is None or not path.is_file():
+        print("注意：没有找到中文字体（pip install -r requirements.txt 会装上 mplfonts），图中的文字改用英文。")
+        return False
+    from matplotlib import font_manager, rcParams
+
+    font_manager.fontManager.addfont(str(path))
+    name = font_manager.FontProperties(fname=str(path)).get_name()
+    rcParams["font.family"] = "sans-serif"
+    rcParams["font.sans-serif"] = [name, *[f for f in rcParams["font.sans-serif"] if f != name]]
+    rcParams["axes.unicode_minus"] = False  # the font's own minus sign: U+2212 is not in every CJK font
+    return True
+
+
+CJK = _use_cjk_font()
+
+
+def zh(chinese: str, ascii_fallback: str) -> str:
+    """A plot label: the Chinese one when the CJK font is there, else its ASCII stand-in (never boxes)."""
+    return chinese if CJK else ascii_fallback
+
 # A tiny model for fast mode: trains in seconds, learns nothing much, exercises every line.
 FAST_MODEL = ["--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--block-size", "96", "--batch-size", "8",
               "--no-compile", "--dtype", "float32", "--eval-iters", "2"]

@@ -44,6 +44,7 @@ from data.forms import FORMS, acrostic_head, clauses, form_name, is_regular_form
 from data.tasks import task_instruction
 from data.tokenizer import Tokenizer
 from model import GPT
+from tanggpt.columns import display_width, pad
 from tanggpt.device import Runtime
 from tanggpt.generation import SamplingConfig, answer_conversations
 from tanggpt.losses import labelled_nll
@@ -317,9 +318,9 @@ def format_conversation_table(columns: dict[str, dict]) -> str:
     shown = {name: f for name, f in columns.items() if f.get("conversations") or f.get("instructions")}
     if not any(f.get("conversations") for f in shown.values()):
         return ""
-    width = max(16, *(len(n) + 2 for n in shown))
-    lines = [f"{'conversations':34s}" + "".join(f"{n:>{2 * width}s}" for n in shown),
-             f"{'':34s}" + f"{'seen':>{width}s}{'held-out':>{width}s}" * len(shown)]
+    width = max(16, *(display_width(n) + 2 for n in shown))
+    lines = [pad("conversations", 34) + "".join(pad(n, 2 * width, ">") for n in shown),
+             pad("", 34) + (pad("seen", width, ">") + pad("held-out", width, ">")) * len(shown)]
     chat = next(f["conversations"] for f in shown.values() if f.get("conversations"))  # the first chat column
     for key, label, fmt, single in CONVERSATION_ROWS:
         cells = []
@@ -330,7 +331,7 @@ def format_conversation_table(columns: dict[str, dict]) -> str:
                 else:  # a single-turn model: the same task in one request
                     value = single_turn_figure(f["instructions"][kind], single, chat[kind])
                 cells.append("–" if value is None else fmt.format(value))
-        lines.append(f"{label:34s}" + "".join(f"{c:>{width}s}" for c in cells))
+        lines.append(pad(label, 34) + "".join(pad(c, width, ">") for c in cells))
     for name, f in shown.items():
         if f.get("conversations"):
             counts = " · ".join(f"{k.removeprefix('asked ')} {f['conversations']['seen'][k]}/"

@@ -48,6 +48,7 @@ from model import GPT
 from tanggpt.checkpoint import answers_prompts, tuned_format
 from tanggpt.conversation_evaluation import conversation_figures
 from tanggpt.cli import flag
+from tanggpt.columns import display_width, pad
 from tanggpt.device import Runtime
 from tanggpt.generation import SamplingConfig, answer_requests, answer_titles, for_generation
 from tanggpt.losses import bits_per_char, input_swap_nll, labelled_nll, response_loss, stream_loss, title_swap_nll
@@ -291,8 +292,8 @@ ROWS = [  # (key, label, format)
 def format_table(columns: dict[str, dict]) -> str:
     """One row per figure, one column per checkpoint (and "–" where a column has no such figure)."""
     names = list(columns)
-    width = max(14, *(len(n) + 2 for n in names))
-    lines = [f"{'':32s}" + "".join(f"{n:>{width}s}" for n in names)]
+    width = max(14, *(display_width(n) + 2 for n in names))
+    lines = [pad("", 32) + "".join(pad(n, width, ">") for n in names)]
     for key, label, fmt in ROWS:
         cells = []
         for figures in columns.values():
@@ -302,7 +303,7 @@ def format_table(columns: dict[str, dict]) -> str:
                 cells.append(f"{figures['title_gain']:.2f} ± {figures['title_gain_se']:.2f}")
             else:
                 cells.append(fmt.format(figures[key]))
-        lines.append(f"{label:32s}" + "".join(f"{c:>{width}s}" for c in cells))
+        lines.append(pad(label, 32) + "".join(pad(c, width, ">") for c in cells))
     return "\n".join(lines)
 
 
@@ -333,15 +334,15 @@ def format_instruction_table(columns: dict[str, dict]) -> str:
     columns = {name: f["instructions"] for name, f in columns.items() if f.get("instructions")}
     if not columns:
         return ""
-    width = max(16, *(len(n) + 2 for n in columns))
-    lines = [f"{'instruction following':32s}" + "".join(f"{n:>{2 * width}s}" for n in columns),
-             f"{'':32s}" + f"{'seen':>{width}s}{'held-out':>{width}s}" * len(columns)]
+    width = max(16, *(display_width(n) + 2 for n in columns))
+    lines = [pad("instruction following", 32) + "".join(pad(n, 2 * width, ">") for n in columns),
+             pad("", 32) + (pad("seen", width, ">") + pad("held-out", width, ">")) * len(columns)]
 
     def row(key: str, label: str, fmt: str) -> str:
         """A figure's line, "–" where it is None or absent (figures saved before the rewards existed)."""
         cells = ["–" if f[kind].get(key) is None else fmt.format(f[kind][key])
                  for f in columns.values() for kind in ("seen", "held_out")]
-        return f"{label:32s}" + "".join(f"{c:>{width}s}" for c in cells)
+        return pad(label, 32) + "".join(pad(c, width, ">") for c in cells)
 
     lines += [row(*spec) for spec in INSTRUCTION_ROWS]
     lines.append("rule rewards (default weights): the mean, then each rule's pass rate")

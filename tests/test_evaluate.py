@@ -569,3 +569,15 @@ def test_a_title_gain_with_fewer_than_two_poems_is_none(tiny_tuned):
     splits = {"pretrain_val": val, "finetune_train": [], "finetune_val": val}
     figures = evaluation.loss_figures(model.eval(), tokenizer, splits, 4, setup_runtime("cpu", "float32"), seed=0)
     assert figures["title_gain"] is None and figures["title_gain_poems"] == 1 and figures["finetune_val_loss"] > 0
+
+
+def test_instruction_table_lines_up_rows_with_chinese_labels():
+    """The form rows' labels hold 五言絕句 …, two columns each in a terminal: counted as one,
+    each such row stood four columns right of the others (before tanggpt/columns.py)."""
+    from tanggpt.columns import display_width
+
+    figures = {kind: {key: 0.5 for key, _, _ in evaluation.INSTRUCTION_ROWS} for kind in ("seen", "held_out")}
+    table = evaluation.format_instruction_table({"ckpt_詩.pt": {"instructions": figures}}).splitlines()
+    rows = [line for line in table if not line.startswith("rule rewards")]
+    assert any("五言絕句" in line for line in rows) and any(line.startswith("  per line") for line in rows)
+    assert len({display_width(line) for line in rows}) == 1, [display_width(line) for line in rows]

@@ -45,3 +45,34 @@ def test_notebook_committed_with_outputs(path):
     )
     errors = [i for i, cell in code if any(out.get("output_type") == "error" for out in cell.outputs)]
     assert not errors, f"{path.name}: cells {errors} are saved with an error output"
+
+
+def test_the_plots_font_has_the_poems_characters():
+    """notebooks/course.py draws Chinese labels with the CJK font mplfonts ships: the file is
+    installed, and it has a glyph for simplified and traditional characters alike (matplotlib's
+    own DejaVu Sans has none, and draws boxes)."""
+    from pathlib import Path
+
+    import mplfonts
+    from matplotlib.ft2font import FT2Font
+
+    from notebooks import course
+
+    path = Path(mplfonts.__file__).parent / "fonts" / course.CJK_FONT_FILE
+    assert path.is_file(), f"{path}: not installed; pip install -r requirements.txt"
+    font = FT2Font(str(path))
+    assert all(font.get_char_index(ord(ch)) for ch in "春夏秋冬五言絕句律詩损失学习率平仄"), "a character has no glyph"
+    import matplotlib
+
+    dejavu = FT2Font(matplotlib.font_manager.findfont("DejaVu Sans"))
+    assert not dejavu.get_char_index(ord("春"))  # what the font is for: the default cannot draw it
+
+
+@pytest.mark.parametrize("path", PATHS, ids=[p.name for p in PATHS])
+def test_no_plot_was_drawn_with_missing_glyphs(path):
+    """Matplotlib warns "Glyph ... missing from font(s)" when a label has a character its font
+    lacks: the saved outputs must hold no such warning (every label drawn with the CJK font)."""
+    nb = nbformat.read(path, as_version=4)
+    warned = [i for i, cell in enumerate(nb.cells, start=1) if cell.cell_type == "code"
+              for out in cell.outputs if "missing from font" in out.get("text", "")]
+    assert not warned, f"{path.name}: cells {sorted(set(warned))} drew characters their font lacks"

@@ -86,6 +86,9 @@ def execute_notebook(path: str | Path, fast: bool = False, save: bool = True) ->
         kernel_name="python3",
         resources={"metadata": {"path": str(NOTEBOOKS)}},  # the kernel's working directory
         record_timing=False,  # no per-cell timestamps: they would change on every run
+        # One output per stream and a progress bar's redraws (\r) collapsed to the bar it
+        # ended with: a training cell shows one progress line per run, not one per update.
+        coalesce_streams=True,
     )
     current = {"index": None}
     client.on_cell_start = lambda cell, cell_index: current.update(index=cell_index)
