@@ -109,16 +109,40 @@ def poems_dir(whole: bool = False) -> str:
     return _shown(fast)
 
 
-def _checkpoint(name: str, train) -> Path:
+# What each stage's checkpoint is, in the notebooks' words (the kinds of tanggpt/checkpoint.py).
+_KIND_NAMES = {"pretrain": "预训练", "sft": "指令微调", "dpo": "偏好对齐", "rl": "强化学习"}
+_announced: set[Path] = set()
+
+
+def _announce(path: Path, command: str, made_here: bool) -> None:
+    """Say once per notebook which checkpoint it uses: the stage that wrote it, its steps, and
+    whether it is the README command's or this notebook's own short run."""
+    if path in _announced:
+        return
+    _announced.add(path)
+    import torch
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    kind = _KIND_NAMES.get(ckpt.get("kind"), ckpt.get("kind"))
+    steps = f"{ckpt['step']:,} 步" if isinstance(ckpt.get("step"), int) else "步数未记录"
+    origin = ("笔记本自己训练的短版本（仓库根目录没有它；完整的由 `" + command + "` 训练）" if made_here
+              else "由 `" + command + "` 训练")
+    print(f"检查点 {path.name}：{kind}，{steps}，{origin}")
+
+
+def _checkpoint(name: str, command: str, train) -> Path:
     """REPO/name when present (and not in fast mode), else notebooks/out/name, made by
-    train(path) the first time (fast mode keeps its own file, *_fast.pt)."""
+    train(path) the first time (fast mode keeps its own file, *_fast.pt). `command` is the
+    README's command that makes REPO/name; the first use prints one line saying which it is."""
     root = REPO / name
     if root.exists() and not FAST:
+        _announce(root, command, made_here=False)
         return root
     out = OUT / (name.replace(".pt", "_fast.pt") if FAST else name)
     if not out.exists():
         OUT.mkdir(parents=True, exist_ok=True)
         train(out)
+    _announce(out, command, made_here=True)
     return out
 
 
@@ -129,16 +153,16 @@ def base_checkpoint() -> Path:
 
     flags = ["--max-iters", "40", "--eval-interval", "40", *FAST_MODEL] if FAST else \
             ["--max-iters", "250", "--eval-interval", "125", "--eval-iters", "10"]
-    return _checkpoint("ckpt.pt", lambda out: pretrain.main(["--poems", poems_dir(), "--out", _shown(out), *flags]))
+    return _checkpoint("ckpt.pt", "python pretrain.py", lambda out: pretrain.main(["--poems", poems_dir(), "--out", _shown(out), *flags]))
 
 
-def _tune(name: str, extra: list[str]) -> Path:
+def _tune(name: str, extra: list[str], command: str) -> Path:
     """A finetune.py run from base_checkpoint(): REPO/name when present, else a short one into notebooks/out/."""
     import finetune
 
     flags = ["--max-iters", "30", "--batch-size", "16", "--no-compile", "--dtype", "float32",
              "--sample-tokens", "40", "--sample-titles", "春夜喜雨"] if FAST else ["--max-iters", "150"]
-    return _checkpoint(name, lambda out: finetune.main(
+    return _checkpoint(name, command, lambda out: finetune.main(
         ["--init", _shown(base_checkpoint()), "--poems", poems_dir(), "--out", _shown(out), *flags, *extra]))
 
 
@@ -146,21 +170,23 @@ def tuned_checkpoint() -> Path:
     """The instruction-tuned checkpoint: ckpt_sft.pt at the repository root (from `python
     finetune.py --init ckpt.pt`, five tasks mixed) when present (and not in fast mode), else a
     short tuning run of base_checkpoint() into notebooks/out/."""
-    return _tune("ckpt_sft.pt", [])
+    return _tune("ckpt_sft.pt", [], "python finetune.py --init ckpt.pt")
 
 
 def book_checkpoint() -> Path:
     """The book's single-task tuning, title -> poem in one sentence: ckpt_sft_book.pt (from
     `python finetune.py --init ckpt.pt --tasks book --out ckpt_sft_book.pt`), the baseline
     notebook 07 measures the task mixture against."""
-    return _tune("ckpt_sft_book.pt", ["--tasks", "book"])
+    return _tune("ckpt_sft_book.pt", ["--tasks", "book"],
+                 "python finetune.py --init ckpt.pt --tasks book --out ckpt_sft_book.pt")
 
 
 def lora_checkpoint() -> Path:
     """Instruction tuning through rank-8 LoRA adapters on the frozen pretrained model:
     ckpt_sft_lora.pt (from `python finetune.py --init ckpt.pt --lora-rank 8 --out
     ckpt_sft_lora.pt`, the same run as ckpt_sft.pt but for the adapters), else a short one."""
-    return _tune("ckpt_sft_lora.pt", ["--lora-rank", "8"])
+    return _tune("ckpt_sft_lora.pt", ["--lora-rank", "8"],
+                 "python finetune.py --init ckpt.pt --lora-rank 8 --out ckpt_sft_lora.pt")
 
 
 def chat_checkpoint(loss_on: str = "assistant") -> Path:
@@ -168,10 +194,12 @@ def chat_checkpoint(loss_on: str = "assistant") -> Path:
     --format chat`, the loss on every assistant turn) or, with loss_on="last", ckpt_chat_last.pt
     (`... --loss-on last --out ckpt_chat_last.pt`, the loss on the last turn only)."""
     name = "ckpt_chat.pt" if loss_on == "assistant" else f"ckpt_chat_{loss_on}.pt"
-    return _tune(name, ["--format", "chat", "--loss-on", loss_on])
+    command = "python finetune.py --init ckpt.pt --format chat" + (
+        "" if loss_on == "assistant" else f" --loss-on {loss_on} --out {name}")
+    return _tune(name, ["--format", "chat", "--loss-on", loss_on], command)
 
 
-def _align(name: str, default_flags: list[str]) -> Path:
+def _align(name: str, default_flags: list[str], command: str) -> Path:
     """An align.py run from tuned_checkpoint(): REPO/name when present, else a short one into
     notebooks/out/. Fast mode's tiny model writes no poem worth judging, so its pairs are
     the titles' real poems over its answers (--preference real)."""
@@ -180,20 +208,22 @@ def _align(name: str, default_flags: list[str]) -> Path:
     flags = ["--preference", "real", "--prompts", "12", "--samples-per-prompt", "2", "--max-iters", "4",
              "--eval-interval", "2", "--batch-size", "4", "--no-compile", "--dtype", "float32", "--sample-tokens", "40",
              "--sample-titles", "春夜喜雨"] if FAST else default_flags
-    return _checkpoint(name, lambda out: align.main(
+    return _checkpoint(name, command, lambda out: align.main(
         ["--init", _shown(tuned_checkpoint()), "--poems", poems_dir(), "--out", _shown(out), *flags]))
 
 
 def aligned_checkpoint() -> Path:
     """The preference-tuned checkpoint: ckpt_dpo.pt (from `python align.py --init ckpt_sft.pt`)."""
-    return _align("ckpt_dpo.pt", ["--prompts", "256"])
+    return _align("ckpt_dpo.pt", ["--prompts", "256"], "python align.py --init ckpt_sft.pt")
 
 
 def rhyme_preference_checkpoint() -> Path:
     """DPO toward rhyme alone, the run that fails: ckpt_dpo_rhyme.pt (from `python align.py --init
     ckpt_sft.pt --preference rhyme --rhyme-weight 0 --lr 3e-5 --min-lr 3e-6 --out ckpt_dpo_rhyme.pt`)."""
     return _align("ckpt_dpo_rhyme.pt", ["--prompts", "256", "--preference", "rhyme", "--rhyme-weight", "0",
-                                        "--lr", "3e-5", "--min-lr", "3e-6"])
+                                        "--lr", "3e-5", "--min-lr", "3e-6"],
+                  "python align.py --init ckpt_sft.pt --preference rhyme --rhyme-weight 0 --lr 3e-5 --min-lr 3e-6 "
+                  "--out ckpt_dpo_rhyme.pt")
 
 
 def rl_checkpoint() -> Path:
@@ -204,5 +234,5 @@ def rl_checkpoint() -> Path:
 
     flags = ["--max-iters", "2", "--eval-interval", "1", "--batch-size", "2", "--group-size", "4",
              "--max-new-tokens", "24", "--eval-prompts", "2", "--no-compile", "--dtype", "float32"] if FAST else ["--max-iters", "60", "--eval-interval", "20"]
-    return _checkpoint("ckpt_rl.pt", lambda out: rl.main(
+    return _checkpoint("ckpt_rl.pt", "python rl.py --init ckpt_dpo.pt", lambda out: rl.main(
         ["--init", _shown(aligned_checkpoint()), "--poems", poems_dir(), "--out", _shown(out), *flags]))

@@ -76,3 +76,26 @@ def test_no_plot_was_drawn_with_missing_glyphs(path):
     warned = [i for i, cell in enumerate(nb.cells, start=1) if cell.cell_type == "code"
               for out in cell.outputs if "missing from font" in out.get("text", "")]
     assert not warned, f"{path.name}: cells {sorted(set(warned))} drew characters their font lacks"
+
+
+def test_code_fingerprint_follows_code_not_comments(tmp_path, monkeypatch):
+    """The stamp changes with a line of code in the library, not with a comment or a docstring."""
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "notebooks" / "course.py").write_text("X = 1\n")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "tanggpt").mkdir()
+    library = tmp_path / "tanggpt" / "losses.py"
+    library.write_text('"""Losses."""\n\ndef f(x):\n    """Twice x."""\n    return 2 * x\n')
+    (tmp_path / "tools").mkdir()
+    (tmp_path / "tools" / "bench.py").write_text("A = 1\n")
+    monkeypatch.setattr(run_notebooks, "NOTEBOOKS", tmp_path / "notebooks")
+    before = run_notebooks.code_fingerprint()
+    library.write_text('"""Losses, reworded."""\n\n\ndef f(x):  # a comment\n    """Two times x."""\n    return 2 * x\n')
+    assert run_notebooks.code_fingerprint() == before
+    (tmp_path / "tools" / "bench.py").write_text("A = 2\n")  # tools/ is not what the notebooks ran
+    assert run_notebooks.code_fingerprint() == before
+    library.write_text('"""Losses."""\n\ndef f(x):\n    """Twice x."""\n    return 3 * x\n')
+    assert run_notebooks.code_fingerprint() != before
+    library.write_text('"""Losses."""\n\ndef f(x):\n    """Twice x."""\n    return 2 * x\n')
+    (tmp_path / "notebooks" / "course.py").write_text("X = 2\n")
+    assert run_notebooks.code_fingerprint() != before

@@ -8,11 +8,15 @@
 Each notebook runs in a fresh `python3` kernel whose working directory is notebooks/,
 with COURSE_FAST set to 1 (--fast) or 0 (otherwise) in its environment. The wall time of
 each is printed. A failing cell stops the run with one line naming the notebook and
-the cell; nothing is saved for a notebook that failed.
+the cell; nothing is saved for a notebook that failed. A saved notebook is stamped with
+the settings it ran with and the fingerprint of the code it ran against
+(code_fingerprint): the tests fail on a notebook whose code has changed since.
 """
 
 from __future__ import annotations
 
+import ast
+import hashlib
 import os
 import sys
 import time
@@ -28,6 +32,37 @@ from tanggpt.cli import flag, run_cli
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 CELL_TIMEOUT = 900  # seconds per cell: generous, the default-mode training cells take a few minutes
+
+
+# The code a notebook's outputs come from: the commands that train its checkpoints, the
+# library and data layer they use, and the notebooks' helper. tools/ and tests/ are not.
+CODE_FOLDERS = (".", "data", "tanggpt")
+CODE_FILES = ("notebooks/course.py",)
+
+
+def _code_text(path: Path) -> str:
+    """A source file as its syntax tree, without docstrings: a changed comment, docstring or
+    layout leaves the fingerprint alone, a changed line of code does not."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.unparse(tree)
+
+
+def code_fingerprint() -> str:
+    """sha256 of the code the notebooks' outputs come from (CODE_FOLDERS' .py files and
+    CODE_FILES), 16 hex digits. Saved in each executed notebook; the tests compare it with
+    today's, so a notebook older than the code its checkpoints are trained with fails CI."""
+    repo = NOTEBOOKS.parent
+    paths = sorted({*(p for folder in CODE_FOLDERS for p in (repo / folder).glob("*.py")),
+                    *(repo / name for name in CODE_FILES)})
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(f"{path.relative_to(repo).as_posix()}\n{_code_text(path)}\n".encode("utf-8"))
+    return digest.hexdigest()[:16]
 
 
 class NotebookError(Exception):
@@ -120,7 +155,7 @@ def execute_notebook(path: str | Path, fast: bool = False, save: bool = True) ->
     seconds = time.perf_counter() - start
     if save:
         # Which settings produced the saved outputs: the tests insist on the default ones.
-        nb.metadata["course"] = {"fast_mode": fast}
+        nb.metadata["course"] = {"fast_mode": fast, "code": code_fingerprint()}
         nbformat.validate(nb)
         nbformat.write(nb, path)
     return seconds
