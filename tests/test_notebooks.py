@@ -99,3 +99,34 @@ def test_code_fingerprint_follows_code_not_comments(tmp_path, monkeypatch):
     library.write_text('"""Losses."""\n\ndef f(x):\n    """Twice x."""\n    return 2 * x\n')
     (tmp_path / "notebooks" / "course.py").write_text("X = 2\n")
     assert run_notebooks.code_fingerprint() != before
+
+
+def _prose(markdown: str) -> str:
+    """A markdown cell's prose: without code blocks (fenced or indented), formulas, code
+    spans, link targets and HTML tags."""
+    import re
+
+    text = re.sub(r"```.*?```", " ", markdown, flags=re.S)
+    text = re.sub(r"\$\$.*?\$\$|\$[^$\n]+\$", " ", text, flags=re.S)  # formulas
+    text = re.sub(r"^(    |\t).*$", " ", text, flags=re.M)
+    text = re.sub(r"`[^`]*`", " ", text)
+    text = re.sub(r"\]\([^)]*\)", "]", text)
+    return re.sub(r"<[^>]+>", " ", text)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=[p.name for p in PATHS])
+def test_notebook_prose_is_chinese(path):
+    """The course's readers read Chinese first: each notebook's narrative is Chinese, English
+    only in the bracketed terms of the glossary (docs/glossary.md), names and commands. Counted
+    on the prose alone, a Chinese sentence holds several characters for each English word it
+    brackets; an English paragraph holds none."""
+    import re
+
+    nb = nbformat.read(path, as_version=4)
+    prose = "\n".join(_prose(cell.source) for cell in nb.cells if cell.cell_type == "markdown")
+    chinese = len(re.findall(r"[\u4e00-\u9fff]", prose))
+    english = len(re.findall(r"[A-Za-z]{2,}", prose))
+    assert chinese >= 4 * english, f"{path.name}: {chinese} Chinese characters, {english} English words in its prose"
+    english_paragraphs = [p[:60] for p in prose.split("\n\n")
+                          if len(re.findall(r"[A-Za-z]{2,}", p)) > 12 and not re.search(r"[\u4e00-\u9fff]", p)]
+    assert not english_paragraphs, f"{path.name}: paragraphs in English: {english_paragraphs}"
