@@ -130,3 +130,62 @@ def test_notebook_prose_is_chinese(path):
     english_paragraphs = [p[:60] for p in prose.split("\n\n")
                           if len(re.findall(r"[A-Za-z]{2,}", p)) > 12 and not re.search(r"[\u4e00-\u9fff]", p)]
     assert not english_paragraphs, f"{path.name}: paragraphs in English: {english_paragraphs}"
+
+
+def test_without_the_font_labels_fall_back_to_ascii_with_one_note(monkeypatch, capsys):
+    """No mplfonts installed: one printed note, and zh() gives the ASCII label, never boxes."""
+    import sys
+
+    from notebooks import course
+
+    monkeypatch.setitem(sys.modules, "mplfonts", None)  # import mplfonts now raises ImportError
+    assert course._use_cjk_font() is False
+    note = capsys.readouterr().out.strip().splitlines()
+    assert len(note) == 1 and "mplfonts" in note[0]
+    monkeypatch.setattr(course, "CJK", False)
+    assert course.zh("春", "spring") == "spring"
+    monkeypatch.setattr(course, "CJK", True)
+    assert course.zh("春", "spring") == "春"
+
+
+@pytest.mark.parametrize("path", PATHS, ids=[p.name for p in PATHS])
+def test_notebook_was_executed_against_todays_code(path):
+    """Each saved notebook carries the fingerprints of the code it ran against and of its own code
+    cells (run_notebooks): a notebook older than either fails here."""
+    nb = nbformat.read(path, as_version=4)
+    cells = nb.metadata.get("course", {}).get("cells")
+    assert cells == run_notebooks.cells_fingerprint(nb), (
+        f"{path.name}: a code cell was changed after the notebook was executed; run python -m tools.run_notebooks "
+        f"{path.name}")
+    stamp = nb.metadata.get("course", {}).get("code")
+    assert stamp == run_notebooks.code_fingerprint(), (
+        f"{path.name}: executed against other code (stamp {stamp}, the code now {run_notebooks.code_fingerprint()}); "
+        f"run python -m tools.run_notebooks {path.name}"
+    )
+
+
+@pytest.mark.parametrize("path", PATHS, ids=[p.name for p in PATHS])
+def test_saved_outputs_hold_no_machine_path(path):
+    """Outputs print paths relative to the notebook: a reader's machine is not the author's."""
+    import re
+
+    nb = nbformat.read(path, as_version=4)
+    found = [i for i, cell in enumerate(nb.cells, start=1) if cell.cell_type == "code" for out in cell.outputs
+             if re.search(r"(?<![\w.])/(home|work|Users|root|tmp|usr|opt)/", out.get("text", "") + str(out.get("data", {}).get("text/plain", "")))]
+    assert not found, f"{path.name}: cells {sorted(set(found))} print an absolute path"
+
+
+def test_notebook_prose_uses_the_glossarys_script():
+    """One glossary, one script: the notes are simplified Chinese. The poems and their titles
+    stay traditional, but a term of docs/glossary.md in its traditional spelling is a slip."""
+    glossary = (run_notebooks.NOTEBOOKS.parent / "docs" / "glossary.md").read_text(encoding="utf-8")
+    traditional = {"对齐": "對齊", "适配": "適配", "损失": "損失", "词元": "詞元", "微调": "微調", "检查点": "檢查點",
+                   "强化学习": "強化學習", "分词器": "分詞器", "采样": "採樣", "评估": "評估", "奖励": "獎勵", "词表": "詞表"}
+    assert all(term in glossary for term in traditional), "the glossary lost a term this test checks"
+    slips = {}
+    for path in PATHS:
+        prose = "\n".join(_prose(cell.source) for cell in nbformat.read(path, as_version=4).cells
+                           if cell.cell_type == "markdown")
+        if found := [t for t in traditional.values() if t in prose]:
+            slips[path.name] = found
+    assert not slips, f"traditional spellings of glossary terms: {slips}"

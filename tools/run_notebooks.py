@@ -10,7 +10,8 @@ with COURSE_FAST set to 1 (--fast) or 0 (otherwise) in its environment. The wall
 each is printed. A failing cell stops the run with one line naming the notebook and
 the cell; nothing is saved for a notebook that failed. A saved notebook is stamped with
 the settings it ran with and the fingerprint of the code it ran against
-(code_fingerprint): the tests fail on a notebook whose code has changed since.
+(code_fingerprint) and of its own code cells: the tests fail on a notebook whose code, or
+the library's, has changed since.
 """
 
 from __future__ import annotations
@@ -63,6 +64,13 @@ def code_fingerprint() -> str:
     for path in paths:
         digest.update(f"{path.relative_to(repo).as_posix()}\n{_code_text(path)}\n".encode("utf-8"))
     return digest.hexdigest()[:16]
+
+
+def cells_fingerprint(nb: nbformat.NotebookNode) -> str:
+    """sha256 of a notebook's code cells, 16 hex digits: saved with its outputs, so a code cell
+    edited after the notebook was executed (its outputs now stale) fails the tests too."""
+    sources = [cell.source for cell in nb.cells if cell.cell_type == "code"]
+    return hashlib.sha256("\n\0".join(sources).encode("utf-8")).hexdigest()[:16]
 
 
 class NotebookError(Exception):
@@ -155,7 +163,7 @@ def execute_notebook(path: str | Path, fast: bool = False, save: bool = True) ->
     seconds = time.perf_counter() - start
     if save:
         # Which settings produced the saved outputs: the tests insist on the default ones.
-        nb.metadata["course"] = {"fast_mode": fast, "code": code_fingerprint()}
+        nb.metadata["course"] = {"fast_mode": fast, "code": code_fingerprint(), "cells": cells_fingerprint(nb)}
         nbformat.validate(nb)
         nbformat.write(nb, path)
     return seconds
