@@ -153,7 +153,8 @@ def base_checkpoint() -> Path:
 
     flags = ["--max-iters", "40", "--eval-interval", "40", *FAST_MODEL] if FAST else \
             ["--max-iters", "250", "--eval-interval", "125", "--eval-iters", "10"]
-    return _checkpoint("ckpt.pt", "python pretrain.py", lambda out: pretrain.main(["--poems", poems_dir(), "--out", _shown(out), *flags]))
+    return _checkpoint("ckpt.pt", "python pretrain.py",
+                       lambda out: pretrain.main(["--poems", poems_dir(), "--out", _shown(out), *flags]))
 
 
 def _tune(name: str, extra: list[str], command: str) -> Path:
