@@ -212,6 +212,16 @@ def preference_loss(model: torch.nn.Module, batch: PreferenceBatch, beta: float,
     return loss
 
 
+def labelled_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions (B * T flattened) whose label is not IGNORE, and the log-softmax of their
+    logits alone ((positions, vocab), fp32): the softmax over the vocabulary, the costliest part
+    of a loss, is not spent on the positions nothing is asked of."""
+    at = (labels.flatten() != IGNORE).nonzero().squeeze(1)
+    # index_select, not logits[mask]: its backward (index_add) sums in a fixed order on the CPU,
+    # so a resumed run repeats an uninterrupted one bit for bit.
+    return at, torch.log_softmax(logits.flatten(0, 1).index_select(0, at).float(), dim=-1)
+
+
 def set_nll(logps: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """(rows,): -log of the probability each row of log-probabilities (rows, vocab) gives to the
     whole set of tokens its `allowed` row (rows, vocab) bool marks."""
@@ -228,10 +238,7 @@ def rhyme_group_loss(logits: torch.Tensor, rhyme_labels: torch.Tensor, group_mas
     rewards any character of the group, the thing to learn: it costs nothing to rhyme on
     霜 rather than 鄉, and everything to rhyme on neither.
     """
-    at = (rhyme_labels.flatten() != IGNORE).nonzero().squeeze(1)
-    # index_select, not logits[mask]: its backward (index_add) sums in a fixed order on the CPU,
-    # so a resumed run repeats an uninterrupted one bit for bit.
-    logps = torch.log_softmax(logits.flatten(0, 1).index_select(0, at).float(), dim=-1)  # (positions, vocab)
+    at, logps = labelled_logps(logits, rhyme_labels)
     return set_nll(logps, group_masks[rhyme_labels.flatten()[at]]).mean()
 
 
@@ -308,9 +315,8 @@ def grpo_loss(model: torch.nn.Module, batch: RolloutBatch, kl_weight: float, tar
     """
     logits, _ = model(batch.inputs)
     # Only the answer tokens are scored: the prompt and padding rows (about half the batch) are
-    # left out before the softmax over the vocabulary, the costliest part of the loss.
-    at = (batch.labels.flatten() != IGNORE).nonzero().squeeze(1)
-    logps = torch.log_softmax(logits.flatten(0, 1).index_select(0, at).float(), dim=-1)  # (answer tokens, vocab)
+    # left out before the softmax over the vocabulary.
+    at, logps = labelled_logps(logits, batch.labels)  # (answer tokens, vocab)
     own = logps.gather(1, batch.labels.flatten()[at].unsqueeze(1)).squeeze(1)  # log pi of each sampled token
     advantages = batch.advantages[:, None].expand(batch.labels.shape).flatten()[at]
     per_token = -torch.exp(own - own.detach()) * advantages
