@@ -176,15 +176,22 @@ class EpochBatches:
     every epoch (data/tasks.py's TaskMixture draws each poem's task anew each epoch).
 
     A batch is padded to its longest row, so a batch of one long and many short samples
-    is mostly padding. With length_buckets, the shuffled order is cut into
-    spans of BUCKET_STEPS steps' samples, each span is sorted by length and cut into
-    steps, and the steps are shuffled: a step holds samples of about one length, and
-    which lengths come when is still random.
+    is mostly padding. Two ways to waste less:
+    - `pieces` (length_pieces > 1) keeps every step's samples and cuts each micro-batch,
+      sorted by length, into that many pieces, each padded to its own longest row. The
+      loop weights each piece by the labels it carries (training.accumulate_gradients),
+      so the gradient is the one of the whole micro-batch; only the padding goes.
+    - With length_buckets, the shuffled order is cut into spans of BUCKET_STEPS steps'
+      samples, each span is sorted by length and cut into steps, and the steps are
+      shuffled: a step holds samples of about one length, and which lengths come when is
+      still random. This changes what a step learns from (mostly one task a step).
     """
 
     def __init__(self, rows: list | Callable[[int], list], batch_size: int, grad_accum: int = 1,
-                 world_size: int = 1, seed: int = 0, pad_id: int = 0, length_buckets: bool = False):
+                 world_size: int = 1, seed: int = 0, pad_id: int = 0, length_buckets: bool = False,
+                 length_pieces: int = 1):
         self.rows_of = rows if callable(rows) else lambda epoch: rows
+        self.length_pieces = length_pieces
         self.rows = self.rows_of(0)  # the first epoch's
         self.batch_size, self.grad_accum, self.world_size = batch_size, grad_accum, world_size
         self.seed, self.pad_id, self.length_buckets = seed, pad_id, length_buckets
@@ -217,20 +224,43 @@ class EpochBatches:
         first = position * self.samples_per_step + (micro * self.world_size + rank) * self.batch_size
         return [order[(first + i) % len(self.rows)] for i in range(self.batch_size)]
 
-    def padding_share(self, epoch: int = 0) -> float:
-        """The share of the epoch's batch positions that are padding (rows of `inputs`)."""
-        rows, real, padded = self.rows_of(epoch), 0, 0
+    def padding_share(self, epoch: int = 0, pieces: bool = True) -> float:
+        """The share of the epoch's batch positions that are padding (rows of `inputs`), in
+        `pieces` as the loop runs them, or (pieces=False) in whole micro-batches."""
+        real, padded = 0, 0
         for step in range(epoch * self.steps_per_epoch, (epoch + 1) * self.steps_per_epoch):
             for micro in range(self.grad_accum):
                 for rank in range(self.world_size):
-                    lengths = [len(rows[i].inputs) for i in self.indices(step, micro, rank)]
-                    real, padded = real + sum(lengths), padded + max(lengths) * len(lengths)
+                    rows = self.rows_at(step, micro, rank)
+                    for piece in self.cut_by_length(rows) if pieces else [rows]:
+                        lengths = [len(row.inputs) for row in piece]
+                        real, padded = real + sum(lengths), padded + max(lengths) * len(lengths)
         return 1 - real / padded
 
-    def batch(self, step: int, micro: int = 0, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def rows_at(self, step: int, micro: int = 0, rank: int = 0) -> list:
+        """The micro-batch's rows, in the epoch's order."""
         epoch_rows = self.rows_of(step // self.steps_per_epoch)
-        rows = [epoch_rows[i] for i in self.indices(step, micro, rank)]
-        return pad_batch([(row.inputs, row.labels) for row in rows], self.pad_id)
+        return [epoch_rows[i] for i in self.indices(step, micro, rank)]
+
+    def cut_by_length(self, rows: list) -> list[list]:
+        """The rows sorted by length (stable: a pure function of the rows), cut into
+        length_pieces runs of about equal count (fewer if there are fewer rows)."""
+        rows = sorted(rows, key=lambda row: len(row.inputs))
+        n = min(self.length_pieces, len(rows))
+        cuts = [round(j * len(rows) / n) for j in range(n + 1)]
+        return [rows[a:b] for a, b in zip(cuts, cuts[1:])]
+
+    def batch(self, step: int, micro: int = 0, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The micro-batch as one padded batch."""
+        return pad_batch([(row.inputs, row.labels) for row in self.rows_at(step, micro, rank)], self.pad_id)
+
+    def pieces(self, step: int, micro: int = 0, rank: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The micro-batch as length_pieces padded batches of about one length each: the same
+        rows as batch(), with less padding."""
+        if self.length_pieces == 1:
+            return [self.batch(step, micro, rank)]
+        return [pad_batch([(row.inputs, row.labels) for row in piece], self.pad_id)
+                for piece in self.cut_by_length(self.rows_at(step, micro, rank))]
 
 
 # -----------------------------------------------------------------------------

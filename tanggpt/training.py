@@ -180,6 +180,13 @@ class Stage(ABC):
     def sample(self, model: GPT, step: int) -> str:
         """Text to print and append to the samples file."""
 
+    def pieces(self, step: int, micro_step: int) -> list:
+        """The micro-batch as the loop runs it: by default get_batch's batch, whole. Since
+        accumulate_gradients weights every batch by batch_weight, a stage may cut a micro-batch
+        into pieces (finetune.py: rows of about one length together, less padding) and keep
+        its gradient."""
+        return [self.get_batch(step, micro_step)]
+
     def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         """The batch's mean loss: by default the causal-LM cross-entropy of (x, y)."""
         return causal_lm_loss(model, batch)
@@ -282,7 +289,7 @@ class Trainer:
     """The loop, as a reader follows it: `run` takes steps; `step` is one optimizer step
     (the learning rate, the stage's batches, their gradients, clipping, the update);
     `report` logs the train loss; `evaluate_and_save` evaluates, samples and checkpoints.
-    What differs between stages comes from the Stage's hooks (get_batch, loss, evaluate,
+    What differs between stages comes from the Stage's hooks (get_batch or pieces, loss, evaluate,
     sample), so nothing here knows what a poem is.
 
     Checkpoints, the log, plot and samples are written on the master process only.
@@ -380,7 +387,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.runner.train()
-        batches = [self.stage.get_batch(step, micro) for micro in range(config.grad_accum)]
+        batches = [piece for micro in range(config.grad_accum) for piece in self.stage.pieces(step, micro)]
         loss = self.gradients(step, batches)
         self.nonfinite |= ~torch.isfinite(loss)
         self.scaler.unscale_(self.optimizer)  # the true gradients, before clipping measures them

@@ -267,6 +267,44 @@ def test_length_buckets_cut_padding_and_keep_every_sample_once_in_a_pure_order(c
     assert sorted(split.indices(5, 0) + split.indices(5, 1)) == sorted(bucketed.indices(5))
 
 
+def test_pieces_hold_the_batch_rows_sorted_by_length_with_less_padding(char_tokenizer):
+    generator = torch.Generator().manual_seed(1)
+    lengths = torch.randint(1, 40, (96,), generator=generator).tolist()
+    rows = [encode_sample(char_tokenizer, Sample("寫", "春", "月" * n)) for n in lengths]
+    whole = EpochBatches(rows, batch_size=16, grad_accum=2, seed=3)
+    cut = EpochBatches(rows, batch_size=16, grad_accum=2, seed=3, length_pieces=4)
+    assert cut.padding_share() < whole.padding_share() / 2 and cut.padding_share(pieces=False) == whole.padding_share()
+
+    def real_rows(x, y):  # each padded row, cut back to its length (its last label ends it)
+        return sorted((tuple(r[: int((l != IGNORE).nonzero().max()) + 1].tolist()) for r, l in zip(x, y)))
+
+    for step, micro in ((0, 0), (0, 1), (whole.steps_per_epoch + 2, 1)):  # the second epoch too
+        pieces = cut.pieces(step, micro)
+        assert len(pieces) == 4
+        assert sorted(r for x, y in pieces for r in real_rows(x, y)) == real_rows(*whole.batch(step, micro))
+        widths = [x.size(1) for x, _ in pieces]
+        assert widths == sorted(widths) and widths[0] < widths[-1]
+        fresh = EpochBatches(rows, batch_size=16, grad_accum=2, seed=3, length_pieces=4)  # a resumed run
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(fresh.pieces(step, micro), pieces))
+    assert len(EpochBatches(rows[:3], batch_size=3, length_pieces=4).pieces(0)) == 3  # no empty piece
+
+
+def test_length_pieces_must_be_positive(tmp_path, small_poems, tiny_pretrained, capsys):
+    line = run_error(tune(tmp_path, small_poems, tiny_pretrained, "--length-pieces", "0"), capsys)
+    assert line == "error: --length-pieces must be positive, got 0"
+
+
+def test_a_run_from_before_length_pieces_resumes_with_whole_batches(tmp_path, small_poems, tiny_pretrained, capsys):
+    finetune.main(tune(tmp_path, small_poems, tiny_pretrained, "--max-iters", "2"))
+    assert "cut by length into 4 pieces" in capsys.readouterr().out
+    ckpt = torch.load(tmp_path / "sft.pt", weights_only=True)
+    del ckpt["train_config"]["length_pieces"]  # written before the flag existed
+    torch.save(ckpt, tmp_path / "sft.pt")
+    finetune.main(tune(tmp_path, small_poems, None, "--resume", "--max-iters", "3"))
+    assert "cut by length" not in capsys.readouterr().out
+    assert torch.load(tmp_path / "sft.pt", weights_only=True)["train_config"]["length_pieces"] == 1
+
+
 def test_a_run_from_before_length_buckets_resumes_without_them(tmp_path, small_poems, tiny_pretrained, capsys):
     finetune.main(tune(tmp_path, small_poems, tiny_pretrained, "--max-iters", "2", "--length-buckets"))
     assert "(length buckets)" in capsys.readouterr().out

@@ -73,6 +73,19 @@ def test_accumulated_micro_batches_weigh_every_token_alike(char_tokenizer):
     assert worst > 1e-4
 
 
+def test_pieces_cut_by_length_give_the_gradient_of_the_whole_batch(char_tokenizer):
+    """finetune.py cuts each batch by length into pieces (less padding): weighted by their
+    labels, the pieces' gradients add up to the whole batch's."""
+    lengths = [3 + (i * 7) % 40 for i in range(24)]
+    rows = [encode_sample(char_tokenizer, Sample("寫", "春", "月" * n)) for n in lengths]
+    batches = EpochBatches(rows, batch_size=24, seed=1, pad_id=char_tokenizer.eot_id, length_pieces=3)
+    model, stage = tiny_model(char_tokenizer.vocab_size), LMStage()
+    pieces = batches.pieces(0)
+    assert sum(x.numel() for x, _ in pieces) < batches.batch(0)[0].numel()
+    for a, b in zip(gradients(model, [batches.batch(0)], stage), gradients(model, pieces, stage)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_the_loop_trains_on_the_stage_loss(tmp_path):
     """A stage's loss function is what the loop minimises and logs; batches come from get_batch."""
     calls = []

@@ -3,16 +3,16 @@ loss (forward and backward apart), the optimizer; and the same split's FLOPs.
 
     python -m tools.profile_step                      # the pretraining defaults, default precision
     python -m tools.profile_step --dtype float32 --optimizer adamw --gpt2 --batch-size 32   # the old defaults
-    python -m tools.profile_step --tuning --batch-size 32 --optimizer adamw   # finetune.py's default step
-    python -m tools.profile_step --tuning --batch-size 32 --optimizer adamw --no-length-buckets
+    python -m tools.profile_step --tuning --batch-size 32   # finetune.py's default step
+    python -m tools.profile_step --tuning --batch-size 32 --length-pieces 1   # each batch padded whole
 
 The step is taken apart the way autograd allows it: the blocks run up to the final norm
 (GPT.hidden), their output is detached, and the head and loss run on that copy, so the two
 backward passes can be timed one after the other (the head's first, as autograd does).
 Each part's time is the median of --repeats steps. Tokens are random ids: speed does not depend on
 the text. With --tuning the batches are finetune.py's, from the corpus: its task mixture's
-samples, each batch padded to its longest row, so the step's width varies; the line on
-padding says how much of the work was padding.
+samples, each batch cut by length into --length-pieces pieces padded to their longest
+row, so the step's widths vary; the line on padding says how much of the work was padding.
 """
 
 from __future__ import annotations
@@ -41,13 +41,15 @@ class ProfileConfig(ReferenceModelConfig):
                                    "model.head_cross_entropy, to see what the chunked one saves")
     tuning: bool = flag(False, "profile a tuning step: finetune.py's batches (its default task mixture of the "
                                "corpus at --poems, padded to each batch's longest sample) instead of pretraining's")
-    length_buckets: bool = flag(True, "with --tuning: batches of about one length, as finetune.py makes them "
-                                      "(--no-length-buckets: plain shuffled batches)")
+    length_buckets: bool = flag(False, "with --tuning: batches of about one length, as finetune.py --length-buckets "
+                                       "makes them")
+    length_pieces: int = flag(4, "with --tuning: each batch sorted by length and cut into this many pieces, as "
+                                 "finetune.py's default does (1 = one padded batch)")
     poems: str = flag("", "with --tuning: folder of poem JSON files (default: poems/, downloaded there if empty)")
 
     def validate(self) -> None:
         super().validate()
-        require_positive(self, ("repeats",))
+        require_positive(self, ("repeats", "length_pieces"))
 
 
 def tuning_batches(args: ProfileConfig) -> tuple[EpochBatches, int]:
@@ -57,7 +59,7 @@ def tuning_batches(args: ProfileConfig) -> tuple[EpochBatches, int]:
     tokenizer = build_tokenizer("char", tokenizer_texts(all_poems(splits)))
     mixture = TaskMixture(tuning_poems(splits)[0], parse_tasks(DEFAULT_TASKS), tokenizer, args.block_size)
     batches = EpochBatches(mixture.rows, args.batch_size, pad_id=tokenizer.eot_id,
-                           length_buckets=args.length_buckets)
+                           length_buckets=args.length_buckets, length_pieces=args.length_pieces)
     return batches, tokenizer.vocab_size
 
 
@@ -77,55 +79,63 @@ def run(args: ProfileConfig, explicit: set[str]) -> None:
     generator = torch.Generator().manual_seed(0)
     times: dict[str, list[float]] = {}
     positions, labelled, real = 0, 0, 0  # the timed steps' batch positions, labelled targets, non-padding tokens
+    attended = 0  # the timed steps' (position, key) pairs of attention, padding included
 
-    def clock(name: str, start: float) -> float:
+    def clock(name: str, start: float, step: int) -> float:
+        """Add the time since `start` to the part's time in this step (a step of pieces runs each part per piece)."""
         sync(runtime.device)
         now = time.perf_counter()
-        times.setdefault(name, []).append(now - start)
+        step_times = times.setdefault(name, [])
+        step_times.extend([0.0] * (step + 1 - len(step_times)))
+        step_times[step] += now - start
         return now
 
     for step in range(args.repeats + 1):  # the first step warms up and is dropped
         t = time.perf_counter()
         if batches is not None:
-            x, y = batches.batch(step)
+            pieces = batches.pieces(step)
         else:
-            x, y = random_windows(stream, args.batch_size, config.block_size, generator)
-        x, y = x.to(runtime.device), y.to(runtime.device)
-        t = clock("data: draw a batch", t)
+            pieces = [random_windows(stream, args.batch_size, config.block_size, generator)]
+        pieces = [(x.to(runtime.device), y.to(runtime.device)) for x, y in pieces]
+        weights = [int((y != -100).sum()) for _, y in pieces]
+        t = clock("data: draw a batch", t, step)
         if step > 0:
-            rows = batches.rows_of(0) if batches is not None else None
-            positions, labelled = positions + x.numel(), labelled + int((y != -100).sum())
-            real += sum(len(rows[i].inputs) for i in batches.indices(step)) if rows is not None else x.numel()
-        with runtime.autocast():
-            h = model.hidden(x)
-        t = clock("forward: embeddings and blocks", t)
-        hidden = h.detach().requires_grad_()
-        with runtime.autocast():
-            if args.plain_head:
-                logits = model.lm_head(hidden)
-                loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
-            else:  # as GPT.forward computes it
-                loss = head_cross_entropy(hidden.view(-1, config.n_embd), model.lm_head.weight, y.reshape(-1))
-        t = clock(f"forward: output layer ({config.vocab_size:,}-way) and loss", t)
-        loss.backward()
-        t = clock("backward: output layer and loss", t)
-        h.backward(hidden.grad)
-        t = clock("backward: blocks and embeddings", t)
+            positions += sum(x.numel() for x, _ in pieces)
+            attended += sum(x.numel() * x.size(1) for x, _ in pieces)
+            labelled += sum(weights)
+            real += sum(len(row.inputs) for row in batches.rows_at(step)) if batches is not None else positions
+        for (x, y), weight in zip(pieces, weights):
+            with runtime.autocast():
+                h = model.hidden(x)
+            t = clock("forward: embeddings and blocks", t, step)
+            hidden = h.detach().requires_grad_()
+            with runtime.autocast():
+                if args.plain_head:
+                    logits = model.lm_head(hidden)
+                    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+                else:  # as GPT.forward computes it
+                    loss = head_cross_entropy(hidden.view(-1, config.n_embd), model.lm_head.weight, y.reshape(-1))
+            t = clock(f"forward: output layer ({config.vocab_size:,}-way) and loss", t, step)
+            (loss * weight / sum(weights)).backward()  # each piece weighted by its labels, as the loop does
+            t = clock("backward: output layer and loss", t, step)
+            h.backward(hidden.grad)
+            t = clock("backward: blocks and embeddings", t, step)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        clock(f"optimizer ({args.optimizer}, with clipping)", t)
+        clock(f"optimizer ({args.optimizer}, with clipping)", t, step)
 
     medians = {name: statistics.median(values[1:]) for name, values in times.items()}
     total = sum(medians.values())
     tokens = positions // args.repeats  # positions a step, padding included
-    C, T, L, V = config.n_embd, tokens // args.batch_size, config.n_layer, config.vocab_size
+    C, L, V = config.n_embd, config.n_layer, config.vocab_size
     flops = {  # training FLOPs per step of each part: 2 per multiply-add forward, 4 backward
-        "blocks": 6 * tokens * L * 12 * C * C + 12 * tokens * L * T * C,
+        "blocks": 6 * tokens * L * 12 * C * C + 12 * (attended // args.repeats) * L * C,
         "head": 6 * (labelled // args.repeats) * V * C,  # only labelled positions are scored
     }
     print(f"{describe(model, runtime, args)}: {tokens:,} positions a step"
-          + (f" (finetune.py's batches, {'with' if args.length_buckets else 'without'} length buckets: "
+          + (f" (finetune.py's batches, {'with' if args.length_buckets else 'without'} length buckets, "
+             f"in {args.length_pieces} piece{'s' if args.length_pieces > 1 else ''} by length: "
              f"{1 - real / positions:.0%} of them padding, {labelled / positions:.0%} labelled)" if args.tuning else ""))
     for name, seconds in medians.items():
         print(f"  {name:<48} {seconds * 1000:8.1f} ms  {seconds / total:6.1%}")
