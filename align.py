@@ -35,11 +35,10 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from data.corpus import Poem, corpus_fingerprint, corpus_folder, load_corpus
 from data.errors import UserError
-from data.instruct import IGNORE, EpochBatches, pad_batch
+from data.instruct import EpochBatches, pad_batch
 from data.tasks import finetune_val_rows, tuning_poems
 from data.tokenizer import Tokenizer
 from model import GPT
@@ -50,7 +49,7 @@ from tanggpt.device import Runtime
 from tanggpt.distributed import barrier
 from tanggpt.generation import answer_titles, for_generation, format_answers
 from tanggpt.lora import adapters_disabled
-from tanggpt.losses import PreferenceBatch, preference_loss, response_loss, rhyme_group_loss
+from tanggpt.losses import PreferenceBatch, labelled_logps, preference_loss, response_loss, rhyme_group_loss
 from tanggpt.preference import (PREFERENCES, Pair, build_pairs, fits, load_pairs, no_pairs_error, pair_batch,
                                 pair_figures, reference_logprobs, save_pairs, split_pairs)
 from tanggpt.prosody import RhymeConstraint, prosody_marks
@@ -209,10 +208,12 @@ class AlignStage(Stage):
         config = self.config
         total = preference_loss(model, batch.pairs, config.beta, config.sft_weight)
         if batch.rhyme_inputs is not None:
-            logits, _ = model(batch.rhyme_inputs)  # the rhyme loss reads the scores themselves
-            poem_nll = F.cross_entropy(logits.float().flatten(0, 1), batch.poem_labels.flatten(), ignore_index=IGNORE)
-            total = total + config.rhyme_weight * rhyme_group_loss(logits, batch.rhyme_labels, self.group_masks)
-            total = total + config.sft_weight * poem_nll
+            # The poems' response positions, scored once: the anchor reads the poem's own
+            # characters there, the rhyme loss the rhyme groups at the rhyme positions among them.
+            at, logps = labelled_logps(model, batch.rhyme_inputs, batch.poem_labels)
+            poem_nll = -logps.gather(1, batch.poem_labels.flatten()[at].unsqueeze(1)).mean()
+            rhyme = rhyme_group_loss(logps, batch.rhyme_labels.flatten()[at], self.group_masks)
+            total = total + config.rhyme_weight * rhyme + config.sft_weight * poem_nll
         return total
 
     def batch_weight(self, batch: AlignBatch) -> int:
@@ -237,9 +238,10 @@ class AlignStage(Stage):
         was_training = model.training
         model.eval()
         x, y = pad_batch([(r.inputs, r.labels) for r in self.rhymes.rows[:256]], self.tokenizer.eot_id)
-        device = self.runtime.device
+        x, y = x.to(self.runtime.device), y.to(self.runtime.device)
         with torch.no_grad(), self.runtime.autocast():
-            value = float(rhyme_group_loss(model(x.to(device))[0], y.to(device), self.group_masks))
+            at, logps = labelled_logps(model, x, y)  # the rhyme positions alone
+            value = float(rhyme_group_loss(logps, y.flatten()[at], self.group_masks))
         model.train(was_training)
         return value
 

@@ -373,20 +373,27 @@ class GPT(nn.Module):
         attn_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         last_only: bool = False,
+        score_at: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> (logits (B, T, vocab_size), None), or given targets (None, loss).
 
         The loss is the mean cross-entropy over target positions that are not -100 (the
         label the fine-tuning stage uses for prompt and padding tokens); with targets the
-        logits are not returned, because the loss is computed without them. positions,
-        attn_mask, kv_cache and last_only (logits of the last position only) are for
-        generation; training leaves them unset.
+        logits are not returned, because the loss is computed without them. score_at, indices
+        into the B * T positions taken row by row, asks for those positions' logits alone,
+        (len(score_at), vocab_size). positions, attn_mask, kv_cache and last_only (logits of
+        the last position only) are for generation; training leaves them unset.
         """
         x = self.hidden(idx, positions, attn_mask, kv_cache)
         if last_only:
             # Sampling needs only the next token's scores, and the head (n_embd x vocab_size)
             # is the largest matmul of a small model: skip it for the other positions.
             x = x[:, -1:, :]
+        if score_at is not None:
+            # The same for a loss that reads some positions only (an answer's tokens, not its
+            # prompt or padding). index_select, not a boolean mask: its backward (index_add)
+            # sums in a fixed order on the CPU, so a resumed run repeats an uninterrupted one.
+            x = x.flatten(0, 1).index_select(0, score_at)
         if targets is not None:
             # Training and evaluation need the loss, not the scores: head_cross_entropy
             # computes it without holding every position's vocab_size scores at once.

@@ -3,7 +3,9 @@
 - `causal_lm_loss`: the training loss of both stages so far, the model's own mean
   cross-entropy over labelled positions (labels of -100 are skipped), and
   `labelled_tokens`, the weight of a micro-batch in a step (see training.py).
-- `labelled_nll`: the same cross-entropy kept per row instead of averaged, for
+- `labelled_logps`, `token_logprobs`: the model's log-probabilities at the labelled
+  positions alone (the head skips the prompt and the padding);
+  `labelled_nll`: the same cross-entropy kept per row instead of averaged, for
   validation losses and for comparing one poem under two prompts.
 - `stream_loss`: mean nats per token over a whole token stream.
 - `bits_per_char`: nats per token -> bits per character, a figure that compares
@@ -48,6 +50,23 @@ def labelled_tokens(batch: Batch) -> int:
     return int((batch[1] != IGNORE).sum())
 
 
+def labelled_logps(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions (of the B * T, row by row) whose label is not IGNORE, and the model's
+    log-softmax there alone ((positions, vocab), fp32): the head and the softmax over the
+    vocabulary, the costliest part of a loss, are not spent on the prompt and the padding."""
+    at = (labels.flatten() != IGNORE).nonzero().squeeze(1)
+    logits, _ = model(inputs, score_at=at)
+    return at, torch.log_softmax(logits.float(), dim=-1)
+
+
+def token_logprobs(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T): the log-probability of each label under the model, 0 where the label is IGNORE."""
+    at, logps = labelled_logps(model, inputs, labels)
+    own = logps.gather(1, labels.flatten()[at].unsqueeze(1)).squeeze(1)
+    return torch.zeros(labels.numel(), device=own.device, dtype=own.dtype).index_copy(0, at, own).view(labels.shape)
+
+
 @torch.no_grad()
 def labelled_nll(model: GPT, rows: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int,
                  runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,9 +86,7 @@ def labelled_nll(model: GPT, rows: list[tuple[list[int], list[int]]], pad_id: in
         x, y = pad_batch([rows[i] for i in chunk], pad_id)
         x, y = x.to(runtime.device), y.to(runtime.device)
         with runtime.autocast():
-            logits, _ = model(x)
-        per_token = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=IGNORE, reduction="none")
-        nll[chunk] = per_token.sum(dim=1).cpu()
+            nll[chunk] = -token_logprobs(model, x, y).sum(dim=1).cpu()
         count[chunk] = (y != IGNORE).sum(dim=1).cpu()
     model.train(was_training)
     return nll, count
@@ -164,11 +181,7 @@ def sequence_logprobs(model: torch.nn.Module, inputs: torch.Tensor, labels: torc
     probability is the product of its tokens'. The end-of-text token is labelled, so
     stopping where it did is part of the answer.
     """
-    logits, _ = model(inputs)
-    logps = torch.log_softmax(logits.float(), dim=-1)
-    labelled = labels != IGNORE
-    token_logps = logps.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (token_logps * labelled).sum(dim=-1)
+    return token_logprobs(model, inputs, labels).sum(dim=-1)
 
 
 class DPOTerms(NamedTuple):
@@ -212,34 +225,25 @@ def preference_loss(model: torch.nn.Module, batch: PreferenceBatch, beta: float,
     return loss
 
 
-def labelled_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The positions (B * T flattened) whose label is not IGNORE, and the log-softmax of their
-    logits alone ((positions, vocab), fp32): the softmax over the vocabulary, the costliest part
-    of a loss, is not spent on the positions nothing is asked of."""
-    at = (labels.flatten() != IGNORE).nonzero().squeeze(1)
-    # index_select, not logits[mask]: its backward (index_add) sums in a fixed order on the CPU,
-    # so a resumed run repeats an uninterrupted one bit for bit.
-    return at, torch.log_softmax(logits.flatten(0, 1).index_select(0, at).float(), dim=-1)
-
-
 def set_nll(logps: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """(rows,): -log of the probability each row of log-probabilities (rows, vocab) gives to the
     whole set of tokens its `allowed` row (rows, vocab) bool marks."""
     return -torch.logsumexp(logps.masked_fill(~allowed, -math.inf), dim=-1)
 
 
-def rhyme_group_loss(logits: torch.Tensor, rhyme_labels: torch.Tensor, group_masks: torch.Tensor) -> torch.Tensor:
+def rhyme_group_loss(logps: torch.Tensor, rhyme_sets: torch.Tensor, group_masks: torch.Tensor) -> torch.Tensor:
     """At each rhyme position, -log of the probability the model gives to the whole rhyme group
     (set_nll), averaged.
 
-    rhyme_labels holds, at the position that predicts a rhyme character, the index of the
-    set of characters that rhyme there (a row of group_masks, (sets, vocab) bool), and
-    IGNORE elsewhere. Cross-entropy would reward the one character the poem used; this
-    rewards any character of the group, the thing to learn: it costs nothing to rhyme on
-    霜 rather than 鄉, and everything to rhyme on neither.
+    logps are the model's log-probabilities at some labelled positions (labelled_logps: a
+    poem's response), rhyme_sets holds, at each of them, the index of the set of characters
+    that rhyme there (a row of group_masks, (sets, vocab) bool) where it predicts a rhyme
+    character, and IGNORE elsewhere. Cross-entropy would reward the one character the poem
+    used; this rewards any character of the group, the thing to learn: it costs nothing to
+    rhyme on 霜 rather than 鄉, and everything to rhyme on neither.
     """
-    at, logps = labelled_logps(logits, rhyme_labels)
-    return set_nll(logps, group_masks[rhyme_labels.flatten()[at]]).mean()
+    placed = rhyme_sets != IGNORE
+    return set_nll(logps[placed], group_masks[rhyme_sets[placed]]).mean()
 
 
 # -----------------------------------------------------------------------------
@@ -284,14 +288,6 @@ def group_advantages(rewards: torch.Tensor, group_size: int, shapes: torch.Tenso
     return (groups - baseline).flatten()
 
 
-def token_logprobs(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B, T): the log-probability of each label under the model, 0 where the label is IGNORE."""
-    logits, _ = model(inputs)
-    logps = torch.log_softmax(logits.float(), dim=-1)
-    token_logps = logps.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return token_logps * (labels != IGNORE)
-
-
 def grpo_loss(model: torch.nn.Module, batch: RolloutBatch, kl_weight: float, target_weight: float = 0.0
               ) -> torch.Tensor:
     """The policy-gradient loss of GRPO (Shao et al. 2024), per answer token, for one on-policy
@@ -313,10 +309,9 @@ def grpo_loss(model: torch.nn.Module, batch: RolloutBatch, kl_weight: float, tar
     rule allows there, times target_weight, summed into the same mean over answer tokens: such
     a place weighs like one more token whose advantage is target_weight (rule_targets.py).
     """
-    logits, _ = model(batch.inputs)
     # Only the answer tokens are scored: the prompt and padding rows (about half the batch) are
-    # left out before the softmax over the vocabulary.
-    at, logps = labelled_logps(logits, batch.labels)  # (answer tokens, vocab)
+    # left out before the head and the softmax over the vocabulary.
+    at, logps = labelled_logps(model, batch.inputs, batch.labels)  # (answer tokens, vocab)
     own = logps.gather(1, batch.labels.flatten()[at].unsqueeze(1)).squeeze(1)  # log pi of each sampled token
     advantages = batch.advantages[:, None].expand(batch.labels.shape).flatten()[at]
     per_token = -torch.exp(own - own.detach()) * advantages

@@ -257,13 +257,13 @@ def test_rhyme_group_loss_is_minus_log_the_groups_probability():
     from tanggpt.losses import rhyme_group_loss
 
     torch.manual_seed(0)
-    logits = torch.randn(2, 3, 6)
-    labels = torch.full((2, 3), IGNORE)
-    labels[0, 1], labels[1, 2] = 0, 1
+    logits = torch.randn(5, 6)  # five labelled positions, two of them rhyme positions
+    sets = torch.tensor([IGNORE, 0, IGNORE, IGNORE, 1])
     masks = torch.tensor([[1, 1, 0, 0, 0, 0], [0, 0, 0, 1, 0, 1]], dtype=torch.bool)
     p = torch.softmax(logits, dim=-1)
-    by_hand = -(torch.log(p[0, 1, 0] + p[0, 1, 1]) + torch.log(p[1, 2, 3] + p[1, 2, 5])) / 2
-    assert rhyme_group_loss(logits, labels, masks).item() == pytest.approx(by_hand.item(), abs=1e-6)
+    by_hand = -(torch.log(p[1, 0] + p[1, 1]) + torch.log(p[4, 3] + p[4, 5])) / 2
+    loss = rhyme_group_loss(torch.log_softmax(logits, dim=-1), sets, masks)
+    assert loss.item() == pytest.approx(by_hand.item(), abs=1e-6)
 
 
 def test_rhyme_rows_label_the_rhyme_characters_with_their_group(char_tokenizer, splits):

@@ -435,6 +435,24 @@ def test_last_only_gives_the_last_positions_logits():
     torch.testing.assert_close(last, full[:, -1:, :])
 
 
+def test_score_at_gives_those_positions_logits_and_their_gradients():
+    """Losses that read some positions only (losses.labelled_logps) ask the head for those alone."""
+    model = tiny_model()
+    idx = torch.randint(0, TINY["vocab_size"], (3, 10))
+    at = torch.tensor([2, 3, 9, 14, 25, 29])  # row by row: (0, 2), (0, 3), (0, 9), (1, 4), (2, 5), (2, 9)
+    full, _ = model(idx)
+    some, _ = model(idx, score_at=at)
+    assert some.shape == (6, TINY["vocab_size"])
+    torch.testing.assert_close(some, full.flatten(0, 1)[at])
+    grads = []
+    for logits in (full.flatten(0, 1)[at], some):
+        model.zero_grad(set_to_none=True)
+        torch.log_softmax(logits, dim=-1)[:, 0].sum().backward(retain_graph=True)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.slow
 def test_a_compiled_decoding_step_generates_what_the_eager_one_does():
     """GPT.generate's compile: the one-token step at fixed shapes (all block_size slots of the
