@@ -103,7 +103,8 @@ def run(args: ProfileConfig, explicit: set[str]) -> None:
             positions += sum(x.numel() for x, _ in pieces)
             attended += sum(x.numel() * x.size(1) for x, _ in pieces)
             labelled += sum(weights)
-            real += sum(len(row.inputs) for row in batches.rows_at(step)) if batches is not None else positions
+            if batches is not None:
+                real += sum(len(row.inputs) for row in batches.rows_at(step))
         for (x, y), weight in zip(pieces, weights):
             with runtime.autocast():
                 h = model.hidden(x)
