@@ -49,7 +49,8 @@ from tanggpt.device import Runtime
 from tanggpt.distributed import barrier
 from tanggpt.generation import answer_titles, for_generation, format_answers
 from tanggpt.lora import adapters_disabled
-from tanggpt.losses import PreferenceBatch, labelled_logps, preference_loss, response_loss, rhyme_group_loss
+from tanggpt.losses import (PreferenceBatch, labelled_logps, own_logps, preference_loss, response_loss,
+                            rhyme_group_loss)
 from tanggpt.preference import (PREFERENCES, Pair, build_pairs, fits, load_pairs, no_pairs_error, pair_batch,
                                 pair_figures, reference_logprobs, save_pairs, split_pairs)
 from tanggpt.prosody import RhymeConstraint, prosody_marks
@@ -211,7 +212,7 @@ class AlignStage(Stage):
             # The poems' response positions, scored once: the anchor reads the poem's own
             # characters there, the rhyme loss the rhyme groups at the rhyme positions among them.
             at, logps = labelled_logps(model, batch.rhyme_inputs, batch.poem_labels)
-            poem_nll = -logps.gather(1, batch.poem_labels.flatten()[at].unsqueeze(1)).mean()
+            poem_nll = -own_logps(logps, batch.poem_labels, at).mean()
             rhyme = rhyme_group_loss(logps, batch.rhyme_labels.flatten()[at], self.group_masks)
             total = total + config.rhyme_weight * rhyme + config.sft_weight * poem_nll
         return total

@@ -3,7 +3,7 @@
 - `causal_lm_loss`: the training loss of both stages so far, the model's own mean
   cross-entropy over labelled positions (labels of -100 are skipped), and
   `labelled_tokens`, the weight of a micro-batch in a step (see training.py).
-- `labelled_logps`, `token_logprobs`: the model's log-probabilities at the labelled
+- `labelled_logps`, `own_logps`, `token_logprobs`: the model's log-probabilities at the labelled
   positions alone (the head skips the prompt and the padding);
   `labelled_nll`: the same cross-entropy kept per row instead of averaged, for
   validation losses and for comparing one poem under two prompts.
@@ -60,10 +60,16 @@ def labelled_logps(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.T
     return at, torch.log_softmax(logits.float(), dim=-1)
 
 
+def own_logps(logps: torch.Tensor, labels: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """At each labelled position `at` (labelled_logps' positions and log-probabilities), the
+    log-probability of its own label."""
+    return logps.gather(1, labels.flatten()[at].unsqueeze(1)).squeeze(1)
+
+
 def token_logprobs(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(B, T): the log-probability of each label under the model, 0 where the label is IGNORE."""
     at, logps = labelled_logps(model, inputs, labels)
-    own = logps.gather(1, labels.flatten()[at].unsqueeze(1)).squeeze(1)
+    own = own_logps(logps, labels, at)
     return torch.zeros(labels.numel(), device=own.device, dtype=own.dtype).index_copy(0, at, own).view(labels.shape)
 
 
@@ -312,7 +318,7 @@ def grpo_loss(model: torch.nn.Module, batch: RolloutBatch, kl_weight: float, tar
     # Only the answer tokens are scored: the prompt and padding rows (about half the batch) are
     # left out before the head and the softmax over the vocabulary.
     at, logps = labelled_logps(model, batch.inputs, batch.labels)  # (answer tokens, vocab)
-    own = logps.gather(1, batch.labels.flatten()[at].unsqueeze(1)).squeeze(1)  # log pi of each sampled token
+    own = own_logps(logps, batch.labels, at)  # log pi of each sampled token
     advantages = batch.advantages[:, None].expand(batch.labels.shape).flatten()[at]
     per_token = -torch.exp(own - own.detach()) * advantages
     if kl_weight:
