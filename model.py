@@ -171,7 +171,8 @@ class KVCache:
     one, each step computes keys and values for the new position only and attends to
     the stored ones, so a step costs O(context) instead of O(context^2).
 
-    It is allocated once, for block_size positions, and written in two ways. The prompt
+    It is allocated once, for block_size positions (and copied to fewer rows when generation
+    drops the answers that have ended: keep_rows), and written in two ways. The prompt
     is written at `length`, and attends to what is stored so far. A decoding step's one
     new position is written at `slot`, a tensor, and attends to all block_size slots,
     its attention mask hiding those not written yet: the step then has the same shapes
@@ -201,6 +202,12 @@ class KVCache:
         keys[:, :, self.length : end] = k
         values[:, :, self.length : end] = v
         return keys[:, :, :end], values[:, :, :end]
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep these rows of the batch only, in this order: generation drops the answers that
+        have ended, so that each step computes the others alone."""
+        self.k = [k[rows] for k in self.k]
+        self.v = [v[rows] for v in self.v]
 
 
 class CausalSelfAttention(nn.Module):
@@ -417,6 +424,7 @@ class GPT(nn.Module):
         generator: torch.Generator | None = None,
         allowed: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
         compile: bool = False,
+        drop_finished: bool = True,
     ) -> Iterator[torch.Tensor]:
         """Sample continuations of a batch of prompts, yielding a (B,) tensor of new ids per step.
 
@@ -437,6 +445,13 @@ class GPT(nn.Module):
         compile: run the one-token decoding step through torch.compile. Its shapes are the
         same at every step (KVCache's slot), so it is compiled once per batch size, and
         the many small operations of a step at batch 1 become a few fused kernels.
+
+        drop_finished: once a quarter of the rows the model still runs have stopped, leave them
+        out of the batch (and the cache), so that a batch of answers of different lengths
+        costs what its running rows cost, not what all of its rows cost until the longest
+        ends. The draws do not change: the sampler still draws for every row (a stopped row
+        from scores of zeros, its draw thrown away), so a seeded generator gives each row the
+        same random numbers either way. Not with compile, whose shapes must stay fixed.
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs at least one prompt, and every prompt needs at least one token")
@@ -455,12 +470,16 @@ class GPT(nn.Module):
         # attends to all block_size slots and hides those not written yet.
         columns = torch.arange(max(seq.size(1), block_size), device=device)
         key_is_real = (columns[None, :] >= pad[:, None])[:, None, None, :]  # (B, 1, 1, columns)
-        padded = bool(pad.any())
         slot = torch.zeros(1, dtype=torch.long, device=device)
         finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.wte.weight.dtype
         kv_cache = KVCache(self.config, len(prompts), device, dtype) if use_cache else None
         decode = torch.compile(self, dynamic=False) if compile else self
+        # The rows the model still runs, in the cache's order; `run_*` are their part of seq's
+        # padding and masks. All of them until drop_finished leaves stopped ones out.
+        running = torch.arange(len(prompts), device=device)
+        run_seq, run_pad, run_key_is_real = seq, pad, key_is_real
+        padded = bool(pad.any())
 
         was_training = self.training
         self.eval()
@@ -476,16 +495,18 @@ class GPT(nn.Module):
                                        kv_cache=kv_cache, last_only=True)
                 elif cached:
                     start = end - 1  # feed only the newest token; the cache holds the rest
-                    logits, _ = self(seq[:, start:end], positions=(start - pad)[:, None], kv_cache=kv_cache,
-                                     attn_mask=key_is_real[..., :end] if padded else None, last_only=True)
+                    logits, _ = self(run_seq[:, start:end], positions=(start - run_pad)[:, None], kv_cache=kv_cache,
+                                     attn_mask=run_key_is_real[..., :end] if padded else None, last_only=True)
                 else:
                     if end > block_size:
                         kv_cache = None  # the cache cannot slide (positions are absolute)
                     start = max(0, end - block_size)  # the whole context, cropped to block_size
-                    positions, mask = _window(start, end, pad)
-                    logits, _ = self(seq[:, start:end], positions=positions, attn_mask=mask, kv_cache=kv_cache,
+                    positions, mask = _window(start, end, run_pad)
+                    logits, _ = self(run_seq[:, start:end], positions=positions, attn_mask=mask, kv_cache=kv_cache,
                                      last_only=True)
                 scores = logits[:, -1, :].float()
+                if len(running) < len(prompts):  # every row gets scores, a dropped one zeros
+                    scores = scores.new_zeros(len(prompts), scores.size(-1)).index_copy_(0, running, scores)
                 mask = allowed(seq[:, width:end]) if allowed is not None else None
                 if mask is not None:
                     scores = scores.masked_fill(~mask, float("-inf"))
@@ -495,8 +516,19 @@ class GPT(nn.Module):
                 finished |= torch.isin(next_ids, stop)
                 if finished.all():
                     return
-                # Stopped rows keep running (batched compute) on a harmless token.
+                # Stopped rows the model still runs go on (batched compute) with a harmless token.
                 seq[:, end] = next_ids.clamp(min=0)
+                still = ~finished[running]
+                if drop_finished and not compile and len(running) - int(still.sum()) >= max(1, len(running) // 4):
+                    # Copying the cache's rows costs about one step; a quarter of the rows
+                    # saved at every later step pays for it.
+                    running = running[still]
+                    if kv_cache is not None:
+                        kv_cache.keep_rows(still.nonzero().squeeze(1))
+                    run_seq, run_pad, run_key_is_real = seq[running], pad[running], key_is_real[running]
+                    padded = bool(run_pad.any())
+                elif len(running) < len(prompts):
+                    run_seq[:, end] = seq[running, end]
         finally:
             self.train(was_training)
 
@@ -560,4 +592,26 @@ def sample_next(
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    return draw(probs, generator)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One id per row of (B, vocab) probabilities, drawn with one uniform number a row: the
+    first id whose running total of probability passes it (inverse-CDF sampling).
+
+    torch.multinomial(probs, 1) draws an exponential random number for every id of every row
+    and keeps the largest probs / draw: 9,274 random numbers a row, which on a CPU cost more
+    than the model's whole decoding step for a batch of answers. The running total needs one.
+    """
+    cumulative = probs.cumsum(dim=-1)
+    total = cumulative[:, -1:]  # 1, up to rounding
+    # u in [0, total): strictly below the last running total, so some id's total passes it.
+    u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=probs.dtype) * total
+    u = torch.minimum(u, total.nextafter(torch.zeros_like(total)))
+    ids = torch.searchsorted(cumulative, u, right=True)
+    # An id of probability 0 (masked out) adds nothing to the running total, so it is never the
+    # first to pass u; this keeps it so should a parallel sum (CUDA) round two equal totals apart.
+    zero = probs.gather(-1, ids) == 0
+    if zero.any():
+        ids = torch.where(zero, probs.argmax(dim=-1, keepdim=True), ids)
+    return ids.squeeze(-1)

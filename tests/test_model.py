@@ -254,6 +254,23 @@ def test_sample_next_draws_follow_tempered_softmax():
     assert len(set(hot.tolist())) == 20
 
 
+def test_draw_never_picks_an_id_of_probability_zero():
+    """Inverse-CDF sampling (model.draw): a masked-out id, first, inside or last, is never drawn,
+    and a row with one id left always draws it."""
+    from model import draw
+
+    gen = torch.Generator().manual_seed(0)
+    probs = _logits(B=1, V=12).softmax(-1).expand(4000, -1).clone()
+    banned = [0, 5, 6, 11]
+    probs[:, banned] = 0
+    draws = draw(probs / probs.sum(-1, keepdim=True), gen)
+    assert set(draws.tolist()) == set(range(12)) - set(banned)
+    for only in (0, 7, 11):
+        one_hot = torch.zeros(50, 12)
+        one_hot[:, only] = 1
+        assert (draw(one_hot, gen) == only).all()
+
+
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 5.0, 100.0])
 def test_sample_next_top_k_1_is_argmax(temperature):
     """top_k=1 leaves only the most likely id, whatever the temperature."""
@@ -384,6 +401,25 @@ def test_stop_ids_end_a_row_while_others_continue():
     assert (steps[k + 1 :, 0] == -1).all()
     assert steps[:, 1].tolist() == greedy_b
     assert model.generate([a, b], n, temperature=0, stop_ids=[stop]) == [greedy_a[: k + 1], greedy_b]
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_dropping_finished_rows_draws_what_keeping_them_draws(use_cache):
+    """drop_finished leaves stopped rows out of the batch (and the cache) once a quarter of the
+    running rows have stopped; every row still gets the ids it gets when all rows run to the
+    end, sampled with the same seeded generator, with left padding and past the block."""
+    model = peaky_model(seed=2)
+    torch.manual_seed(4)
+    prompts = [torch.randint(0, 64, (n,)).tolist() for n in (1, 3, 5, 2, 7, 4, 6, 2)]
+    n = 2 * model.config.block_size
+    kw = dict(temperature=1.0, top_k=20, stop_ids=[7], use_cache=use_cache)  # id 7: rows stop at many steps
+    runs = {drop: torch.stack(list(model.generate_stream(prompts, n, generator=torch.Generator().manual_seed(6),
+                                                          drop_finished=drop, **kw)))
+            for drop in (True, False)}
+    steps = runs[True]
+    lengths = [int((steps[:, row] >= 0).sum()) for row in range(len(prompts))]
+    assert len(set(lengths)) > 2 and min(lengths) < n // 4 < max(lengths)  # rows stopped at many steps
+    assert torch.equal(steps, runs[False])
 
 
 def test_stop_at_first_token():
