@@ -41,7 +41,7 @@ from data.errors import UserError
 from data.instruct import EpochBatches, pad_batch
 from data.tasks import finetune_val_rows, tuning_poems
 from data.tokenizer import Tokenizer
-from model import GPT
+from model import GPT, SAMPLER
 from tanggpt.atomic import check_output
 from tanggpt.checkpoint import DPO, KINDS, check_same_inputs, input_fingerprint, refuse_chat_model
 from tanggpt.cli import flag, resume_rule, run_cli
@@ -119,8 +119,8 @@ def pair_key(config: AlignConfig, init_fingerprint: str, tokenizer: Tokenizer, p
              runtime: Runtime) -> dict:
     """Everything the cached pairs depend on: a cache built under another key is not used.
     The model's weights and tokenizer, the prompts' titles and poems (the corpus), and the
-    settings that decide the sampling."""
-    return {"init_fingerprint": init_fingerprint, "tokenizer": tokenizer.name,
+    settings that decide the sampling, and the way ids are drawn (model.SAMPLER)."""
+    return {"init_fingerprint": init_fingerprint, "sampler": SAMPLER, "tokenizer": tokenizer.name,
             "tokenizer_fingerprint": input_fingerprint(tokenizer.to_dict()),
             "prompts_fingerprint": input_fingerprint([[p.title, p.body] for p in prompts]),
             "preference": config.preference, "prompts": config.prompts, "samples_per_prompt": config.samples_per_prompt,

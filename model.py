@@ -595,6 +595,11 @@ def sample_next(
     return draw(probs, generator)
 
 
+# How draw() turns probabilities and a seeded generator into ids. Saved with cached samples
+# (align.py's pairs): the same seed drew other ids with torch.multinomial, before.
+SAMPLER = "inverse-cdf"
+
+
 def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One id per row of (B, vocab) probabilities, drawn with one uniform number a row: the
     first id whose running total of probability passes it (inverse-CDF sampling).

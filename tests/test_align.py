@@ -201,6 +201,15 @@ def test_a_pair_cache_from_other_settings(tmp_path, small_poems, tiny_tuned, scr
                                out="other.pt"), capsys)
     assert "--pairs" in err and "was built with prompts 4, not 6" in err and "--overwrite" in err
 
+    # A cache drawn by the sampler before model.draw (torch.multinomial: other ids for the same seed).
+    cache = tmp_path / "dpo.pairs.json"
+    data = json.loads(cache.read_text(encoding="utf-8"))
+    del data["key"]["sampler"]
+    cache.write_text(json.dumps(data), encoding="utf-8")
+    align.main(align_args(tmp_path, small_poems, tiny_tuned, "--max-iters", "1", "--prompts", "4", "--overwrite"))
+    assert f"the pair cache {cache} was built with sampler None, not 'inverse-cdf'; rebuilding it" in \
+        capsys.readouterr().out
+
 
 @pytest.mark.parametrize("args, expected", [
     (["--beta", "0"], "--beta must be positive"),
