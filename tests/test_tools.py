@@ -40,6 +40,8 @@ def test_bench_prints_training_and_generation_figures(capsys):
     out = capsys.readouterr().out
     assert re.search(r"train: [\d,]+ tokens/s \| model [\d.]+ GFLOP/s of a measured [\d.]+ GFLOP/s matmul = MFU", out)
     assert re.search(r"generate 4 tokens: [\d,]+ tokens/s with KV cache, [\d,]+ without", out)
+    assert re.search(r"sampling the batch of 2's next ids \(temperature 0.8\): [\d.]+ ms with one uniform number a "
+                     r"row \(model.draw\), [\d.]+ ms with torch.multinomial \([\d.]+x\)", out)
     assert "decoding step compiled" not in out
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from data.errors import UserError
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, draw
 from tanggpt.cli import flag, require_positive, run_cli
 from tanggpt.device import Runtime
 from tanggpt.speed import ReferenceModelConfig, describe, reference_model, sync
@@ -148,7 +148,8 @@ def plain_generate(model: GPT, prompt: list[int], new_tokens: int) -> list[int]:
 def bench_generation(model: GPT, runtime: Runtime, args) -> dict:
     """Greedy generation's tokens/s: one sample with the KV cache (eager and with the decoding
     step compiled), without it, plain GPT code's loop, and a batch with the cache (eager and
-    compiled); and the seconds the first compiled call of each batch size took."""
+    compiled); the seconds the first compiled call of each batch size took; and the ms that
+    drawing the batch's next ids takes, model.draw against torch.multinomial."""
     model = for_generation(copy.deepcopy(model), runtime)  # as sample.py and evaluate.py do
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(FIRST_PROMPT_ID, model.config.vocab_size, (12,), generator=gen).tolist()
@@ -170,6 +171,16 @@ def bench_generation(model: GPT, runtime: Runtime, args) -> dict:
     t = statistics.median(timed(lambda: plain_generate(model, prompts[0], n), args.repeats, runtime.device))
     figures["gen_tokens_per_s_plain"] = n / t
     figures["gen_tokens_per_s_batched"] = tokens_per_s(prompts)[0]
+    # Answers are sampled, not greedy: the draw of a batch's next ids, from the model's own
+    # scores for the prompts, one uniform number a row (model.draw) against torch.multinomial.
+    with torch.no_grad():
+        logits, _ = model(torch.tensor(prompts, device=runtime.device)[:, -model.config.block_size:], last_only=True)
+    probs = (logits[:, -1].float() / 0.8).softmax(dim=-1)
+    sampler = torch.Generator(device=runtime.device).manual_seed(2)
+    for name, pick in (("draw", lambda: draw(probs, sampler)),
+                       ("multinomial", lambda: torch.multinomial(probs, 1, generator=sampler))):
+        figures[f"sample_ms_{name}"] = 1e3 * statistics.median(timed(lambda: [pick() for _ in range(10)], args.repeats,
+                                                                         runtime.device)) / 10
     if args.compile_decode:
         figures["gen_tokens_per_s_compiled"], figures["compile_s"] = tokens_per_s(prompts[:1], compile=True)
         figures["gen_tokens_per_s_batched_compiled"] = tokens_per_s(prompts, compile=True)[0]
@@ -229,6 +240,9 @@ def run(args: BenchConfig, explicit: set[str]) -> None:
               f"({g['gen_tokens_per_s_cache'] / g['gen_tokens_per_s_plain']:.1f}x); batch of {args.gen_batch}: "
               f"{g['gen_tokens_per_s_batched']:,.0f} tokens/s "
               f"({g['gen_tokens_per_s_batched'] / g['gen_tokens_per_s_cache']:.1f}x one at a time)")
+        print(f"sampling the batch of {args.gen_batch}'s next ids (temperature 0.8): {g['sample_ms_draw']:.2f} ms with "
+              f"one uniform number a row (model.draw), {g['sample_ms_multinomial']:.2f} ms with torch.multinomial "
+              f"({g['sample_ms_multinomial'] / g['sample_ms_draw']:.1f}x)")
         if args.compile_decode:
             print(f"decoding step compiled: one sample {g['gen_tokens_per_s_compiled']:,.0f} tokens/s "
                   f"({g['gen_tokens_per_s_compiled'] / g['gen_tokens_per_s_plain']:.1f}x plain GPT code's loop), "
