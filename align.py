@@ -116,11 +116,12 @@ RESUME_FIXED = {*LOOP_FIXED, "init", "preference", "prompts", "samples_per_promp
 
 
 def pair_key(config: AlignConfig, init_fingerprint: str, tokenizer: Tokenizer, prompts: list[Poem],
-             runtime: Runtime) -> dict:
+             runtime: Runtime, sampler: str | None = SAMPLER) -> dict:
     """Everything the cached pairs depend on: a cache built under another key is not used.
-    The model's weights and tokenizer, the prompts' titles and poems (the corpus), and the
-    settings that decide the sampling, and the way ids are drawn (model.SAMPLER)."""
-    return {"init_fingerprint": init_fingerprint, "sampler": SAMPLER, "tokenizer": tokenizer.name,
+    The model's weights and tokenizer, the prompts' titles and poems (the corpus), the
+    settings that decide the sampling, and the way ids are drawn (model.SAMPLER; None for a
+    run started before it was recorded, whose cache was drawn by torch.multinomial)."""
+    return {"init_fingerprint": init_fingerprint, "sampler": sampler, "tokenizer": tokenizer.name,
             "tokenizer_fingerprint": input_fingerprint(tokenizer.to_dict()),
             "prompts_fingerprint": input_fingerprint([[p.title, p.body] for p in prompts]),
             "preference": config.preference, "prompts": config.prompts, "samples_per_prompt": config.samples_per_prompt,
@@ -303,7 +304,10 @@ def run(config: AlignConfig, explicit: set[str]) -> dict:
     inputs = {"--poems": corpus_fingerprint(corpus_folder(config.poems or None))}
     check_same_inputs(ckpt, inputs, config.out)
     prompts = splits["alignment"][: config.prompts]
-    key = pair_key(config, init_fingerprint, tokenizer, prompts, runtime)
+    # A resumed run keeps the pairs it started with: its own sampler's cache (None: from before
+    # the sampler was recorded) is still its cache; rebuilt, it would be drawn the new way.
+    sampler = SAMPLER if ckpt is None else ckpt.get("sampler")
+    key = pair_key(config, init_fingerprint, tokenizer, prompts, runtime, sampler)
     if master:  # one process samples the pairs and writes the cache; the others read it
         with adapters_disabled(model):
             pairs = obtain_pairs(config, reference, tokenizer, prompts, key, runtime, block_size)
@@ -331,7 +335,7 @@ def run(config: AlignConfig, explicit: set[str]) -> dict:
                        finetune_val=finetune_val, gallery=gallery, rhymes=rhymes, group_masks=group_masks,
                        checkpoint_extra={"init": config.init, "init_fingerprint": init_fingerprint,
                                          "preference": config.preference, "beta": config.beta, "inputs": inputs,
-                                         **adapters})
+                                         "sampler": sampler, **adapters})
     if master:
         print(f"device {runtime.describe()}; model {model.num_params():,} parameters from "
               f"{config.out if config.resume else config.init}; preference {config.preference}, beta {config.beta:g}, "

@@ -211,6 +211,27 @@ def test_a_pair_cache_from_other_settings(tmp_path, small_poems, tiny_tuned, scr
         capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_a_run_from_before_the_sampler_was_recorded_resumes_on_its_own_pairs(tmp_path, small_poems, tiny_tuned,
+                                                                              scripted_answers, capsys):
+    """A run started when pairs were drawn by torch.multinomial (its checkpoint and cache record no
+    sampler) resumes on the pairs it started with; a new run draws its own."""
+    align.main(align_args(tmp_path, small_poems, tiny_tuned, "--max-iters", "2", out="old.pt"))
+    ckpt = torch.load(tmp_path / "old.pt", weights_only=True)
+    assert ckpt["sampler"] == "inverse-cdf"
+    del ckpt["sampler"]
+    torch.save(ckpt, tmp_path / "old.pt")
+    cache = tmp_path / "old.pairs.json"
+    data = json.loads(cache.read_text(encoding="utf-8"))
+    del data["key"]["sampler"]
+    cache.write_text(json.dumps(data), encoding="utf-8")
+    capsys.readouterr()
+    align.main(["--resume", "--out", str(tmp_path / "old.pt"), "--max-iters", "3", *RUNTIME_FLAGS])
+    assert f"pairs: {len(data['pairs'])} from {cache}" in capsys.readouterr().out  # its cache, not drawn again
+    assert "sampler" not in json.loads(cache.read_text(encoding="utf-8"))["key"]
+    assert torch.load(tmp_path / "old.pt", weights_only=True)["sampler"] is None  # and so on at its next resume
+
+
 @pytest.mark.parametrize("args, expected", [
     (["--beta", "0"], "--beta must be positive"),
     (["--samples-per-prompt", "1"], "--samples-per-prompt at least 2"),
