@@ -610,12 +610,12 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     """
     cumulative = probs.cumsum(dim=-1)
     total = cumulative[:, -1:]  # 1, up to rounding
-    # u in [0, total): strictly below the last running total, so some id's total passes it.
     u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=probs.dtype) * total
-    u = torch.minimum(u, total.nextafter(torch.zeros_like(total)))
-    ids = torch.searchsorted(cumulative, u, right=True)
-    # An id of probability 0 (masked out) adds nothing to the running total, so it is never the
-    # first to pass u; this keeps it so should a parallel sum (CUDA) round two equal totals apart.
+    # The first id whose running total passes u. An id of probability 0 (masked out) adds
+    # nothing to the total, so it is never that id.
+    ids = torch.searchsorted(cumulative, u, right=True).clamp(max=probs.size(-1) - 1)
+    # Two rare ways to land on such an id anyway: u rounded up to the total itself (no id passes
+    # it; the clamp takes the last), or a parallel sum (CUDA) rounding two equal totals apart.
     zero = probs.gather(-1, ids) == 0
     if zero.any():
         ids = torch.where(zero, probs.argmax(dim=-1, keepdim=True), ids)
