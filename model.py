@@ -475,10 +475,10 @@ class GPT(nn.Module):
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.wte.weight.dtype
         kv_cache = KVCache(self.config, len(prompts), device, dtype) if use_cache else None
         decode = torch.compile(self, dynamic=False) if compile else self
-        # The rows the model still runs, in the cache's order; `run_*` are their part of seq's
-        # padding and masks. All of them until drop_finished leaves stopped ones out.
+        # The rows the model still runs, in the cache's order, and their padding and masks: all
+        # of them until drop_finished leaves stopped ones out.
         running = torch.arange(len(prompts), device=device)
-        run_seq, run_pad, run_key_is_real = seq, pad, key_is_real
+        run_pad, run_key_is_real = pad, key_is_real
         padded = bool(pad.any())
 
         was_training = self.training
@@ -495,14 +495,14 @@ class GPT(nn.Module):
                                        kv_cache=kv_cache, last_only=True)
                 elif cached:
                     start = end - 1  # feed only the newest token; the cache holds the rest
-                    logits, _ = self(run_seq[:, start:end], positions=(start - run_pad)[:, None], kv_cache=kv_cache,
+                    logits, _ = self(seq[running, start:end], positions=(start - run_pad)[:, None], kv_cache=kv_cache,
                                      attn_mask=run_key_is_real[..., :end] if padded else None, last_only=True)
                 else:
                     if end > block_size:
                         kv_cache = None  # the cache cannot slide (positions are absolute)
                     start = max(0, end - block_size)  # the whole context, cropped to block_size
                     positions, mask = _window(start, end, run_pad)
-                    logits, _ = self(run_seq[:, start:end], positions=positions, attn_mask=mask, kv_cache=kv_cache,
+                    logits, _ = self(seq[running, start:end], positions=positions, attn_mask=mask, kv_cache=kv_cache,
                                      last_only=True)
                 scores = logits[:, -1, :].float()
                 if len(running) < len(prompts):  # every row gets scores, a dropped one zeros
@@ -525,10 +525,8 @@ class GPT(nn.Module):
                     running = running[still]
                     if kv_cache is not None:
                         kv_cache.keep_rows(still.nonzero().squeeze(1))
-                    run_seq, run_pad, run_key_is_real = seq[running], pad[running], key_is_real[running]
+                    run_pad, run_key_is_real = pad[running], key_is_real[running]
                     padded = bool(run_pad.any())
-                elif len(running) < len(prompts):
-                    run_seq[:, end] = seq[running, end]
         finally:
             self.train(was_training)
 
