@@ -28,7 +28,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -160,6 +160,16 @@ def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[tor
     return x, y
 
 
+def cut_by_length(items: list, pieces: int, length: Callable[[Any], int]) -> list[list]:
+    """The items sorted by `length` (stable: a pure function of the items), cut into `pieces`
+    runs of about equal count (fewer if there are fewer items). Each run, padded to its own
+    longest item, wastes less than the whole list padded to the longest of all."""
+    items = sorted(items, key=length)
+    n = min(pieces, len(items))
+    cuts = [round(j * len(items) / n) for j in range(n + 1)]
+    return [items[a:b] for a, b in zip(cuts, cuts[1:])]
+
+
 # With length buckets, the samples of this many steps are sorted by length together.
 BUCKET_STEPS = 50
 
@@ -243,12 +253,8 @@ class EpochBatches:
         return [epoch_rows[i] for i in self.indices(step, micro, rank)]
 
     def cut_by_length(self, rows: list) -> list[list]:
-        """The rows sorted by length (stable: a pure function of the rows), cut into
-        length_pieces runs of about equal count (fewer if there are fewer rows)."""
-        rows = sorted(rows, key=lambda row: len(row.inputs))
-        n = min(self.length_pieces, len(rows))
-        cuts = [round(j * len(rows) / n) for j in range(n + 1)]
-        return [rows[a:b] for a, b in zip(cuts, cuts[1:])]
+        """The rows cut into length_pieces pieces of about one length (cut_by_length)."""
+        return cut_by_length(rows, self.length_pieces, lambda row: len(row.inputs))
 
     def batch(self, step: int, micro: int = 0, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """The micro-batch as one padded batch."""

@@ -150,6 +150,45 @@ def test_a_rollouts_row_is_its_prompt_and_the_ids_it_sampled():
     assert len(cut_inputs) == len(cut_labels)
 
 
+def test_rollouts_cut_by_length_give_the_gradient_of_the_whole_batch(splits, tiny_tuned, monkeypatch):
+    """rl.py cuts each micro-batch's answers by length into pieces (less padding): with the KL
+    and the rule targets, weighted by their answer tokens, the pieces' gradients add up to the
+    whole batch's, and each answer keeps its group's advantage."""
+    from data.instruct import EpochBatches
+    from tanggpt.checkpoint import load_model
+    from tanggpt.device import setup_runtime
+    from tanggpt.distributed import Distributed
+    from tanggpt.training import accumulate_gradients
+
+    model, tokenizer, _ = load_model(tiny_tuned)
+    reference, _, _ = load_model(tiny_tuned)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a policy away from its reference: the KL term is not zero
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    config = rl.RLConfig(dtype="float32", tasks="acrostic", batch_size=4, group_size=4, max_new_tokens=24,
+                         kl_weight=0.1, target_weight=1.0, length_pieces=3)
+    cpu = setup_runtime("cpu", "float32")
+    requests = rl.prepare_requests(config, splits, tokenizer, model.config.block_size).prompts
+    stage = rl.RLStage(config, model, reference, tokenizer, cpu, 0, EpochBatches(requests, 4, seed=1),
+                       {}, [], [], {})
+    # The tiny model's answers all score alike (advantage 0): give each answer its own instead,
+    # so that an answer cut off from its advantage would change the gradient.
+    monkeypatch.setattr(rl, "group_advantages", lambda rewards, *_: torch.linspace(-1, 1, len(rewards)))
+    whole, pieces = stage.get_batch(0, 0), stage.pieces(0, 0)
+    assert len(pieces) == 3 and sum(len(p.inputs) for p in pieces) == len(whole.inputs)
+    assert sum(p.inputs.numel() for p in pieces) < whole.inputs.numel()
+    assert whole.target_labels is not None and (whole.target_labels != IGNORE).any()
+
+    def gradients(batches: list) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        accumulate_gradients(model, batches, stage, cpu, Distributed())
+        return [p.grad.clone() for p in model.parameters()]
+
+    for a, b in zip(gradients([whole]), gradients(pieces)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_requests_are_seeded_judgeable_and_held_out_phrasings_differ(splits):
     poems = splits["alignment"][:200]
     requests = make_requests(poems, parse_rl_tasks("all"), seed=3)
@@ -216,6 +255,7 @@ def test_a_resumed_run_is_the_same_run(tmp_path, small_poems, tiny_tuned, extra)
     (["--temperature", "0"], "--temperature must be positive"),
     (["--rhyme-weight", "-1"], "--rhyme-weight must not be negative"),
     (["--target-weight", "-1"], "--target-weight must not be negative"),
+    (["--length-pieces", "0"], "--length-pieces must be positive, got 0"),
     (["--max-new-tokens", "200"], "no prompt leaves --max-new-tokens 200 of the model's block_size 96 free"),
 ])
 def test_bad_flags_are_one_line(tmp_path, small_poems, tiny_tuned, capsys, args, expected):
@@ -241,11 +281,12 @@ def test_rule_targets_on_a_tiktoken_model_are_refused_when_asked_and_left_out_by
     assert "no rule targets (--target-weight 0)" in capsys.readouterr().out
 
 
-def test_a_run_from_before_the_rule_targets_resumes_without_them(tmp_path, small_poems, tiny_tuned):
+def test_a_run_from_before_the_rule_targets_and_the_pieces_resumes_without_them(tmp_path, small_poems, tiny_tuned):
     rl.main(rl_argv(tmp_path, small_poems, tiny_tuned, "--max-iters", "2", "--eval-interval", "2"))
     ckpt = torch.load(tmp_path / "rl.pt", weights_only=True)
-    assert ckpt["train_config"]["target_weight"] == 1.0
-    del ckpt["train_config"]["target_weight"]  # written before the flag existed
+    assert ckpt["train_config"]["target_weight"] == 1.0 and ckpt["train_config"]["length_pieces"] == 4
+    del ckpt["train_config"]["target_weight"], ckpt["train_config"]["length_pieces"]  # before the flags existed
     torch.save(ckpt, tmp_path / "rl.pt")
     rl.main(["--out", str(tmp_path / "rl.pt"), "--resume", "--max-iters", "3"])
-    assert torch.load(tmp_path / "rl.pt", weights_only=True)["train_config"]["target_weight"] == 0.0
+    saved = torch.load(tmp_path / "rl.pt", weights_only=True)["train_config"]
+    assert saved["target_weight"] == 0.0 and saved["length_pieces"] == 1
