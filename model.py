@@ -245,6 +245,14 @@ class CausalSelfAttention(nn.Module):
             # (generation's step with the cache, no padding) is the newest position: it
             # sees every key, and needs no mask at all.
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
+        elif T == 1 and torch.compiler.is_compiling():
+            # The compiled decoding step (GPT.generate_stream's compile): one query against every
+            # slot of the cache, the mask hiding those not written yet. Written out, torch.compile
+            # fuses the scores, the mask, the softmax and the weighted sum with the operations
+            # around them; scaled_dot_product_attention would stay a kernel call of its own per
+            # layer, slower than the whole sum at one query (docs/speed.md).
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+            y = scores.masked_fill(~attn_mask, float("-inf")).softmax(dim=-1) @ v
         else:
             # Generation: an explicit mask that also hides left padding and handles a
             # query block that starts after the cached positions.
@@ -474,7 +482,9 @@ class GPT(nn.Module):
         finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.wte.weight.dtype
         kv_cache = KVCache(self.config, len(prompts), device, dtype) if use_cache else None
-        decode = torch.compile(self, dynamic=False) if compile else self
+        # On a CPU the compiled step's kernels are called from generated C++ (cpp_wrapper), not
+        # from Python: at one token a step, Python's calls between them were a share of its time.
+        decode = torch.compile(self, dynamic=False, options={"cpp_wrapper": device.type == "cpu"}) if compile else self
         # The rows the model still runs, in the cache's order, and their padding and masks: all
         # of them until drop_finished leaves stopped ones out.
         running = torch.arange(len(prompts), device=device)
