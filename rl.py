@@ -191,19 +191,19 @@ class RLStage(Stage):
         target_rows, masks = (rollout_target_rows(self.tokenizer, rollouts, self.constraint)
                               if self.config.target_weight else (None, None))
         device = self.runtime.device
+        masks = masks.to(device) if masks is not None else None
         batches = []
+        was_training = self.model.training
+        self.model.eval()  # the reference's log-probabilities (LoRA: this model, adapters off)
         for piece in cut_by_length(list(range(len(rows))), pieces, lambda i: len(rows[i][0])):
             inputs, labels = pad_batch([rows[i] for i in piece], self.tokenizer.eot_id)
             inputs, labels = inputs.to(device), labels.to(device)
-            was_training = self.model.training
-            self.model.eval()
-            reference = self.reference_logps(inputs, labels)
-            self.model.train(was_training)
-            batch = RolloutBatch(inputs, labels, advantages[piece].to(device), reference)
+            batch = RolloutBatch(inputs, labels, advantages[piece].to(device), self.reference_logps(inputs, labels))
             if target_rows is not None:
                 _, targets = pad_batch([(rows[i][0], target_rows[i]) for i in piece], self.tokenizer.eot_id)
-                batch = batch._replace(target_labels=targets.to(device), target_masks=masks.to(device))
+                batch = batch._replace(target_labels=targets.to(device), target_masks=masks)
             batches.append(batch)
+        self.model.train(was_training)
         return batches
 
     def loss(self, model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
