@@ -13,6 +13,7 @@ sample with a KV cache.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator
 
@@ -452,7 +453,8 @@ class GPT(nn.Module):
 
         compile: run the one-token decoding step through torch.compile. Its shapes are the
         same at every step (KVCache's slot), so it is compiled once per batch size, and
-        the many small operations of a step at batch 1 become a few fused kernels.
+        the many small operations of a step at batch 1 become a few fused kernels. Where
+        it cannot compile (no C++ compiler), a warning says so and generation goes on uncompiled.
 
         drop_finished: once a quarter of the rows the model still runs have stopped, leave them
         out of the batch (and the cache), so that a batch of answers of different lengths
@@ -490,6 +492,7 @@ class GPT(nn.Module):
         running = torch.arange(len(prompts), device=device)
         run_pad, run_key_is_real = pad, key_is_real
         padded = bool(pad.any())
+        compiled_before = False  # a compiled step ran: a later failure is not the compiler's absence
 
         was_training = self.training
         self.eval()
@@ -497,17 +500,27 @@ class GPT(nn.Module):
             for step in range(max_new_tokens):
                 end = width + step
                 cached = kv_cache is not None and kv_cache.length > 0 and end <= block_size
+                logits = None
                 if cached and compile:
                     # Feed only the newest token, written at slot end - 1; it sees the slots up to its own.
                     kv_cache.slot = slot.fill_(end - 1)
                     mask = key_is_real[..., :block_size] & (columns[:block_size] <= slot)
-                    logits, _ = decode(seq[:, end - 1:end].clone(), positions=(slot - pad)[:, None], attn_mask=mask,
-                                       kv_cache=kv_cache, last_only=True)
-                elif cached:
+                    try:
+                        logits, _ = decode(seq[:, end - 1:end].clone(), positions=(slot - pad)[:, None],
+                                           attn_mask=mask, kv_cache=kv_cache, last_only=True)
+                    except Exception as e:
+                        # torch.compile needs a working C++ compiler (Triton on CUDA), found only at
+                        # the first call, which fails before it writes anything: go on uncompiled.
+                        if compiled_before:
+                            raise
+                        warnings.warn(f"torch.compile failed ({type(e).__name__}); generating without it")
+                        compile, kv_cache.slot = False, None  # this step runs uncompiled, below
+                    compiled_before = True
+                if logits is None and cached:
                     start = end - 1  # feed only the newest token; the cache holds the rest
                     logits, _ = self(seq[running, start:end], positions=(start - run_pad)[:, None], kv_cache=kv_cache,
                                      attn_mask=run_key_is_real[..., :end] if padded else None, last_only=True)
-                else:
+                elif logits is None:
                     if end > block_size:
                         kv_cache = None  # the cache cannot slide (positions are absolute)
                     start = max(0, end - block_size)  # the whole context, cropped to block_size

@@ -503,6 +503,40 @@ def test_a_compiled_decoding_step_generates_what_the_eager_one_does():
                                                                                             temperature=0)
 
 
+def test_without_a_working_compiler_generation_goes_on_uncompiled(monkeypatch):
+    """torch.compile finds a missing C++ compiler only at the decoding step's first call: that
+    call fails, a warning says so, and the answers are the eager ones. A failure after a
+    compiled step ran is not that, and is raised."""
+    import model as model_module
+
+    model = peaky_model(seed=3)
+    prompts = [[1, 2, 3], [4, 5]]
+    eager = model.generate(prompts, 12, temperature=0)
+
+    def no_compiler(module, **kwargs):
+        def fail(*args, **kw):
+            raise RuntimeError("no C++ compiler")
+        return fail
+
+    monkeypatch.setattr(model_module.torch, "compile", no_compiler)
+    with pytest.warns(UserWarning, match=r"torch.compile failed \(RuntimeError\); generating without it"):
+        assert model.generate(prompts, 12, temperature=0, compile=True) == eager
+
+    def fails_later(module, **kwargs):
+        calls = []
+
+        def step(*args, **kw):
+            calls.append(1)
+            if len(calls) > 1:
+                raise RuntimeError("out of memory")
+            return module(*args, **kw)
+        return step
+
+    monkeypatch.setattr(model_module.torch, "compile", fails_later)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        model.generate(prompts, 12, temperature=0, compile=True)
+
+
 def test_bf16_weights_generate_like_autocast():
     """generation.for_generation casts the weights to bf16: greedy text should barely change."""
     from tanggpt.device import Runtime
