@@ -486,7 +486,9 @@ class GPT(nn.Module):
         kv_cache = KVCache(self.config, len(prompts), device, dtype) if use_cache else None
         # On a CPU the compiled step's kernels are called from generated C++ (cpp_wrapper), not
         # from Python: at one token a step, Python's calls between them were a share of its time.
-        decode = torch.compile(self, dynamic=False, options={"cpp_wrapper": device.type == "cpu"}) if compile else self
+        decode = torch.compile(decode_step, dynamic=False, options={"cpp_wrapper": device.type == "cpu"}) if compile else None
+        slot_is_real = key_is_real[..., :block_size].contiguous()  # the compiled step's fixed-shape mask
+        newest = seq[:, width - 1]  # each row's newest token: the compiled step's input
         # The rows the model still runs, in the cache's order, and their padding and masks: all
         # of them until drop_finished leaves stopped ones out.
         running = torch.arange(len(prompts), device=device)
@@ -500,14 +502,11 @@ class GPT(nn.Module):
             for step in range(max_new_tokens):
                 end = width + step
                 cached = kv_cache is not None and kv_cache.length > 0 and end <= block_size
-                logits = None
+                scores = None
                 if cached and compile:
-                    # Feed only the newest token, written at slot end - 1; it sees the slots up to its own.
-                    kv_cache.slot = slot.fill_(end - 1)
-                    mask = key_is_real[..., :block_size] & (columns[:block_size] <= slot)
+                    kv_cache.slot = slot.fill_(end - 1)  # the newest token's slot
                     try:
-                        logits, _ = decode(seq[:, end - 1:end].clone(), positions=(slot - pad)[:, None],
-                                           attn_mask=mask, kv_cache=kv_cache, last_only=True)
+                        scores = decode(self, newest[:, None], slot, pad, slot_is_real, kv_cache)
                     except Exception as e:
                         # torch.compile needs a working C++ compiler (Triton on CUDA), found only at
                         # the first call, which fails before it writes anything: go on uncompiled.
@@ -516,40 +515,43 @@ class GPT(nn.Module):
                         warnings.warn(f"torch.compile failed ({type(e).__name__}); generating without it")
                         compile, kv_cache.slot = False, None  # this step runs uncompiled, below
                     compiled_before = True
-                if logits is None and cached:
+                if scores is None and cached:
                     start = end - 1  # feed only the newest token; the cache holds the rest
                     logits, _ = self(seq[running, start:end], positions=(start - run_pad)[:, None], kv_cache=kv_cache,
                                      attn_mask=run_key_is_real[..., :end] if padded else None, last_only=True)
-                elif logits is None:
+                elif scores is None:
                     if end > block_size:
                         kv_cache = None  # the cache cannot slide (positions are absolute)
                     start = max(0, end - block_size)  # the whole context, cropped to block_size
                     positions, mask = _window(start, end, run_pad)
                     logits, _ = self(seq[running, start:end], positions=positions, attn_mask=mask, kv_cache=kv_cache,
                                      last_only=True)
-                scores = logits[:, -1, :].float()
+                if scores is None:
+                    scores = logits[:, -1, :].float()
                 if len(running) < len(prompts):  # every row gets scores, a dropped one zeros
                     scores = scores.new_zeros(len(prompts), scores.size(-1)).index_copy_(0, running, scores)
                 mask = allowed(seq[:, width:end]) if allowed is not None else None
                 if mask is not None:
                     scores = scores.masked_fill(~mask, float("-inf"))
                 next_ids = sample_next(scores, temperature, top_k, top_p, generator)
-                next_ids = torch.where(finished, torch.full_like(next_ids, -1), next_ids)
+                next_ids = next_ids.masked_fill(finished, -1)
                 yield next_ids
                 finished |= torch.isin(next_ids, stop)
                 if finished.all():
                     return
                 # Stopped rows the model still runs go on (batched compute) with a harmless token.
-                seq[:, end] = next_ids.clamp(min=0)
-                still = ~finished[running]
-                if drop_finished and not compile and len(running) - int(still.sum()) >= max(1, len(running) // 4):
-                    # Copying the cache's rows costs about one step; a quarter of the rows
-                    # saved at every later step pays for it.
-                    running = running[still]
-                    if kv_cache is not None:
-                        kv_cache.keep_rows(still.nonzero().squeeze(1))
-                    run_pad, run_key_is_real = pad[running], key_is_real[running]
-                    padded = bool(run_pad.any())
+                newest = next_ids.clamp(min=0)
+                seq[:, end] = newest
+                if drop_finished and not compile:
+                    still = ~finished[running]
+                    if len(running) - int(still.sum()) >= max(1, len(running) // 4):
+                        # Copying the cache's rows costs about one step; a quarter of the rows
+                        # saved at every later step pays for it.
+                        running = running[still]
+                        if kv_cache is not None:
+                            kv_cache.keep_rows(still.nonzero().squeeze(1))
+                        run_pad, run_key_is_real = pad[running], key_is_real[running]
+                        padded = bool(run_pad.any())
         finally:
             self.train(was_training)
 
@@ -561,6 +563,19 @@ class GPT(nn.Module):
                 if token >= 0:
                     out[row].append(token)
         return out
+
+
+def decode_step(model: GPT, newest: torch.Tensor, slot: torch.Tensor, pad: torch.Tensor, slot_is_real: torch.Tensor,
+                kv_cache: KVCache) -> torch.Tensor:
+    """GPT.generate_stream's compiled step: each row's newest token (B, 1), at cache slot `slot`
+    ((1,), the column of the left-padded sequence, so position slot - pad), attends to the
+    slots up to its own that are not padding (slot_is_real: (B, 1, 1, block_size)); returns the
+    next token's fp32 scores (B, vocab_size). Every input has the same shape at every step, so
+    torch.compile compiles it once per batch size; the mask, the positions and the scores are
+    made inside it, fused with the rest, not by eager operations around it at every token."""
+    mask = slot_is_real & (torch.arange(slot_is_real.size(-1), device=slot.device) <= slot)
+    logits, _ = model(newest, positions=(slot - pad)[:, None], attn_mask=mask, kv_cache=kv_cache, last_only=True)
+    return logits[:, -1, :].float()
 
 
 def _window(start: int, end: int, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -3,6 +3,7 @@
 import re
 
 import pytest
+import torch
 
 from tools import bench, profile_step
 
@@ -39,10 +40,22 @@ def test_bench_prints_training_and_generation_figures(capsys):
     bench.main([*TINY, "--steps", "1", "--repeats", "1", "--new-tokens", "4", "--gen-batch", "2", "--no-compile-decode"])
     out = capsys.readouterr().out
     assert re.search(r"train: [\d,]+ tokens/s \| model [\d.]+ GFLOP/s of a measured [\d.]+ GFLOP/s matmul = MFU", out)
-    assert re.search(r"generate 4 tokens: [\d,]+ tokens/s with KV cache, [\d,]+ without", out)
+    assert re.search(r"generate 4 tokens, one sample, timed in turns \(1 round; each ratio the median of the "
+                     r"rounds'\): [\d,]+ tokens/s with KV cache, [\d,]+ without", out)
     assert re.search(r"sampling the batch of 2's next ids \(temperature 0.8\): [\d.]+ ms with one uniform number a "
                      r"row \(model.draw\), [\d.]+ ms with torch.multinomial \([\d.]+x\)", out)
     assert "decoding step compiled" not in out
+
+
+def test_bench_times_variants_in_turns_and_compares_them_round_by_round():
+    """A load that comes and goes hits both variants of a round: their ratio is taken there."""
+    calls = []
+    seconds = bench.in_turns({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3, torch.device("cpu"))
+    assert calls == ["a", "b"] * 3 and [len(t) for t in seconds.values()] == [3, 3]
+    # Round 2 ran under load (both slow), and still b was twice as fast, as in round 1; the
+    # ratio of the two variants' medians (3 / 3) would say they were as fast.
+    assert bench.ratio({"a": [2.0, 8.0, 3.0], "b": [1.0, 4.0, 3.0]}, "a", "b") == 2.0
+    assert bench.ratio({"a": [2.0, 9.0, 4.0], "b": [1.0, 1.0, 1.0]}, "b", "a") == 0.25
 
 
 @pytest.mark.slow
@@ -50,7 +63,8 @@ def test_bench_times_the_compiled_decoding_step(capsys):
     bench.main([*TINY, "--only", "generate", "--repeats", "1", "--new-tokens", "4", "--gen-batch", "2"])
     out = capsys.readouterr().out
     assert re.search(r"decoding step compiled: one sample [\d,]+ tokens/s \([\d.]+x plain GPT code's loop\), batch "
-                     r"of 2 [\d,]+ tokens/s \([\d.]+x eager\); its first call took [\d.]+ s", out)
+                     r"of 2 [\d,]+ tokens/s \([\d.]+x eager\); its first call took [\d.]+ s \(compiling\), the "
+                     r"batch's [\d.]+ s", out)
 
 
 def test_a_bad_flag_is_one_line(capsys):

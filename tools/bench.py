@@ -22,6 +22,7 @@ import resource
 import statistics
 import time
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -145,10 +146,29 @@ def plain_generate(model: GPT, prompt: list[int], new_tokens: int) -> list[int]:
     return idx[0, len(prompt):].tolist()
 
 
+def in_turns(variants: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, list[float]]:
+    """Seconds of each variant, timed once a round, in turns, for `repeats` rounds.
+
+    On a shared machine the speed drifts by a third within a minute: timing one variant's
+    windows, then the other's, compares two moments as much as two variants. Within a round
+    both met about the same load, so a ratio is taken round by round (`ratio`)."""
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            seconds[name] += timed(fn, 1, device)
+    return seconds
+
+
+def ratio(seconds: dict[str, list[float]], slow: str, fast: str) -> float:
+    """How many times as fast `fast` was as `slow`: the median of the rounds' ratios."""
+    return statistics.median(s / f for s, f in zip(seconds[slow], seconds[fast]))
+
+
 def bench_generation(model: GPT, runtime: Runtime, args) -> dict:
     """Greedy generation's tokens/s: one sample with the KV cache (eager and with the decoding
     step compiled), without it, plain GPT code's loop, and a batch with the cache (eager and
-    compiled); the seconds the first compiled call of each batch size took; and the ms that
+    compiled), each variant of one size timed in turns (`in_turns`) and compared round by
+    round; the seconds the first compiled call of each batch size took; and the ms that
     drawing the batch's next ids takes, model.draw against torch.multinomial."""
     model = for_generation(copy.deepcopy(model), runtime)  # as sample.py and evaluate.py do
     gen = torch.Generator().manual_seed(1)
@@ -157,20 +177,27 @@ def bench_generation(model: GPT, runtime: Runtime, args) -> dict:
     n = args.new_tokens
     figures = {}
 
-    def tokens_per_s(batch: list[list[int]], **kwargs) -> tuple[float, float]:
-        """(tokens/s, seconds of the untimed first call, which compiles if compiling)"""
-        start = time.perf_counter()
-        model.generate(batch, n, temperature=0, **kwargs)
-        first = time.perf_counter() - start
-        t = statistics.median(timed(lambda: model.generate(batch, n, temperature=0, **kwargs), args.repeats,
-                                    runtime.device))
-        return n * len(batch) / t, first
+    def generating(batch: list[list[int]], **kwargs) -> Callable[[], object]:
+        return lambda: model.generate(batch, n, temperature=0, **kwargs)
 
-    figures["gen_tokens_per_s_cache"] = tokens_per_s(prompts[:1])[0]
-    figures["gen_tokens_per_s_no_cache"] = tokens_per_s(prompts[:1], use_cache=False)[0]
-    t = statistics.median(timed(lambda: plain_generate(model, prompts[0], n), args.repeats, runtime.device))
-    figures["gen_tokens_per_s_plain"] = n / t
-    figures["gen_tokens_per_s_batched"] = tokens_per_s(prompts)[0]
+    one = {"cache": generating(prompts[:1]), "no_cache": generating(prompts[:1], use_cache=False),
+           "plain": lambda: plain_generate(model, prompts[0], n)}
+    batch = {"batched": generating(prompts)}
+    if args.compile_decode:
+        one["compiled"] = generating(prompts[:1], compile=True)
+        batch["batched_compiled"] = generating(prompts, compile=True)
+    for variants in (one, batch):  # the untimed first calls: warm-up, and the compiled ones compile
+        for name, fn in variants.items():
+            figures[f"first_call_s_{name}"] = timed(fn, 1, runtime.device)[0]
+    for variants, reference in ((one, "plain"), (batch, "batched")):
+        seconds = in_turns(variants, args.repeats, runtime.device)
+        for name, times in seconds.items():
+            rows = args.gen_batch if variants is batch else 1
+            figures[f"gen_tokens_per_s_{name}"] = n * rows / statistics.median(times)
+            figures[f"gen_speedup_{name}"] = ratio(seconds, reference, name)
+        if variants is one:
+            figures["gen_speedup_cache_no_cache"] = ratio(seconds, "no_cache", "cache")
+    figures["compile_s"] = figures.get("first_call_s_compiled", 0.0)
     # Answers are sampled, not greedy: the draw of a batch's next ids, from the model's own
     # scores for the prompts, one uniform number a row (model.draw) against torch.multinomial.
     with torch.no_grad():
@@ -181,9 +208,6 @@ def bench_generation(model: GPT, runtime: Runtime, args) -> dict:
                        ("multinomial", lambda: torch.multinomial(probs, 1, generator=sampler))):
         figures[f"sample_ms_{name}"] = 1e3 * statistics.median(timed(lambda: [pick() for _ in range(10)], args.repeats,
                                                                          runtime.device)) / 10
-    if args.compile_decode:
-        figures["gen_tokens_per_s_compiled"], figures["compile_s"] = tokens_per_s(prompts[:1], compile=True)
-        figures["gen_tokens_per_s_batched_compiled"] = tokens_per_s(prompts, compile=True)[0]
     return figures
 
 
@@ -233,23 +257,21 @@ def run(args: BenchConfig, explicit: set[str]) -> None:
               f"GFLOP/s fp32 matmul | this step is {f['train_tokens_per_s'] / p['train_tokens_per_s']:.2f}x as fast")
     if args.only in ("both", "generate"):
         g = bench_generation(model, runtime, args)
-        print(f"generate {args.new_tokens} tokens: {g['gen_tokens_per_s_cache']:,.0f} tokens/s with KV cache, "
-              f"{g['gen_tokens_per_s_no_cache']:,.0f} without "
-              f"({g['gen_tokens_per_s_cache'] / g['gen_tokens_per_s_no_cache']:.1f}x); plain GPT code's loop "
-              f"(nanoGPT's generate, no cache) {g['gen_tokens_per_s_plain']:,.0f} "
-              f"({g['gen_tokens_per_s_cache'] / g['gen_tokens_per_s_plain']:.1f}x); batch of {args.gen_batch}: "
-              f"{g['gen_tokens_per_s_batched']:,.0f} tokens/s "
-              f"({g['gen_tokens_per_s_batched'] / g['gen_tokens_per_s_cache']:.1f}x one at a time)")
+        print(f"generate {args.new_tokens} tokens, one sample, timed in turns ({args.repeats} round"
+              f"{'s' if args.repeats > 1 else ''}; each ratio the median of the rounds'): {g['gen_tokens_per_s_cache']:,.0f} tokens/s with KV cache, "
+              f"{g['gen_tokens_per_s_no_cache']:,.0f} without ({g['gen_speedup_cache_no_cache']:.1f}x); plain GPT code's "
+              f"loop (nanoGPT's generate, no cache) {g['gen_tokens_per_s_plain']:,.0f} "
+              f"({g['gen_speedup_cache']:.1f}x); batch of {args.gen_batch}: {g['gen_tokens_per_s_batched']:,.0f} "
+              f"tokens/s ({g['gen_tokens_per_s_batched'] / g['gen_tokens_per_s_cache']:.1f}x one at a time)")
         print(f"sampling the batch of {args.gen_batch}'s next ids (temperature 0.8): {g['sample_ms_draw']:.2f} ms with "
               f"one uniform number a row (model.draw), {g['sample_ms_multinomial']:.2f} ms with torch.multinomial "
               f"({g['sample_ms_multinomial'] / g['sample_ms_draw']:.1f}x)")
         if args.compile_decode:
             print(f"decoding step compiled: one sample {g['gen_tokens_per_s_compiled']:,.0f} tokens/s "
-                  f"({g['gen_tokens_per_s_compiled'] / g['gen_tokens_per_s_plain']:.1f}x plain GPT code's loop), "
+                  f"({g['gen_speedup_compiled']:.1f}x plain GPT code's loop), "
                   f"batch of {args.gen_batch} {g['gen_tokens_per_s_batched_compiled']:,.0f} tokens/s "
-                  f"({g['gen_tokens_per_s_batched_compiled'] / g['gen_tokens_per_s_batched']:.2f}x eager); its first "
-                  f"call took {g['compile_s']:.1f} s (compiling)")
-
+                  f"({g['gen_speedup_batched_compiled']:.2f}x eager); its first call took {g['compile_s']:.1f} s "
+                  f"(compiling), the batch's {g['first_call_s_batched_compiled']:.1f} s")
 
 if __name__ == "__main__":
     main()
