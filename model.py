@@ -484,17 +484,39 @@ class GPT(nn.Module):
         finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.wte.weight.dtype
         kv_cache = KVCache(self.config, len(prompts), device, dtype) if use_cache else None
-        # On a CPU the compiled step's kernels are called from generated C++ (cpp_wrapper), not
+        # On a CPU the compiled steps' kernels are called from generated C++ (cpp_wrapper), not
         # from Python: at one token a step, Python's calls between them were a share of its time.
-        decode = torch.compile(decode_step, dynamic=False, options={"cpp_wrapper": device.type == "cpu"}) if compile else None
+        options = {"cpp_wrapper": device.type == "cpu"}
+        decode = torch.compile(decode_step, dynamic=False, options=options) if compile else None
+        # Past the block every step runs the whole window again, block_size tokens, the same
+        # shape each time: compiled too (at the first such step), it is no longer the slow part
+        # of a long answer.
+        window = torch.compile(self, dynamic=False, options=options) if compile else None
         slot_is_real = key_is_real[..., :block_size].contiguous()  # the compiled step's fixed-shape mask
         newest = seq[:, width - 1]  # each row's newest token: the compiled step's input
+        compiled_before = False  # a compiled step ran: a later failure is not the compiler's absence
+
+        def compiled(step: Callable, *args, **kwargs):
+            """step(*args, **kwargs), or None where torch.compile cannot compile at all: it needs a
+            working C++ compiler (Triton on CUDA), found only at the first call, which fails
+            before it writes anything. Generation then goes on uncompiled."""
+            nonlocal compile, compiled_before
+            try:
+                out = step(*args, **kwargs)
+            except Exception as e:
+                if compiled_before:
+                    raise
+                warnings.warn(f"torch.compile failed ({type(e).__name__}); generating without it")
+                compile = False
+                return None
+            compiled_before = True
+            return out
+
         # The rows the model still runs, in the cache's order, and their padding and masks: all
         # of them until drop_finished leaves stopped ones out.
         running = torch.arange(len(prompts), device=device)
         run_pad, run_key_is_real = pad, key_is_real
         padded = bool(pad.any())
-        compiled_before = False  # a compiled step ran: a later failure is not the compiler's absence
 
         was_training = self.training
         self.eval()
@@ -502,19 +524,12 @@ class GPT(nn.Module):
             for step in range(max_new_tokens):
                 end = width + step
                 cached = kv_cache is not None and kv_cache.length > 0 and end <= block_size
-                scores = None
+                scores = logits = None
                 if cached and compile:
                     kv_cache.slot = slot.fill_(end - 1)  # the newest token's slot
-                    try:
-                        scores = decode(self, newest[:, None], slot, pad, slot_is_real, kv_cache)
-                    except Exception as e:
-                        # torch.compile needs a working C++ compiler (Triton on CUDA), found only at
-                        # the first call, which fails before it writes anything: go on uncompiled.
-                        if compiled_before:
-                            raise
-                        warnings.warn(f"torch.compile failed ({type(e).__name__}); generating without it")
-                        compile, kv_cache.slot = False, None  # this step runs uncompiled, below
-                    compiled_before = True
+                    scores = compiled(decode, self, newest[:, None], slot, pad, slot_is_real, kv_cache)
+                    if scores is None:
+                        kv_cache.slot = None  # this step runs uncompiled, below
                 if scores is None and cached:
                     start = end - 1  # feed only the newest token; the cache holds the rest
                     logits, _ = self(seq[running, start:end], positions=(start - run_pad)[:, None], kv_cache=kv_cache,
@@ -524,8 +539,11 @@ class GPT(nn.Module):
                         kv_cache = None  # the cache cannot slide (positions are absolute)
                     start = max(0, end - block_size)  # the whole context, cropped to block_size
                     positions, mask = _window(start, end, run_pad)
-                    logits, _ = self(seq[running, start:end], positions=positions, attn_mask=mask, kv_cache=kv_cache,
-                                     last_only=True)
+                    inputs = dict(positions=positions, attn_mask=mask, kv_cache=kv_cache, last_only=True)
+                    if compile and end > block_size:
+                        logits = (compiled(window, seq[running, start:end], **inputs) or (None,))[0]
+                    if logits is None:
+                        logits, _ = self(seq[running, start:end], **inputs)
                 if scores is None:
                     scores = logits[:, -1, :].float()
                 if len(running) < len(prompts):  # every row gets scores, a dropped one zeros

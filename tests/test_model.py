@@ -521,6 +521,10 @@ def test_without_a_working_compiler_generation_goes_on_uncompiled(monkeypatch):
     monkeypatch.setattr(model_module.torch, "compile", no_compiler)
     with pytest.warns(UserWarning, match=r"torch.compile failed \(RuntimeError\); generating without it"):
         assert model.generate(prompts, 12, temperature=0, compile=True) == eager
+    # A prompt longer than the block: the first compiled call is the window's, past the block.
+    long = [list(range(1, model.config.block_size + 4))]
+    with pytest.warns(UserWarning, match=r"torch.compile failed \(RuntimeError\); generating without it"):
+        assert model.generate(long, 6, temperature=0, compile=True) == model.generate(long, 6, temperature=0)
 
     def fails_later(module, **kwargs):
         calls = []
