@@ -50,7 +50,8 @@ def test_bench_prints_training_and_generation_figures(capsys):
 def test_bench_times_variants_in_turns_and_compares_them_round_by_round():
     """A load that comes and goes hits both variants of a round: their ratio is taken there."""
     calls = []
-    seconds = bench.in_turns({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3, torch.device("cpu"))
+    variants = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    seconds = bench.in_turns(variants, 3, torch.device("cpu"))
     assert calls == ["a", "b"] * 3 and [len(t) for t in seconds.values()] == [3, 3]
     # Round 2 ran under load (both slow), and still b was twice as fast, as in round 1; the
     # ratio of the two variants' medians (3 / 3) would say they were as fast.

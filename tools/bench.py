@@ -194,7 +194,8 @@ def bench_generation(model: GPT, runtime: Runtime, args) -> dict:
         for name, times in seconds.items():
             rows = args.gen_batch if variants is batch else 1
             figures[f"gen_tokens_per_s_{name}"] = n * rows / statistics.median(times)
-            figures[f"gen_speedup_{name}"] = ratio(seconds, reference, name)
+            if name != reference:
+                figures[f"gen_speedup_{name}"] = ratio(seconds, reference, name)
         if variants is one:
             figures["gen_speedup_cache_no_cache"] = ratio(seconds, "no_cache", "cache")
     figures["compile_s"] = figures.get("first_call_s_compiled", 0.0)
@@ -257,10 +258,11 @@ def run(args: BenchConfig, explicit: set[str]) -> None:
               f"GFLOP/s fp32 matmul | this step is {f['train_tokens_per_s'] / p['train_tokens_per_s']:.2f}x as fast")
     if args.only in ("both", "generate"):
         g = bench_generation(model, runtime, args)
-        print(f"generate {args.new_tokens} tokens, one sample, timed in turns ({args.repeats} round"
-              f"{'s' if args.repeats > 1 else ''}; each ratio the median of the rounds'): {g['gen_tokens_per_s_cache']:,.0f} tokens/s with KV cache, "
-              f"{g['gen_tokens_per_s_no_cache']:,.0f} without ({g['gen_speedup_cache_no_cache']:.1f}x); plain GPT code's "
-              f"loop (nanoGPT's generate, no cache) {g['gen_tokens_per_s_plain']:,.0f} "
+        rounds = f"{args.repeats} round{'s' if args.repeats > 1 else ''}"
+        print(f"generate {args.new_tokens} tokens, one sample, timed in turns ({rounds}; each ratio the median of the "
+              f"rounds'): {g['gen_tokens_per_s_cache']:,.0f} tokens/s with KV cache, "
+              f"{g['gen_tokens_per_s_no_cache']:,.0f} without ({g['gen_speedup_cache_no_cache']:.1f}x); plain GPT "
+              f"code's loop (nanoGPT's generate, no cache) {g['gen_tokens_per_s_plain']:,.0f} "
               f"({g['gen_speedup_cache']:.1f}x); batch of {args.gen_batch}: {g['gen_tokens_per_s_batched']:,.0f} "
               f"tokens/s ({g['gen_tokens_per_s_batched'] / g['gen_tokens_per_s_cache']:.1f}x one at a time)")
         print(f"sampling the batch of {args.gen_batch}'s next ids (temperature 0.8): {g['sample_ms_draw']:.2f} ms with "
@@ -272,6 +274,7 @@ def run(args: BenchConfig, explicit: set[str]) -> None:
                   f"batch of {args.gen_batch} {g['gen_tokens_per_s_batched_compiled']:,.0f} tokens/s "
                   f"({g['gen_speedup_batched_compiled']:.2f}x eager); its first call took {g['compile_s']:.1f} s "
                   f"(compiling), the batch's {g['first_call_s_batched_compiled']:.1f} s")
+
 
 if __name__ == "__main__":
     main()
