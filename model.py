@@ -524,7 +524,7 @@ class GPT(nn.Module):
             for step in range(max_new_tokens):
                 end = width + step
                 cached = kv_cache is not None and kv_cache.length > 0 and end <= block_size
-                scores = logits = None
+                scores = None
                 if cached and compile:
                     kv_cache.slot = slot.fill_(end - 1)  # the newest token's slot
                     scores = compiled(decode, self, newest[:, None], slot, pad, slot_is_real, kv_cache)
@@ -540,10 +540,8 @@ class GPT(nn.Module):
                     start = max(0, end - block_size)  # the whole context, cropped to block_size
                     positions, mask = _window(start, end, run_pad)
                     inputs = dict(positions=positions, attn_mask=mask, kv_cache=kv_cache, last_only=True)
-                    if compile and end > block_size:
-                        logits = (compiled(window, seq[running, start:end], **inputs) or (None,))[0]
-                    if logits is None:
-                        logits, _ = self(seq[running, start:end], **inputs)
+                    out = compiled(window, seq[running, start:end], **inputs) if compile and end > block_size else None
+                    logits, _ = out if out is not None else self(seq[running, start:end], **inputs)
                 if scores is None:
                     scores = logits[:, -1, :].float()
                 if len(running) < len(prompts):  # every row gets scores, a dropped one zeros
