@@ -12,6 +12,7 @@ sample with a KV cache.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass, replace
@@ -484,9 +485,7 @@ class GPT(nn.Module):
         finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.wte.weight.dtype
         kv_cache = KVCache(self.config, len(prompts), device, dtype) if use_cache else None
-        # On a CPU the compiled steps' kernels are called from generated C++ (cpp_wrapper), not
-        # from Python: at one token a step, Python's calls between them were a share of its time.
-        options = {"cpp_wrapper": device.type == "cpu"}
+        options = _compile_options(device.type) if compile else {}
         decode = torch.compile(decode_step, dynamic=False, options=options) if compile else None
         # Past the block every step runs the whole window again, block_size tokens, the same
         # shape each time: compiled too (at the first such step), it is no longer the slow part
@@ -592,6 +591,65 @@ def decode_step(model: GPT, newest: torch.Tensor, slot: torch.Tensor, pad: torch
     mask = slot_is_real & (torch.arange(slot_is_real.size(-1), device=slot.device) <= slot)
     logits, _ = model(newest, positions=(slot - pad)[:, None], attn_mask=mask, kv_cache=kv_cache, last_only=True)
     return logits[:, -1, :].float()
+
+
+def one_row_products_as_loops(graph: torch.fx.Graph) -> None:
+    """An Inductor pass (torch.compile's post_grad_custom_post_pass) for the compiled steps on a
+    CPU: each matrix product of a single row, mm(x, W) or addmm(b, x, W) as nn.Linear becomes
+    at one token a step, is rewritten as (x.T * W).sum(0) (+ b).
+
+    Why: at one sample a step, every Linear is a vector times a matrix. Left as a product,
+    Inductor hands each one to the BLAS library as a call of its own (4 a block, and the head),
+    and each call first copies its bias into the output and its row into a buffer of its own.
+    Written as a multiply-and-sum, the loop is Inductor's: fused with the norm, bias and
+    activation around it, spread over the threads, no copies (docs/speed.md, Sampling).
+    A batch of rows keeps its product, where the library's blocked kernels win. So do bf16 and
+    fp16 products: rewritten, they round otherwise than the library does, and greedy answers
+    parted from the eager ones."""
+    aten = torch.ops.aten
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.kwargs:  # kwargs: addmm's beta/alpha, not F.linear's
+            continue
+        if node.target is aten.mm.default:
+            bias, (x, weight) = None, node.args
+        elif node.target is aten.addmm.default:
+            bias, x, weight = node.args
+        else:
+            continue
+        if x.meta["val"].shape[0] != 1 or x.meta["val"].dtype != torch.float32:
+            continue
+        with graph.inserting_before(node):
+            column = graph.call_function(aten.permute.default, (x, [1, 0]))  # (k, 1): x.T
+            product = graph.call_function(aten.mul.Tensor, (column, weight))  # (k, n), never stored: fused into the sum
+            out = graph.call_function(aten.sum.dim_IntList, (product, [0], True))  # (1, n): x @ weight
+            if bias is not None:
+                out = graph.call_function(aten.add.Tensor, (out, bias))
+        out.meta = dict(node.meta)  # the same value: shape and dtype, as Inductor expects
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+
+
+@functools.cache
+def _compile_options(device_type: str) -> dict:
+    """torch.compile's Inductor options for generate_stream's compiled steps. One dict for the
+    process: torch.compile reuses what it compiled only for options that compare equal."""
+    if device_type != "cpu":
+        return {}
+    try:  # loads Inductor: only here, when something is compiled
+        from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+    except ImportError:  # a torch without cacheable passes (before 2.6): compiled without the rewrite
+        return {"cpp_wrapper": True}
+
+    class OneRowProducts(CustomGraphPass):
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            one_row_products_as_loops(graph)
+
+        def uuid(self) -> bytes:  # Inductor's cache of compiled code knows the pass by this file
+            return get_hash_for_files((__file__,))
+
+    # cpp_wrapper: the kernels are called from generated C++, not from Python: at one token a
+    # step, Python's calls between them were a share of its time.
+    return {"cpp_wrapper": True, "post_grad_custom_post_pass": OneRowProducts()}
 
 
 def _window(start: int, end: int, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

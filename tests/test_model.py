@@ -503,6 +503,31 @@ def test_a_compiled_decoding_step_generates_what_the_eager_one_does():
                                                                                             temperature=0)
 
 
+def test_one_row_products_become_loops_and_batches_keep_their_product():
+    """model.one_row_products_as_loops, the compiled step's Inductor pass: an fp32 product of one
+    row by a matrix, with or without a bias (nn.Linear at one token), becomes a multiply-and-sum
+    that computes the same values; a product of several rows, or in bf16, stays a product."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from model import one_row_products_as_loops
+
+    def linears(one, rows, weight, bias):
+        half = one.to(torch.bfloat16), weight.to(torch.bfloat16)
+        return torch.addmm(bias, one, weight), torch.mm(one, weight), torch.addmm(bias, rows, weight), torch.mm(*half)
+
+    torch.manual_seed(0)
+    args = (torch.randn(1, 8), torch.randn(3, 8), torch.randn(8, 5), torch.randn(5))
+    traced = make_fx(linears, tracing_mode="fake")(*args)
+    one_row_products_as_loops(traced.graph)
+    traced.recompile()
+    aten = torch.ops.aten
+    kept = [n.args[-2].meta["val"] for n in traced.graph.nodes if n.target in (aten.mm.default, aten.addmm.default)]
+    assert [(tuple(x.shape), x.dtype) for x in kept] == [((3, 8), torch.float32), ((1, 8), torch.bfloat16)]
+    assert sum(n.target is aten.sum.dim_IntList for n in traced.graph.nodes) == 2
+    for got, want in zip(traced(*args), linears(*args)):
+        torch.testing.assert_close(got, want)
+
+
 def test_without_a_working_compiler_generation_goes_on_uncompiled(monkeypatch):
     """torch.compile finds a missing C++ compiler only at the decoding step's first call: that
     call fails, a warning says so, and the answers are the eager ones. A failure after a
