@@ -76,6 +76,24 @@ def test_every_link_and_image_exists(page):
     assert not missing
 
 
+def table_cells(row: str) -> int:
+    """How many cells a Markdown table row has (a | inside `code` or escaped is not a border)."""
+    return re.sub(r"`[^`]*`", "", row.replace("\\|", "")).strip().strip("|").count("|") + 1
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_table_has_as_many_cells_in_each_row_as_in_its_header(page):
+    """A delimiter row (| --- |) with another number of cells than its header is no table at
+    all to a Markdown renderer: the page shows the rows as plain lines."""
+    lines = prose(PAGES[page]).splitlines()
+    tables = [i for i, line in enumerate(lines) if re.match(r"^\|\s*:?-{3,}", line)]
+    for i in tables:
+        header = table_cells(lines[i - 1])
+        end = next((j for j in range(i + 1, len(lines)) if not lines[j].startswith("|")), len(lines))
+        rows = lines[i:end]  # the delimiter row and the body
+        assert [table_cells(r) for r in rows] == [header] * len(rows), (page, lines[i - 1])
+
+
 def test_every_image_is_shown_once_somewhere():
     """Each image on one page; the two READMEs are one page in two languages, showing the same ones."""
     shown = {page: re.findall(r"!\[[^\]]*\]\(([^)]+)\)", prose(text)) for page, text in PAGES.items()}
